@@ -1,0 +1,1 @@
+"""TokenGate: the implementation behind addons/tokengate.py."""

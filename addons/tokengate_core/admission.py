@@ -1,0 +1,62 @@
+"""Which flows the gate governs, and who is calling: routing and caller authentication."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from . import flowstate, responses
+from .keys import caller_key
+from .routing import is_reverse, route
+from .settings import Gate
+
+
+class Router:
+    """Marks the flows that belong to a configured proxy; everything else passes untouched."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Flows loaded from a file or replayed by the server already carry a response.
+        if self.gate.config is None or flow.response is not None or not flow.live:
+            return
+        found = route(self.gate.config, flow.request, is_reverse(flow))
+        if found is None:
+            return
+        flow.metadata[flowstate.META] = {
+            "candidates": [proxy.name for proxy in found.candidates],
+            "upstream_path": found.upstream_path,
+            "endpoint": found.endpoint,
+        }
+        # The body is needed whole to estimate tokens before anything is forwarded.
+        flow.request.stream = False
+
+
+class Authenticator:
+    """Finds the caller's key among the routed proxies' keys; 401 from the gate otherwise."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        state = flowstate.governed(flow)
+        if state is None:
+            return
+        secret = caller_key(flow.request.headers)
+        if secret is None:
+            flowstate.answer(
+                flow,
+                responses.unauthorized(
+                    "Missing API key. Send your TokenGate key as 'Authorization: Bearer <key>' "
+                    "or 'X-API-Key: <key>'."
+                ),
+            )
+            return
+        for name in state["candidates"]:
+            proxy = self.gate.proxy(name)
+            key = proxy.keys.find(secret) if proxy else None
+            if key is not None:
+                state["proxy"] = proxy.name
+                state["key"] = key.name
+                return
+        flowstate.answer(flow, responses.unauthorized("Incorrect API key provided."))

@@ -1,0 +1,307 @@
+"""quotas.yaml: the policy users write, validated strictly so mistakes stop the gateway early.
+
+Every error names the file, the line and the reason (see `yamlsource.ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .keys import KeyRing, StoredKey
+from .yamlsource import Document, Where, load_document
+
+TOKEN_DIMENSIONS = ("prompt_tokens", "completion_tokens", "total_tokens")
+REQUESTS = "requests"
+SCOPES = ("key", "proxy")
+DEFAULT_COMPLETION_RESERVE = 256
+_DURATION = re.compile(r"^([1-9][0-9]*)(s|m|h|d)$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HOST = re.compile(r"^[A-Za-z0-9.:\[\]-]+$")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """`count` units of `dimension` per rolling `seconds`."""
+
+    dimension: str
+    count: int
+    seconds: int
+    label: str  # as written, e.g. "1m"
+
+    @property
+    def name(self) -> str:
+        return f"{self.dimension}-{self.label}"
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    base_url: str
+    api_key: str = field(repr=False)
+    hosts: tuple[str, ...]
+
+    @property
+    def base_path(self) -> str:
+        return urlsplit(self.base_url).path.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Proxy:
+    name: str
+    version: str | None
+    context: str
+    provider: Provider
+    scope: str
+    limits: tuple[Limit, ...]
+    completion_reserve: int
+    keys: KeyRing
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    providers: dict[str, Provider]
+    proxies: dict[str, Proxy]
+
+    def summary(self) -> str:
+        """One short line per proxy, for the log at start and after a reload."""
+        parts = []
+        for proxy in self.proxies.values():
+            limits = ", ".join(f"{lim.count} {lim.name}" for lim in proxy.limits) or "no limits"
+            parts.append(
+                f"{proxy.name} ({proxy.context} -> {proxy.provider.name}, scope {proxy.scope}, "
+                f"{limits}, {len(proxy.keys)} keys)"
+            )
+        return "; ".join(parts)
+
+
+def parse_duration(text: Any) -> int:
+    """'30s' / '1m' / '1h' / '1d' -> seconds; anything else raises ValueError."""
+    match = _DURATION.match(str(text)) if isinstance(text, (str, int)) else None
+    if not match:
+        raise ValueError(
+            f"bad duration {text!r}: use a whole number and one of s, m, h, d (e.g. 1m)"
+        )
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class _Reader:
+    """Walks a Document, checking shapes and turning mistakes into ConfigErrors."""
+
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+
+    def mapping(
+        self, value: Any, where: Where, allowed: set[str], required: set[str] = frozenset()
+    ):
+        if not isinstance(value, dict):
+            raise self.doc.error(where, f"{self._name(where)} must be a mapping")
+        for key in value:
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise self.doc.error((*where, key), f"unknown field {key!r} (known: {known})")
+        for key in sorted(required):
+            if key not in value:
+                raise self.doc.error(where, f"{self._name(where)} needs {key!r}")
+        return value
+
+    def string(self, value: Any, where: Where) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.doc.error(where, f"{self._name(where)} must be a non-empty string")
+        return value
+
+    def count(self, value: Any, where: Where, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.doc.error(where, f"{self._name(where)} must be a whole number >= {minimum}")
+        return value
+
+    def name(self, value: Any, where: Where) -> str:
+        if not isinstance(value, str) or not _NAME.match(value):
+            raise self.doc.error(
+                where, f"bad name {value!r}: letters, digits, '.', '_', '-' (at most 64)"
+            )
+        return value
+
+    @staticmethod
+    def _name(where: Where) -> str:
+        return ".".join(str(part) for part in where) or "the file"
+
+
+def _provider(reader: _Reader, name: str, raw: Any) -> Provider:
+    where: Where = ("providers", name)
+    reader.name(name, where)
+    reader.mapping(raw, where, {"base_url", "api_key_env", "api_key_file", "hosts"}, {"base_url"})
+    base_url = reader.string(raw["base_url"], (*where, "base_url"))
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise reader.doc.error((*where, "base_url"), f"base_url {base_url!r} is not an http(s) URL")
+    if ("api_key_env" in raw) == ("api_key_file" in raw):
+        raise reader.doc.error(
+            where, f"provider {name!r} needs exactly one of api_key_env, api_key_file"
+        )
+    if "api_key_env" in raw:
+        variable = reader.string(raw["api_key_env"], (*where, "api_key_env"))
+        api_key = os.environ.get(variable, "").strip()
+        if not api_key:
+            raise reader.doc.error(
+                (*where, "api_key_env"), f"environment variable {variable} is not set or empty"
+            )
+    else:
+        key_path = Path(reader.string(raw["api_key_file"], (*where, "api_key_file")))
+        if not key_path.is_absolute():
+            key_path = reader.doc.path.parent / key_path
+        try:
+            api_key = key_path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise reader.doc.error(
+                (*where, "api_key_file"), f"cannot read key file {key_path}: {e}"
+            ) from e
+        if not api_key:
+            raise reader.doc.error((*where, "api_key_file"), f"key file {key_path} is empty")
+    hosts_raw = raw.get("hosts", [parts.hostname])
+    if not isinstance(hosts_raw, list) or not hosts_raw:
+        raise reader.doc.error((*where, "hosts"), "hosts must be a non-empty list of host names")
+    hosts = []
+    for index, host in enumerate(hosts_raw):
+        host = reader.string(host, (*where, "hosts", index))
+        if not _HOST.match(host):
+            raise reader.doc.error((*where, "hosts", index), f"bad host name {host!r}")
+        hosts.append(host.lower())
+    return Provider(name=name, base_url=base_url.rstrip("/"), api_key=api_key, hosts=tuple(hosts))
+
+
+def _limit_list(reader: _Reader, raw: Any, where: Where, dimension: str) -> list[Limit]:
+    if not isinstance(raw, list) or not raw:
+        raise reader.doc.error(
+            where, f"{dimension} must be a non-empty list of {{count, duration}}"
+        )
+    limits = []
+    for index, item in enumerate(raw):
+        item_where = (*where, index)
+        reader.mapping(item, item_where, {"count", "duration"}, {"count", "duration"})
+        count = reader.count(item["count"], (*item_where, "count"), 1)
+        try:
+            seconds = parse_duration(item["duration"])
+        except ValueError as e:
+            raise reader.doc.error((*item_where, "duration"), str(e)) from None
+        limits.append(Limit(dimension, count, seconds, str(item["duration"])))
+    return limits
+
+
+def _proxy(reader: _Reader, name: str, raw: Any, providers: dict[str, Provider]) -> Proxy:
+    where: Where = ("proxies", name)
+    reader.name(name, where)
+    reader.mapping(
+        raw,
+        where,
+        {
+            "version",
+            "context",
+            "provider",
+            "scope",
+            "token_limits",
+            "request_limits",
+            "completion_reserve",
+            "keys",
+        },
+        {"context", "provider"},
+    )
+    context = reader.string(raw["context"], (*where, "context")).rstrip("/")
+    if not context.startswith("/") or "?" in context or "#" in context:
+        raise reader.doc.error(
+            (*where, "context"), f"context {raw['context']!r} must be a path like /my-proxy"
+        )
+    provider_name = reader.string(raw["provider"], (*where, "provider"))
+    if provider_name not in providers:
+        known = ", ".join(sorted(providers)) or "none defined"
+        raise reader.doc.error(
+            (*where, "provider"), f"provider {provider_name!r} is not defined (providers: {known})"
+        )
+    scope = raw.get("scope", "key")
+    if scope not in SCOPES:
+        raise reader.doc.error(
+            (*where, "scope"), f"scope must be one of {', '.join(SCOPES)}, not {scope!r}"
+        )
+    limits: list[Limit] = []
+    token_limits = raw.get("token_limits", {})
+    reader.mapping(token_limits, (*where, "token_limits"), set(TOKEN_DIMENSIONS))
+    for dimension, items in token_limits.items():
+        limits += _limit_list(reader, items, (*where, "token_limits", dimension), dimension)
+    if "request_limits" in raw:
+        limits += _limit_list(reader, raw["request_limits"], (*where, "request_limits"), REQUESTS)
+    reserve = raw.get("completion_reserve", DEFAULT_COMPLETION_RESERVE)
+    reserve = reader.count(reserve, (*where, "completion_reserve"), 0)
+    version = raw.get("version")
+    if version is not None:
+        version = str(version)
+    keys_raw = raw.get("keys", {})
+    reader.mapping(
+        keys_raw, (*where, "keys"), set(keys_raw) if isinstance(keys_raw, dict) else set()
+    )
+    keys = []
+    for key_name, entry in keys_raw.items():
+        key_where = (*where, "keys", key_name)
+        reader.name(key_name, key_where)
+        reader.mapping(entry, key_where, {"sha256"}, {"sha256"})
+        digest = entry["sha256"]
+        if not isinstance(digest, str) or not _SHA256_HEX.match(digest):
+            raise reader.doc.error(
+                (*key_where, "sha256"),
+                "sha256 must be 64 lowercase hex digits (scripts/keys.py writes it)",
+            )
+        keys.append(StoredKey(name=key_name, sha256=digest))
+    return Proxy(
+        name=name,
+        version=version,
+        context=context,
+        provider=providers[provider_name],
+        scope=scope,
+        limits=tuple(limits),
+        completion_reserve=reserve,
+        keys=KeyRing(keys),
+    )
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a quotas file; raises ConfigError naming file, line and reason."""
+    doc = load_document(path)
+    reader = _Reader(doc)
+    top = reader.mapping(doc.data, (), {"providers", "proxies"}, {"providers", "proxies"})
+    reader.mapping(top["providers"], ("providers",), set(top["providers"] or {}))
+    reader.mapping(top["proxies"], ("proxies",), set(top["proxies"] or {}))
+    providers = {name: _provider(reader, name, raw) for name, raw in top["providers"].items()}
+    proxies = {name: _proxy(reader, name, raw, providers) for name, raw in top["proxies"].items()}
+    contexts: dict[str, str] = {}
+    for proxy in proxies.values():
+        for other_context, other in contexts.items():
+            if _path_prefix(proxy.context, other_context) or _path_prefix(
+                other_context, proxy.context
+            ):
+                raise doc.error(
+                    ("proxies", proxy.name, "context"),
+                    f"context {proxy.context} overlaps {other_context} of proxy {other!r}",
+                )
+        contexts[proxy.context] = proxy.name
+    seen_keys: dict[str, tuple[str, str]] = {}
+    for proxy in proxies.values():
+        for key in proxy.keys:
+            if key.sha256 in seen_keys:
+                other_proxy, other_name = seen_keys[key.sha256]
+                raise doc.error(
+                    ("proxies", proxy.name, "keys", key.name),
+                    f"key {key.name!r} has the same secret as key {other_name!r} "
+                    f"of proxy {other_proxy!r}",
+                )
+            seen_keys[key.sha256] = (proxy.name, key.name)
+    return Config(path=Path(path), providers=providers, proxies=proxies)
+
+
+def _path_prefix(prefix: str, path: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")

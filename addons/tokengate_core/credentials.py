@@ -1,0 +1,58 @@
+"""The key swap: callers never hold the provider key, and it never stays where it could leak.
+
+The provider key is set on the request just before it is sent and replaced by a placeholder as
+soon as the request has left (response headers, error, or shutdown), so flows saved with `-w`,
+shown in mitmweb or printed by mitmdump never carry it.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from . import flowstate
+from .settings import Gate
+
+CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+REDACTED = "Bearer [redacted by tokengate]"
+
+
+class CredentialSwap:
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self._carrying_key: dict[str, http.HTTPFlow] = {}
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        state = flowstate.governed(flow)
+        if state is None:
+            return
+        for header in CALLER_CREDENTIAL_HEADERS:
+            flow.request.headers.pop(header, None)
+        proxy = self.gate.proxy(state.get("proxy", ""))
+        if proxy is None or flowstate.answered_by_gate(flow):
+            return
+        if state["upstream_path"] is not None:
+            flow.request.url = proxy.provider.base_url + state["upstream_path"]  # updates Host
+        flow.request.headers["authorization"] = f"Bearer {proxy.provider.api_key}"
+        self._carrying_key[flow.id] = flow
+
+    def _redact(self, flow: http.HTTPFlow) -> None:
+        if self._carrying_key.pop(flow.id, None) is not None:
+            flow.request.headers["authorization"] = REDACTED
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        # A flow the gate answers after reading the body (429, 400) never leaves.
+        if flowstate.answered_by_gate(flow):
+            self._redact(flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._redact(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._redact(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._redact(flow)
+
+    def done(self) -> None:
+        for flow in list(self._carrying_key.values()):
+            self._redact(flow)

@@ -1,0 +1,153 @@
+"""Rolling-window quota arithmetic: pure functions over the charges held in each window.
+
+A window holds charges, each stamped with the time its request was admitted. Usage at time t is
+the sum of charges stamped in (t - duration, t]. A charge starts as a reservation (prompt
+estimate plus a completion reserve) and is replaced by the real usage when the response settles;
+a response that costs more than was left keeps its full charge (debt) until it expires.
+
+Every store (memory, SQLite, Redis) keeps the charges its own way but decides with these rules,
+so the same trace gives the same decisions everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .config import REQUESTS, Limit
+
+
+@dataclass(frozen=True)
+class Charge:
+    stamp: float
+    amount: int
+    settled: bool
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One limit applied to one scope (a caller key, or a whole proxy)."""
+
+    key: str
+    limit: Limit
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What a request asks for: its prompt estimate and the completion tokens it may produce."""
+
+    prompt: int
+    completion: int
+
+    def minimum(self, dimension: str) -> int:
+        """What must be left in a window of `dimension` for the request to be admitted at all."""
+        if dimension in ("prompt_tokens", "total_tokens"):
+            return max(1, self.prompt)
+        return 1
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt: int
+    completion: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+    def amount(self, dimension: str) -> int:
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.total,
+            REQUESTS: 1,
+        }[dimension]
+
+
+@dataclass(frozen=True)
+class LimitStatus:
+    """One window as a caller sees it after a decision."""
+
+    limit: Limit
+    used: int  # settled charges in the window
+    reserved: int  # charges of requests still in flight
+    reset_at: float  # when the window is back to its full count if nothing else is charged
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit.count - self.used - self.reserved)
+
+
+@dataclass(frozen=True)
+class Decision:
+    admitted: bool
+    statuses: tuple[LimitStatus, ...]
+    reserved: Usage | None = None  # what was reserved, when admitted
+    blocking: LimitStatus | None = None  # the limit that refused, when not admitted
+    retry_at: float | None = None  # when the refused request would fit; None: never
+
+
+def live(charges: Iterable[Charge], seconds: int, now: float) -> list[Charge]:
+    return [c for c in charges if c.stamp + seconds > now]
+
+
+def status_of(limit: Limit, charges: Sequence[Charge], now: float) -> LimitStatus:
+    current = live(charges, limit.seconds, now)
+    used = sum(c.amount for c in current if c.settled)
+    reserved = sum(c.amount for c in current if not c.settled)
+    reset_at = max((c.stamp + limit.seconds for c in current), default=now)
+    return LimitStatus(limit, used, reserved, reset_at)
+
+
+def fits_at(limit: Limit, charges: Sequence[Charge], now: float, need: int) -> float | None:
+    """The earliest time >= now at which `need` fits in the window; None if it never can."""
+    if need > limit.count:
+        return None
+    current = sorted(live(charges, limit.seconds, now), key=lambda c: c.stamp)
+    held = sum(c.amount for c in current)
+    if limit.count - held >= need:
+        return now
+    for charge in current:
+        held -= charge.amount
+        if limit.count - held >= need:
+            return charge.stamp + limit.seconds
+    return now  # unreachable: once every charge expires, held is 0 and need <= count
+
+
+def decide(
+    windows: Sequence[tuple[Bucket, Sequence[Charge]]], demand: Demand, now: float
+) -> Decision:
+    """Admit `demand` only if every window has room for its minimum; reserve across all at once.
+
+    The completion reserve is capped by what is left, so a small quota still admits requests.
+    """
+    statuses = tuple(status_of(b.limit, charges, now) for b, charges in windows)
+    refusals = []
+    for (bucket, charges), status in zip(windows, statuses, strict=True):
+        need = demand.minimum(bucket.limit.dimension)
+        if status.remaining < need:
+            refusals.append((fits_at(bucket.limit, charges, now, need), status))
+    if refusals:
+        never = [status for at, status in refusals if at is None]
+        if never:
+            return Decision(False, statuses, blocking=never[0], retry_at=None)
+        retry_at, blocking = max(refusals, key=lambda pair: pair[0])
+        return Decision(False, statuses, blocking=blocking, retry_at=retry_at)
+    completion = demand.completion
+    for status in statuses:
+        if status.limit.dimension == "total_tokens":
+            completion = min(completion, status.remaining - demand.prompt)
+        elif status.limit.dimension == "completion_tokens":
+            completion = min(completion, status.remaining)
+    return Decision(True, statuses, reserved=Usage(demand.prompt, max(0, completion)))
+
+
+def most_restrictive(statuses: Iterable[LimitStatus]) -> LimitStatus | None:
+    """The limit with the fewest units left, the later reset breaking ties."""
+    return min(statuses, key=lambda s: (s.remaining, -s.reset_at), default=None)
+
+
+def seconds_until(at: float, now: float) -> int:
+    """Whole seconds to wait, rounded up so that waiting that long is always enough."""
+    return max(0, math.ceil(at - now))

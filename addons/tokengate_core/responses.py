@@ -1,0 +1,125 @@
+"""What callers see from the gate: rate-limit headers, and the answers the gate makes itself.
+
+Bodies are OpenAI-shaped so that the official SDKs raise their usual exceptions
+(`AuthenticationError`, `RateLimitError`) with the message intact. Every answer the gate makes
+carries `X-TokenGate-Source: gateway`, so a caller can tell it from the provider's own answer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+from mitmproxy import http
+
+from .config import REQUESTS
+from .limiter import Decision, LimitStatus, most_restrictive, seconds_until
+
+SOURCE_HEADER = "X-TokenGate-Source"
+# The openai SDKs honour Retry-After up to two minutes and give up past it (MAX_RETRY_AFTER_DELAY).
+SDK_MAX_RETRY_WAIT = 120
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as OpenAI's `x-ratelimit-reset-*` headers write it: 6m0s, 1.5s, 20ms."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    secs_text = f"{secs:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{int(hours)}h{int(minutes)}m{secs_text}s"
+    if minutes:
+        return f"{int(minutes)}m{secs_text}s"
+    return f"{secs_text}s"
+
+
+def _policy_item(status: LimitStatus) -> str:
+    return f'"{status.limit.name}";q={status.limit.count};w={status.limit.seconds}'
+
+
+def _state_item(status: LimitStatus, now: float) -> str:
+    return f'"{status.limit.name}";r={status.remaining};t={seconds_until(status.reset_at, now)}'
+
+
+def ratelimit_headers(
+    statuses: Sequence[LimitStatus], now: float, headline: LimitStatus | None = None
+) -> dict[str, str]:
+    """Headers describing every window; `headline` (default: the most restrictive) leads."""
+    headline = headline or most_restrictive(statuses)
+    if headline is None:
+        return {}
+    headers = {
+        "X-RateLimit-Limit": str(headline.limit.count),
+        "X-RateLimit-Remaining": str(headline.remaining),
+        "X-RateLimit-Reset": str(math.ceil(headline.reset_at)),
+        "RateLimit-Policy": ", ".join(_policy_item(s) for s in statuses),
+        "RateLimit": ", ".join(_state_item(s, now) for s in statuses),
+    }
+    for kind, chosen in (
+        ("tokens", most_restrictive(s for s in statuses if s.limit.dimension != REQUESTS)),
+        ("requests", most_restrictive(s for s in statuses if s.limit.dimension == REQUESTS)),
+    ):
+        if chosen is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(chosen.limit.count)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(chosen.remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = go_duration(chosen.reset_at - now)
+    return headers
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return json.dumps(payload).encode()
+
+
+def gate_response(
+    status: int, message: str, type_: str, code: str | None, headers: dict[str, str] | None = None
+) -> http.Response:
+    """An OpenAI-shaped error answered by the gate itself."""
+    all_headers = {"Content-Type": "application/json", SOURCE_HEADER: "gateway", **(headers or {})}
+    return http.Response.make(status, error_body(message, type_, code), all_headers)
+
+
+def unauthorized(reason: str) -> http.Response:
+    return gate_response(
+        401,
+        reason,
+        "invalid_request_error",
+        "invalid_api_key",
+        {"WWW-Authenticate": 'Bearer realm="tokengate"'},
+    )
+
+
+def rate_limited(decision: Decision, now: float, proxy: str, requested: int) -> http.Response:
+    """429 for a refused reservation: when to retry, and which limit refused, in words too."""
+    blocking = decision.blocking
+    assert blocking is not None, "a refused decision names its limit"
+    limit = blocking.limit
+    unit = "requests" if limit.dimension == REQUESTS else limit.dimension.replace("_", " ")
+    used = blocking.used + blocking.reserved
+    headers = ratelimit_headers(decision.statuses, now, headline=blocking)
+    headers["X-RateLimit-Quota"] = limit.name
+    if decision.retry_at is None:
+        message = (
+            f"Request too large for proxy {proxy!r} on {unit} per {limit.label}: limit "
+            f"{limit.count}, requested {requested}. Reduce the prompt or max tokens."
+        )
+        headers["x-should-retry"] = "false"
+    else:
+        wait = decision.retry_at - now
+        retry_after = seconds_until(decision.retry_at, now)
+        headers["X-RateLimit-Reset"] = str(math.ceil(decision.retry_at))
+        headers["Retry-After"] = str(retry_after)
+        headers["retry-after-ms"] = str(max(0, math.ceil(wait * 1000)))
+        if retry_after > SDK_MAX_RETRY_WAIT:
+            headers["x-should-retry"] = "false"
+        message = (
+            f"Rate limit reached for proxy {proxy!r} on {unit} per {limit.label} "
+            f"({limit.name}): limit {limit.count}, used {used}, requested {requested}. "
+            f"Please try again in {go_duration(wait)}."
+        )
+    code_type = "requests" if limit.dimension == REQUESTS else "tokens"
+    return gate_response(429, message, code_type, "rate_limit_exceeded", headers)

@@ -1,0 +1,67 @@
+"""The gate's shared state and the addon that fills it from mitmproxy options and quotas.yaml."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mitmproxy import ctx, exceptions
+
+from . import tokens
+from .config import Config, Proxy, load_config
+from .stores import Store
+from .stores.memory import MemoryStore
+from .yamlsource import ConfigError
+
+log = logging.getLogger("tokengate")
+
+
+@dataclass
+class Gate:
+    """What every TokenGate addon of one mitmdump process shares."""
+
+    config: Config | None = None
+    store: Store = field(default_factory=MemoryStore)
+    clock: Callable[[], float] = time.time
+
+    def proxy(self, name: str) -> Proxy | None:
+        return self.config.proxies.get(name) if self.config else None
+
+
+class Settings:
+    """Declares the `tokengate_*` options and loads the quotas file they name.
+
+    A broken file at start-up is logged as `file:line: reason`, which makes mitmdump exit with
+    status 1; a broken file later is refused with OptionsError and the last good one stays.
+    """
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "tokengate_config", str, "quotas.yaml", "Path of the TokenGate quotas file."
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "tokengate_config" not in updated:
+            return
+        try:
+            config = load_config(ctx.options.tokengate_config)
+        except ConfigError as e:
+            if self.gate.config is None:
+                log.error("tokengate: refusing to start: %s", e)
+                return
+            raise exceptions.OptionsError(f"tokengate: {e}") from e
+        tokens.preload()
+        self.gate.config = config
+        log.info("tokengate: %s: %s", config.path, config.summary())
+
+    def running(self) -> None:
+        # With the default eager strategy a reverse proxy whose upstream is down drops the client
+        # before any HTTP hook runs, so the gate could not even answer 401 or 429.
+        if ctx.options.connection_strategy != "lazy":
+            ctx.options.update(connection_strategy="lazy")
+            log.info("tokengate: connection_strategy set to lazy")

@@ -1,0 +1,40 @@
+"""Where charges live. Every store decides with `limiter.decide`, so decisions are identical."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..limiter import Bucket, Decision, Demand, LimitStatus, Usage
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """An admitted request's hold on its windows, until it settles or is released."""
+
+    id: str
+    stamp: float
+    buckets: tuple[Bucket, ...]
+    amounts: Usage
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached; the proxy's `fail` policy decides what callers get."""
+
+
+class Store(Protocol):
+    async def reserve(
+        self, reservation_id: str, buckets: tuple[Bucket, ...], demand: Demand
+    ) -> tuple[Decision, Reservation | None]:
+        """Decide and, if admitted, hold the reservation in every bucket in one atomic step."""
+
+    async def settle(self, reservation: Reservation, usage: Usage) -> tuple[LimitStatus, ...]:
+        """Replace the reservation by real usage; a second call for the same id changes nothing."""
+
+    async def release(self, reservation: Reservation) -> tuple[LimitStatus, ...]:
+        """Drop a reservation that cost nothing upstream."""
+
+    async def status(self, buckets: tuple[Bucket, ...]) -> tuple[LimitStatus, ...]:
+        """The windows as they stand now, without changing them."""
+
+    async def close(self) -> None: ...

