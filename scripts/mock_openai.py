@@ -391,6 +391,9 @@ class Stats:
 class MockHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mock-openai"
+    # Headers and body go out in separate writes; with Nagle on, each answer on a kept-alive
+    # connection would wait for the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
     server: MockServer
 
     def do_GET(self) -> None:
@@ -657,7 +660,10 @@ def serve(
         ssl_context=ssl_context,
         quiet=quiet,
     )
-    thread = threading.Thread(target=server.serve_forever, name="mock-openai", daemon=True)
+    # A short poll interval makes shutdown() return promptly.
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="mock-openai", daemon=True
+    )
     thread.start()
     return server, thread
 
@@ -696,6 +702,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
+    if args.completion_tokens < 0:
+        parser.error("--completion-tokens must not be negative")
     return args
 
 

@@ -1,0 +1,182 @@
+"""Real processes for end-to-end tests: the mock provider and mitmdump with TokenGate loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+PROVIDER_KEY = "sk-provider-secret-0123456789"
+STARTUP_SECONDS = 30
+
+
+@dataclass
+class Process:
+    """A child process whose output is drained in the background (a full pipe would block it)."""
+
+    popen: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def start(cls, argv: list[str], env: dict[str, str], ready: re.Pattern[str]) -> tuple:
+        popen = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        process = cls(popen)
+        found: list[re.Match[str]] = []
+
+        def drain() -> None:
+            assert popen.stdout is not None
+            for line in popen.stdout:
+                process.lines.append(line)
+                if not found and (match := ready.search(line)):
+                    found.append(match)
+                    process._ready.set()
+            process._ready.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        process._ready.wait(STARTUP_SECONDS)
+        return process, (found[0] if found else None)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Mock:
+    process: Process
+    url: str  # http(s)://127.0.0.1:PORT
+
+    @classmethod
+    def start(cls, *args: str) -> Mock:
+        argv = [sys.executable, "scripts/mock_openai.py", "--port", "0", "--quiet"]
+        argv += ["--expect-key", PROVIDER_KEY, *args]
+        process, match = Process.start(argv, _env(), re.compile(r"listening at (\S+)"))
+        if match is None:
+            process.stop()
+            raise RuntimeError(f"mock did not start:\n{process.output}")
+        return cls(process, match.group(1))
+
+    def _call(self, method: str, path: str) -> dict:
+        request = urllib.request.Request(self.url + path, method=method)
+        with urllib.request.urlopen(request, timeout=10, context=_insecure()) as response:
+            return json.loads(response.read() or b"{}")
+
+    def stats(self) -> dict:
+        return self._call("GET", "/mock/stats")
+
+    def reset(self) -> None:
+        self._call("POST", "/mock/reset")
+
+
+def _insecure():
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class Gateway:
+    process: Process
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(
+        cls,
+        config: Path,
+        mode: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        expect_failure: bool = False,
+        flow_detail: int = 0,
+    ) -> Gateway:
+        argv = [
+            str(MITMDUMP),
+            "--listen-host", "127.0.0.1",
+            "-p", "0",
+            "--mode", mode,
+            "--set", f"flow_detail={flow_detail}",
+            "--set", f"tokengate_config={config}",
+            "-s", str(ROOT / "addons" / "tokengate.py"),
+            *args,
+        ]  # fmt: skip
+        process, match = Process.start(
+            argv,
+            _env(TOKENGATE_TEST_PROVIDER_KEY=PROVIDER_KEY, **(env or {})),
+            re.compile(r"listening at (?:\*|127\.0\.0\.1|\[::\]|[\d.]+):(\d+)"),
+        )
+        if expect_failure:
+            process.popen.wait(STARTUP_SECONDS)
+            return cls(process, 0)
+        if match is None:
+            process.stop()
+            raise RuntimeError(f"mitmdump did not start:\n{process.output}")
+        return cls(process, int(match.group(1)))
+
+    def stop(self) -> int:
+        return self.process.stop()
+
+
+def write_quotas(path: Path, mock_url: str, proxies: str, provider_extra: str = "") -> Path:
+    """A quotas file whose provider is the mock; `proxies` is the YAML body under `proxies:`."""
+    host = re.sub(r"^https?://([^:/]+).*$", r"\1", mock_url)
+    path.write_text(
+        "providers:\n"
+        "  mock:\n"
+        f"    base_url: {mock_url}/v1\n"
+        "    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n"
+        f"    hosts: [{host}]\n"
+        f"{provider_extra}"
+        "proxies:\n" + proxies,
+        encoding="utf-8",
+    )
+    return path
+
+
+def wait_until(predicate, timeout: float = 5.0, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()

@@ -1,0 +1,358 @@
+"""End to end: a real mitmdump with TokenGate in front of the real mock provider process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ALICE, BOB, key_entries
+from tests.e2e import PROVIDER_KEY, Gateway, write_quotas
+
+HELLO = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
+
+
+def proxy_yaml(count: int = 100, duration: str = "1m", scope: str = "key", extra: str = "") -> str:
+    return (
+        "  rate-limited-proxy:\n"
+        "    version: v1.0\n"
+        "    context: /rate-limited-proxy\n"
+        "    provider: mock\n"
+        f"    scope: {scope}\n"
+        "    token_limits:\n"
+        "      total_tokens:\n"
+        f"        - {{count: {count}, duration: {duration}}}\n"
+        f"{extra}"
+        "    keys:\n" + key_entries(alice=ALICE, bob=BOB)
+    )
+
+
+@pytest.fixture
+def gateway_factory(tmp_path, fresh_mock):
+    started: list[Gateway] = []
+
+    def start(proxies: str | None = None, *args: str, **options) -> Gateway:
+        config = write_quotas(tmp_path / "quotas.yaml", fresh_mock.url, proxies or proxy_yaml())
+        gateway = Gateway.start(config, f"reverse:{fresh_mock.url}", *args, **options)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+def call(gateway: Gateway, key: str | None, body=HELLO, path="/chat/completions", **headers):
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.post(
+        f"{gateway.url}/rate-limited-proxy{path}", json=body, headers=headers, timeout=30
+    )
+
+
+def test_reference_walkthrough(gateway_factory, fresh_mock):
+    gateway = gateway_factory()
+    first = call(gateway, ALICE)
+    assert first.status_code == 200, first.text
+    assert "X-RateLimit-Remaining" in first.headers
+    usage = first.json()["usage"]
+    assert first.headers["X-Tokens-Consumed"] == str(usage["total_tokens"])
+    assert int(first.headers["X-RateLimit-Remaining"]) == max(0, 100 - usage["total_tokens"])
+    assert first.headers["x-ratelimit-limit-tokens"] == "100"
+    assert "RateLimit-Policy" in first.headers and "RateLimit" in first.headers
+    assert "X-TokenGate-Source" not in first.headers  # the provider's answer
+
+    second = call(gateway, ALICE)
+    assert second.status_code == 429
+    assert second.headers["X-TokenGate-Source"] == "gateway"
+    reset = int(second.headers["X-RateLimit-Reset"])
+    assert time.time() < reset <= time.time() + 61  # epoch seconds, within the window
+    assert second.headers["X-RateLimit-Quota"] == "total_tokens-1m"
+    assert 0 < int(second.headers["Retry-After"]) <= 60
+    error = second.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "tokens"
+    assert "limit 100" in error["message"]
+
+    unauthenticated = call(gateway, None)
+    assert unauthenticated.status_code == 401
+    assert unauthenticated.json()["error"]["code"] == "invalid_api_key"
+    assert unauthenticated.headers["WWW-Authenticate"].startswith("Bearer")
+    wrong = call(gateway, "tg-not-a-key")
+    assert wrong.status_code == 401
+
+    stats = fresh_mock.stats()
+    assert stats["requests"] == 1  # only the admitted call reached the provider
+    assert stats["unauthorized"] == 0
+    assert stats["auth_headers_seen"] == [f"Bearer {PROVIDER_KEY}"]
+    assert stats["other_headers_seen"]["x-api-key"] == 0
+
+
+def test_key_scope_and_x_api_key_header(gateway_factory, fresh_mock):
+    gateway = gateway_factory()
+    assert call(gateway, ALICE).status_code == 200
+    assert call(gateway, ALICE).status_code == 429
+    # bob has his own budget, and may send his key as X-API-Key
+    by_header = httpx.post(
+        f"{gateway.url}/rate-limited-proxy/chat/completions",
+        json=HELLO,
+        headers={"X-API-Key": BOB},
+        timeout=30,
+    )
+    assert by_header.status_code == 200
+    assert fresh_mock.stats()["last_request"]["headers"].get("x-api-key") is None
+
+
+def test_proxy_scope_is_shared(gateway_factory):
+    gateway = gateway_factory(proxy_yaml(scope="proxy"))
+    assert call(gateway, ALICE).status_code == 200
+    assert call(gateway, BOB).status_code == 429
+
+
+def test_g4_waiting_until_reset_is_enough(gateway_factory):
+    gateway = gateway_factory(proxy_yaml(count=100, duration="3s"))
+    assert call(gateway, ALICE).status_code == 200
+    refused = call(gateway, ALICE)
+    assert refused.status_code == 429
+    reset = int(refused.headers["X-RateLimit-Reset"])
+    assert reset - time.time() <= 4
+    time.sleep(max(0.0, reset - time.time()))
+    assert call(gateway, ALICE).status_code == 200
+
+
+def test_openai_sdk_sync_and_async(gateway_factory, fresh_mock):
+    gateway = gateway_factory(proxy_yaml(count=1000))
+    client = openai.OpenAI(
+        base_url=f"{gateway.url}/rate-limited-proxy", api_key=ALICE, max_retries=0
+    )
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello!"}], max_tokens=50
+    )
+    completion = raw.parse()
+    assert completion.usage.completion_tokens == 50
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) == 1000 - completion.usage.total_tokens
+
+    embedding = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert embedding.usage.prompt_tokens > 0
+    response = client.responses.create(model="gpt-4o-mini", input="Hi", max_output_tokens=20)
+    assert response.usage.output_tokens == 20
+
+    async def use_async() -> None:
+        async_client = openai.AsyncOpenAI(
+            base_url=f"{gateway.url}/rate-limited-proxy", api_key=ALICE, max_retries=0
+        )
+        result = await async_client.completions.create(
+            model="gpt-3.5-turbo-instruct", prompt="Say hi", max_tokens=30
+        )
+        assert result.usage.completion_tokens == 30
+        await async_client.close()
+
+    asyncio.run(use_async())
+
+    bad = openai.OpenAI(base_url=f"{gateway.url}/rate-limited-proxy", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as raised:
+        bad.chat.completions.create(**HELLO)
+    assert "Incorrect API key" in str(raised.value)
+    assert fresh_mock.stats()["requests"] == 4
+
+
+def test_openai_sdk_rate_limit_error_and_retry_wait(gateway_factory):
+    gateway = gateway_factory(proxy_yaml(count=100, duration="2s"))
+    client = openai.OpenAI(
+        base_url=f"{gateway.url}/rate-limited-proxy", api_key=ALICE, max_retries=0
+    )
+    client.chat.completions.create(**HELLO)
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(**HELLO)
+    assert "Rate limit reached" in raised.value.message
+    assert raised.value.body["code"] == "rate_limit_exceeded"
+    # With retries on, the SDK waits for Retry-After / retry-after-ms and then gets through.
+    retrying = client.with_options(max_retries=2)
+    started = time.monotonic()
+    retrying.chat.completions.create(**HELLO)
+    waited = time.monotonic() - started
+    assert waited >= 0.5  # it did wait for the window rather than hammering the gate
+
+
+def test_upstream_errors_pass_through_and_release(gateway_factory, fresh_mock):
+    gateway = gateway_factory(proxy_yaml(count=1000))
+    for status in (500, 429, 400):
+        answer = call(gateway, ALICE, **{"X-Mock-Mode": f"error:{status}"})
+        assert answer.status_code == status
+        assert "X-TokenGate-Source" not in answer.headers  # the provider's, unchanged
+        assert answer.headers["x-mock-provider"] == "1"
+    provider_429 = call(gateway, ALICE, **{"X-Mock-Mode": "error:429"})
+    assert provider_429.headers["retry-after"] == "7"
+    assert provider_429.headers["x-ratelimit-remaining-tokens"] == "0"
+    ok = call(gateway, ALICE, body={**HELLO, "max_tokens": 10})
+    assert ok.status_code == 200
+    # Nothing was charged for the errors: only the successful call is in the window.
+    assert int(ok.headers["X-RateLimit-Remaining"]) == 1000 - ok.json()["usage"]["total_tokens"]
+
+
+def test_unreachable_provider_still_gets_401_429_and_releases(tmp_path, fresh_mock):
+    proxies = proxy_yaml(count=1000)
+    config = write_quotas(tmp_path / "q.yaml", "http://127.0.0.1:9", proxies)
+    gateway = Gateway.start(config, "reverse:http://127.0.0.1:9")
+    try:
+        assert call(gateway, None).status_code == 401
+        down = call(gateway, ALICE, body={**HELLO, "max_tokens": 900})
+        assert down.status_code == 502
+        # The failed call released its reservation: 900 would not fit twice otherwise.
+        assert call(gateway, ALICE, body={**HELLO, "max_tokens": 900}).status_code == 502
+    finally:
+        gateway.stop()
+
+
+def test_malformed_json_gets_400_from_the_gate(gateway_factory, fresh_mock):
+    gateway = gateway_factory()
+    answer = httpx.post(
+        f"{gateway.url}/rate-limited-proxy/chat/completions",
+        content=b'{"model": "gpt-4o", "messages": [',
+        headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert answer.status_code == 400
+    assert answer.headers["X-TokenGate-Source"] == "gateway"
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+    assert fresh_mock.stats()["requests"] == 0
+
+
+def test_streamed_request_passes_and_is_charged_by_tokenizer(gateway_factory, fresh_mock):
+    gateway = gateway_factory(proxy_yaml(count=10_000))
+    body = {**HELLO, "stream": True, "max_tokens": 40}
+    with httpx.stream(
+        "POST",
+        f"{gateway.url}/rate-limited-proxy/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {ALICE}", "X-Mock-Mode": "no-usage"},
+        timeout=30,
+    ) as streamed:
+        assert streamed.status_code == 200
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert "X-RateLimit-Remaining" in streamed.headers
+        payload = b"".join(streamed.iter_bytes())
+    assert payload.rstrip().endswith(b"data: [DONE]")
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in payload.decode().splitlines()
+        if line.startswith("data: {")
+    )
+    assert text
+    after = call(gateway, ALICE, body={**HELLO, "max_tokens": 1})
+    charged_before = 10_000 - int(after.headers["X-RateLimit-Remaining"])
+    charged_before -= after.json()["usage"]["total_tokens"]
+    # prompt estimate (9) + the 40 streamed tokens, counted by the gate's tokenizer
+    assert charged_before == 9 + 40
+
+
+def test_ungoverned_paths_pass_untouched(gateway_factory, fresh_mock):
+    gateway = gateway_factory()
+    answer = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json=HELLO,
+        headers={"Authorization": f"Bearer {PROVIDER_KEY}"},
+        timeout=30,
+    )
+    assert answer.status_code == 200
+    assert "X-RateLimit-Remaining" not in answer.headers
+
+
+def test_provider_key_never_in_saved_flows_or_log(gateway_factory, fresh_mock, tmp_path):
+    flows = tmp_path / "saved.flows"
+    gateway = gateway_factory(proxy_yaml(count=1000), "-w", str(flows), flow_detail=4)
+    assert call(gateway, ALICE).status_code == 200
+    assert call(gateway, ALICE, **{"X-Mock-Mode": "error:500"}).status_code == 500
+    assert call(gateway, None).status_code == 401
+    with (
+        httpx.stream(
+            "POST",
+            f"{gateway.url}/rate-limited-proxy/chat/completions",
+            json={**HELLO, "stream": True},
+            headers={"Authorization": f"Bearer {ALICE}", "X-Mock-Mode": "cut"},
+            timeout=30,
+        ) as cut,
+        pytest.raises(httpx.HTTPError),
+    ):
+        b"".join(cut.iter_bytes())
+    # in flight at shutdown: a slow request that is still waiting for its answer
+    slow = httpx.AsyncClient(timeout=30)
+
+    async def start_slow():
+        task = asyncio.create_task(
+            slow.post(
+                f"{gateway.url}/rate-limited-proxy/chat/completions",
+                json=HELLO,
+                headers={
+                    "Authorization": f"Bearer {ALICE}",
+                    "X-Mock-Mode": "slow",
+                    "X-Mock-Delay": "5",
+                },
+            )
+        )
+        await asyncio.sleep(1.0)
+        assert gateway.stop() is not None
+        with pytest.raises(httpx.HTTPError):
+            await task
+        await slow.aclose()
+
+    asyncio.run(start_slow())
+    saved = flows.read_bytes()
+    assert saved.count(b"rate-limited-proxy") + saved.count(b"/v1/chat/completions") >= 4
+    assert PROVIDER_KEY.encode() not in saved
+    assert ALICE.encode() not in saved
+    assert PROVIDER_KEY not in gateway.process.output
+    assert ALICE not in gateway.process.output
+
+
+@pytest.mark.parametrize(
+    ("fragment", "line", "reason"),
+    [
+        ("    colour: blue\n", 10, "unknown field 'colour'"),
+        (
+            "    token_limits:\n      total_tokens:\n        - {count: 5, duration: 1w}\n",
+            12,
+            "bad duration",
+        ),
+        (
+            "    token_limits:\n      total_tokens:\n        - {count: -5, duration: 1m}\n",
+            12,
+            "must be a whole number >= 1",
+        ),
+    ],
+)
+def test_broken_quotas_refuse_to_start(tmp_path, fresh_mock, fragment, line, reason):
+    proxies = "  p:\n    context: /p\n    provider: mock\n" + fragment
+    config = write_quotas(tmp_path / "quotas.yaml", fresh_mock.url, proxies)
+    gateway = Gateway.start(config, f"reverse:{fresh_mock.url}", expect_failure=True)
+    assert gateway.process.popen.returncode == 1
+    assert f"{config}:{line}: " in gateway.process.output
+    assert reason in gateway.process.output
+
+
+def test_missing_provider_and_key_variable_refuse_to_start(tmp_path, fresh_mock):
+    proxies = "  p:\n    context: /p\n    provider: nowhere\n"
+    config = write_quotas(tmp_path / "quotas.yaml", fresh_mock.url, proxies)
+    gateway = Gateway.start(config, f"reverse:{fresh_mock.url}", expect_failure=True)
+    assert gateway.process.popen.returncode == 1
+    assert f"{config}:9: provider 'nowhere' is not defined" in gateway.process.output
+
+    config.write_text(
+        config.read_text().replace("TOKENGATE_TEST_PROVIDER_KEY", "TOKENGATE_UNSET_VARIABLE")
+    )
+    gateway = Gateway.start(config, f"reverse:{fresh_mock.url}", expect_failure=True)
+    assert gateway.process.popen.returncode == 1
+    assert f"{config}:4: environment variable TOKENGATE_UNSET_VARIABLE" in gateway.process.output
+
+
+def test_reset_header_is_epoch_seconds_rounded_up(gateway_factory):
+    gateway = gateway_factory()
+    call(gateway, ALICE)
+    refused = call(gateway, ALICE)
+    reset = int(refused.headers["X-RateLimit-Reset"])
+    wait_ms = int(refused.headers["retry-after-ms"])
+    assert reset >= math.floor(time.time() + wait_ms / 1000 - 1)

@@ -1,0 +1,345 @@
+"""The mock provider, run as a real process and driven with httpx and the official openai SDK.
+
+The end-to-end tests trust its usage numbers and its misbehaviour modes, so those are pinned here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from tokengate_core import tokens
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "mock_openai.py"
+KEY = "sk-provider"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+READY = "mock-openai listening at "
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--port", "0", "--expect-key", KEY, "--quiet"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(READY), line
+        yield line.strip().removeprefix(READY)
+    finally:
+        proc.terminate()
+        returncode = proc.wait(timeout=5)
+    assert returncode == 0  # SIGTERM is a clean exit
+
+
+@pytest.fixture
+def http(base_url):
+    with httpx.Client(base_url=base_url, headers=AUTH, timeout=5) as client:
+        client.post("/mock/reset")
+        yield client
+
+
+@pytest.fixture
+def sdk(base_url):
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0) as client:
+        yield client
+
+
+CHAT = {
+    "model": "gpt-4o",
+    "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Say something long.", "name": "alice"},
+    ],
+}
+
+
+def sse_events(payload: str) -> list[dict]:
+    """Parsed data of each SSE event, minus per-response ids and timestamps."""
+    events = []
+    for block in payload.replace("\r\n", "\n").split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        data = "".join(line.removeprefix("data: ") for line in lines if line.startswith("data:"))
+        if data:
+            event = {"raw": data} if data == "[DONE]" else json.loads(data)
+            event.pop("id", None)
+            event.pop("created", None)
+            events.append(event)
+    return events
+
+
+def test_chat_usage_is_the_gateway_estimate(sdk):
+    reply = sdk.chat.completions.create(**CHAT, max_tokens=17)
+    assert reply.usage.prompt_tokens == tokens.estimate_prompt("chat/completions", CHAT)
+    assert reply.usage.completion_tokens == 17
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 17
+    assert tokens.count_text(reply.choices[0].message.content, "gpt-4o") == 17
+    assert reply.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 300])
+def test_max_completion_tokens_with_another_encoding(sdk, n):
+    body = {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}
+    reply = sdk.chat.completions.create(**body, max_completion_tokens=n)
+    assert reply.usage.completion_tokens == n
+    assert tokens.count_text(reply.choices[0].message.content, "gpt-4") == n
+
+
+def test_completions_default_length_without_v1_prefix(http):
+    body = {"model": "gpt-3.5-turbo-instruct", "prompt": ["one", "two three"]}
+    reply = http.post("/completions", json=body).json()
+    assert reply["object"] == "text_completion"
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    assert reply["usage"]["prompt_tokens"] == tokens.estimate_prompt("completions", body)
+    assert reply["usage"]["completion_tokens"] == 120
+    assert tokens.count_text(reply["choices"][0]["text"], body["model"]) == 120
+
+
+def test_chat_stream_with_usage_chunk(sdk):
+    stream = sdk.chat.completions.create(
+        **CHAT, max_tokens=40, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == tokens.estimate_prompt("chat/completions", CHAT)
+    assert usage.completion_tokens == 40
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert tokens.count_text(text, "gpt-4o") == 40
+    assert 5 <= len(chunks) - 3 <= 10  # content chunks
+
+
+def test_chat_stream_without_include_usage_has_no_usage(http):
+    with http.stream("POST", "/v1/chat/completions", json=CHAT | {"stream": True}) as r:
+        assert r.headers["content-type"] == "text/event-stream"
+        assert r.headers["transfer-encoding"] == "chunked"
+        events = sse_events(r.read().decode())
+    assert events[-1] == {"raw": "[DONE]"}
+    assert all("usage" not in e for e in events[:-1])
+
+
+def test_responses_stream_ends_with_completed_usage(sdk):
+    body = {"model": "gpt-4o", "instructions": "Be brief.", "input": "Tell me a story."}
+    events = list(sdk.responses.create(**body, max_output_tokens=9, stream=True))
+    assert events[0].type == "response.created"
+    assert events[-1].type == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    completed = events[-1].response
+    assert completed.output_text == text
+    assert completed.usage.input_tokens == tokens.estimate_prompt("responses", body)
+    assert completed.usage.output_tokens == 9
+    assert completed.usage.total_tokens == completed.usage.input_tokens + 9
+
+
+def test_responses_non_stream(sdk):
+    body = {"model": "gpt-4o", "input": [{"role": "user", "content": "hello"}]}
+    reply = sdk.responses.create(**body, max_output_tokens=5)
+    assert reply.status == "completed"
+    assert tokens.count_text(reply.output_text, "gpt-4o") == 5
+    assert reply.usage.input_tokens == tokens.estimate_prompt("responses", body)
+
+
+def test_embeddings_as_the_sdk_asks_for_them(sdk):
+    body = {"model": "text-embedding-3-small", "input": ["alpha", "beta gamma"]}
+    reply = sdk.embeddings.create(**body)  # the SDK asks for base64 and decodes it
+    assert [len(d.embedding) for d in reply.data] == [8, 8]
+    assert reply.usage.prompt_tokens == tokens.estimate_prompt("embeddings", body)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens
+    again = sdk.embeddings.create(**body, encoding_format="float")
+    assert again.data[1].embedding == pytest.approx(reply.data[1].embedding, abs=1e-6)
+
+
+def test_wrong_key_is_rejected_and_counted(http, sdk):
+    r = http.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-caller"})
+    assert r.status_code == 401
+    assert r.headers["x-mock-provider"] == "1"
+    assert r.json()["error"] == {
+        "message": "Incorrect API key provided",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+    with pytest.raises(openai.AuthenticationError):
+        sdk.with_options(api_key="sk-other").chat.completions.create(**CHAT)
+    stats = http.get("/mock/stats").json()
+    assert stats["unauthorized"] == 2
+    assert stats["authorized"] == 0
+    assert stats["auth_headers_seen"] == ["Bearer sk-caller", "Bearer sk-other"]
+
+
+def test_error_modes(http):
+    r = http.post("/v1/chat/completions", json=CHAT, headers={"X-Mock-Mode": "error:429"})
+    assert r.status_code == 429
+    assert r.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert r.headers["retry-after"] == "7"
+    assert r.headers["x-mock-provider"] == "1"
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    r = http.post("/v1/embeddings", json={}, headers={"X-Mock-Mode": "error:500"})
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    r = http.post("/v1/chat/completions", json=CHAT, headers={"X-Mock-Mode": "nonsense"})
+    assert r.status_code == 400
+
+
+def test_bad_json_body_and_invalid_json_mode(http):
+    r = http.post("/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = http.post("/v1/chat/completions", json=CHAT, headers={"X-Mock-Mode": "invalid-json"})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    with pytest.raises(ValueError):
+        r.json()
+
+
+def test_no_usage_mode(http):
+    headers = {"X-Mock-Mode": "no-usage"}
+    assert "usage" not in http.post("/v1/chat/completions", json=CHAT, headers=headers).json()
+    body = CHAT | {"stream": True, "stream_options": {"include_usage": True}}
+    r = http.post("/v1/chat/completions", json=body, headers=headers)
+    assert all("usage" not in e for e in sse_events(r.text))
+    # What it would have reported (two default-length completions) still counts as served.
+    assert http.get("/mock/stats").json()["tokens_served"]["completion"] == 240
+
+
+def test_slow_mode_delays_the_answer(http):
+    started = time.monotonic()
+    r = http.post(
+        "/v1/embeddings",
+        json={"input": "x"},
+        headers={"X-Mock-Mode": "slow", "X-Mock-Delay": "0.3"},
+    )
+    assert r.status_code == 200
+    assert time.monotonic() - started >= 0.3
+
+
+def test_cut_mode_truncates(http, sdk):
+    body = CHAT | {"stream": True}
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        http.stream("POST", "/v1/chat/completions", json=body, headers={"X-Mock-Mode": "cut"}) as r,
+    ):
+        r.read()
+    with pytest.raises(httpx.RemoteProtocolError):
+        http.post("/v1/chat/completions", json=CHAT, headers={"X-Mock-Mode": "cut"})
+    cut = sdk.with_options(default_headers={"X-Mock-Mode": "cut"})
+    stream = cut.chat.completions.create(**CHAT, stream=True)
+    received = []
+    with pytest.raises(openai.APIConnectionError):
+        received.extend(stream)
+    assert received  # about half the chunks arrived before the cut
+    assert http.get("/mock/stats").json()["tokens_served"]["total"] == 0
+
+
+def test_split_mode_carries_the_same_events(http, sdk):
+    body = CHAT | {"max_tokens": 30, "stream": True, "stream_options": {"include_usage": True}}
+    normal = http.post("/v1/chat/completions", json=body).text
+    split = http.post(
+        "/v1/chat/completions", json=body, headers={"X-Mock-Mode": "split", "X-Mock-Seed": "3"}
+    ).text
+    assert "\r\n" in split and ": keep-alive" in split
+    assert sse_events(split) == sse_events(normal)
+    events = list(
+        sdk.with_options(default_headers={"X-Mock-Mode": "split"}).responses.create(
+            model="gpt-4o", input="hi", max_output_tokens=12, stream=True
+        )
+    )
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.usage.output_tokens == 12
+
+
+def test_stats_and_reset(http):
+    http.post("/v1/chat/completions", json=CHAT | {"max_tokens": 4})
+    http.post("/v1/embeddings", json={"input": "x"}, headers={"x-api-key": "sk-leak"})
+    http.post("/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer no"})
+    http.get("/v1/models")
+    stats = http.get("/mock/stats").json()
+    # Served: the chat and the one authorized embedding.
+    prompt = tokens.estimate_prompt("chat/completions", CHAT) + tokens.count_text("x", None)
+    assert stats == {
+        "requests": 4,
+        "by_endpoint": {"chat/completions": 1, "embeddings": 2, "/v1/models": 1},
+        "authorized": 3,
+        "unauthorized": 1,
+        "auth_headers_seen": [f"Bearer {KEY}", "Bearer no"],
+        "other_headers_seen": {"x-api-key": 1, "api-key": 0},
+        "tokens_served": {"prompt": prompt, "completion": 4, "total": prompt + 4},
+        "last_request": stats["last_request"],
+    }
+    assert stats["last_request"]["path"] == "/v1/models"
+    assert stats["last_request"]["body"] is None
+    headers = {k.lower(): v for k, v in stats["last_request"]["headers"].items()}
+    assert headers["authorization"] == f"Bearer {KEY}"
+    assert http.post("/mock/reset").status_code == 200
+    stats = http.get("/mock/stats").json()
+    assert stats["requests"] == 0
+    assert stats["tokens_served"] == {"prompt": 0, "completion": 0, "total": 0}
+    assert stats["last_request"] is None
+
+
+def load_mock_module():
+    spec = importlib.util.spec_from_file_location("mock_openai", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_in_process_with_tls(tmp_path):
+    cert_file, key_file = self_signed(tmp_path)
+    mock = load_mock_module()
+    server, thread = mock.serve(tls_cert=str(cert_file), tls_key=str(key_file), quiet=True)
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        with httpx.Client(verify=False) as client:
+            reply = client.post(f"{server.url}/v1/embeddings", json={"input": "x"}).json()
+            assert reply["usage"]["prompt_tokens"] == 1
+            assert client.get(f"{server.url}/mock/stats").json()["requests"] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    thread.join(timeout=1)
+    assert not thread.is_alive()

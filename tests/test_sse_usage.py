@@ -1,0 +1,462 @@
+"""The SSE parser under arbitrary chunking, and usage metering of JSON bodies and streams."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokengate_core import tokens
+from tokengate_core.limiter import Usage
+from tokengate_core.sse import Event, SSEParser
+from tokengate_core.usage import (
+    MAX_BELIEVABLE_TOKENS,
+    Metered,
+    StreamMeter,
+    meter_json,
+    reported_usage,
+)
+
+# A realistic stream: comments, a typed event, multi-line data, non-ASCII text, CRLF line ends,
+# an event with no space after the colon, unknown fields, and a final `[DONE]`.
+PAYLOAD = (
+    ": keep-alive\r\n"
+    "\r\n"
+    "retry: 3000\r\n"
+    'data: {"choices":[{"delta":{"content":"Grüß "}}]}\r\n'
+    "\r\n"
+    "event: ping\r\n"
+    "id: 7\r\n"
+    "data:first\r\n"
+    "data:  second\r\n"
+    "\r\n"
+    'data: {"choices":[{"delta":{"content":"東京 🙂"}}]}\r\n'
+    "\r\n"
+    "data: [DONE]\r\n"
+    "\r\n"
+).encode()
+
+EXPECTED = [
+    Event("message", '{"choices":[{"delta":{"content":"Grüß "}}]}'),
+    Event("ping", "first\n second"),
+    Event("message", '{"choices":[{"delta":{"content":"東京 🙂"}}]}'),
+    Event("message", "[DONE]"),
+]
+
+
+def feed_all(chunks: list[bytes]) -> list[Event]:
+    parser = SSEParser()
+    events: list[Event] = []
+    for chunk in chunks:
+        if chunk:  # b"" means end of stream; it is fed only once, last
+            events += parser.feed(chunk)
+    return events + parser.feed(b"")
+
+
+def test_payload_at_once() -> None:
+    assert feed_all([PAYLOAD]) == EXPECTED
+
+
+def test_every_single_split_point() -> None:
+    for cut in range(len(PAYLOAD) + 1):
+        assert feed_all([PAYLOAD[:cut], PAYLOAD[cut:]]) == EXPECTED, f"split at byte {cut}"
+
+
+def test_every_pair_of_split_points_near_crlf_and_utf8() -> None:
+    # Three pieces around the interesting bytes (a CRLF and a 4-byte emoji).
+    crlf = PAYLOAD.index(b"\r\n\r\n")
+    emoji = PAYLOAD.index("🙂".encode())
+    for a in range(crlf - 2, crlf + 5):
+        for b in range(emoji - 1, emoji + 6):
+            assert feed_all([PAYLOAD[:a], PAYLOAD[a:b], PAYLOAD[b:]]) == EXPECTED
+
+
+def test_byte_by_byte() -> None:
+    assert feed_all([PAYLOAD[i : i + 1] for i in range(len(PAYLOAD))]) == EXPECTED
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(PAYLOAD)), max_size=20))
+def test_random_chunkings(cuts: list[int]) -> None:
+    points = [0, *sorted(cuts), len(PAYLOAD)]
+    chunks = [PAYLOAD[a:b] for a, b in zip(points, points[1:], strict=False)]
+    assert feed_all(chunks) == EXPECTED
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n", "\r"], ids=["LF", "CRLF", "CR"])
+def test_line_endings(eol: str) -> None:
+    text = PAYLOAD.decode().replace("\r\n", eol).encode()
+    assert feed_all([text]) == EXPECTED
+    assert feed_all([text[i : i + 1] for i in range(len(text))]) == EXPECTED
+
+
+def test_mixed_line_endings() -> None:
+    stream = b"data: a\rdata: b\ndata: c\r\n\rdata: d\n\r\n"
+    assert feed_all([stream]) == [Event("message", "a\nb\nc"), Event("message", "d")]
+
+
+def test_crlf_split_between_chunks_is_one_line_end() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: a\r") == []
+    # If the LF were taken as a second (blank) line, "a" would be dispatched here on its own.
+    assert parser.feed(b"\ndata: b\r") == []
+    assert parser.feed(b"\n\r") == [Event("message", "a\nb")]
+    assert parser.feed(b"\n") == []  # the LF of that last CRLF, not another blank line
+    assert parser.feed(b"data: c\n\n") == [Event("message", "c")]
+
+
+def test_cr_then_separate_lf_chunk_is_not_a_blank_line_after_empty_decode() -> None:
+    # A chunk that decodes to nothing (half a UTF-8 character) between CR and LF.
+    parser = SSEParser()
+    assert parser.feed(b"data: a\r") == []
+    assert parser.feed(b"\ndata: \xc3") == []
+    assert parser.feed(b"\xa9\r") == []
+    assert parser.feed(b"\n\n") == [Event("message", "a\né")]
+
+
+def test_comments_are_skipped() -> None:
+    stream = b": hello\n:\n: data: not-data\ndata: x\n: in between\n\n"
+    assert feed_all([stream]) == [Event("message", "x")]
+
+
+def test_comment_only_block_dispatches_nothing() -> None:
+    assert feed_all([b": keep-alive\n\n: keep-alive\n\n"]) == []
+
+
+def test_multiline_data_joined_with_lf() -> None:
+    assert feed_all([b"data: one\ndata: two\ndata:\ndata: four\n\n"]) == [
+        Event("message", "one\ntwo\n\nfour")
+    ]
+
+
+def test_field_without_colon_and_space_handling() -> None:
+    # "data" alone is an empty data line; only one leading space of the value is removed.
+    assert feed_all([b"data\ndata:  x \n\n"]) == [Event("message", "\n x ")]
+
+
+def test_event_type_applies_to_one_event_only() -> None:
+    stream = b"event: delta\ndata: 1\n\ndata: 2\n\n"
+    assert feed_all([stream]) == [Event("delta", "1"), Event("message", "2")]
+
+
+def test_event_type_without_data_is_discarded() -> None:
+    # A blank line with an empty data buffer resets the event type (WHATWG).
+    assert feed_all([b"event: lost\n\ndata: 2\n\n"]) == [Event("message", "2")]
+
+
+def test_other_fields_are_ignored() -> None:
+    assert feed_all([b"id: 1\nretry: 10\nfoo: bar\ndata: x\n\n"]) == [Event("message", "x")]
+
+
+@pytest.mark.parametrize("text", ["é", "€", "🙂", "東"])
+def test_multibyte_utf8_split_across_chunks(text: str) -> None:
+    raw = f"data: {text}{text}\n\n".encode()
+    for cut in range(len(raw) + 1):
+        events = feed_all([raw[:cut], raw[cut:]])
+        assert events == [Event("message", text + text)], f"split at {cut}"
+
+
+def test_invalid_utf8_is_replaced_not_raised() -> None:
+    assert feed_all([b"data: \xff\xfe ok\n\n"]) == [Event("message", "\ufffd\ufffd ok")]
+
+
+def test_truncated_utf8_at_end_of_stream() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: ok\n\ndata: \xe2\x82") == [Event("message", "ok")]
+    assert parser.feed(b"") == []  # the unterminated event is still not dispatched
+
+
+def test_final_event_without_blank_line_is_not_dispatched() -> None:
+    """WHATWG: at end of stream an incomplete event is discarded.
+
+    feed(b"") marks the end of the stream: it processes a last line that had no line end, but
+    a blank line never came, so the pending event is dropped rather than dispatched.
+    """
+    parser = SSEParser()
+    assert parser.feed(b"data: a\n\ndata: b") == [Event("message", "a")]
+    assert parser.feed(b"") == []
+
+    parser = SSEParser()
+    assert parser.feed(b"data: a\n\ndata: b\n") == [Event("message", "a")]
+    assert parser.feed(b"") == []
+
+
+def test_end_of_stream_processes_last_unterminated_line() -> None:
+    # The last line had no terminator; feed(b"") still treats it as a line (here: a blank one
+    # was already seen, so the only effect is that nothing is left pending or dispatched).
+    parser = SSEParser()
+    assert parser.feed(b"data: a\n") == []
+    assert parser.feed(b"\n") == [Event("message", "a")]
+    assert parser.feed(b"") == []
+
+
+# --- reported_usage -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (  # chat/completions and completions
+            {
+                "object": "chat.completion",
+                "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
+            },
+            Usage(12, 5),
+        ),
+        (  # embeddings report no completion tokens
+            {"object": "list", "usage": {"prompt_tokens": 8, "total_tokens": 8}},
+            Usage(8, 0),
+        ),
+        (  # Responses API
+            {
+                "object": "response",
+                "usage": {"input_tokens": 20, "output_tokens": 7, "total_tokens": 27},
+            },
+            Usage(20, 7),
+        ),
+        (  # Responses API stream terminal event wraps the response
+            {
+                "type": "response.completed",
+                "response": {"id": "r1", "usage": {"input_tokens": 3, "output_tokens": 4}},
+            },
+            Usage(3, 4),
+        ),
+        ({"usage": {"prompt_tokens": 0, "completion_tokens": 0}}, Usage(0, 0)),
+        (
+            {"usage": {"prompt_tokens": MAX_BELIEVABLE_TOKENS, "completion_tokens": 1}},
+            Usage(MAX_BELIEVABLE_TOKENS, 1),
+        ),
+    ],
+    ids=["chat", "embeddings", "responses", "responses-event", "zeros", "at-maximum"],
+)
+def test_reported_usage(payload: dict, expected: Usage) -> None:
+    assert reported_usage(payload) == expected
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": -1, "completion_tokens": 5},
+        {"prompt_tokens": 5, "completion_tokens": -1},
+        {"prompt_tokens": True, "completion_tokens": 5},
+        {"prompt_tokens": 5, "completion_tokens": False},
+        {"prompt_tokens": "12", "completion_tokens": 5},
+        {"prompt_tokens": 12, "completion_tokens": "5"},
+        {"prompt_tokens": 12.0, "completion_tokens": 5},
+        {"prompt_tokens": MAX_BELIEVABLE_TOKENS + 1, "completion_tokens": 5},
+        {"prompt_tokens": 5, "completion_tokens": 10**12},
+        {"input_tokens": -3, "output_tokens": 2},
+        {"input_tokens": 3, "output_tokens": "2"},
+        {"completion_tokens": 5},
+        {},
+    ],
+)
+def test_unbelievable_usage_is_none(usage: dict) -> None:
+    assert reported_usage({"usage": usage}) is None
+    assert reported_usage({"type": "response.completed", "response": {"usage": usage}}) is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [None, [], "usage", 5, {}, {"usage": None}, {"usage": [1, 2]}, {"response": {"usage": None}}],
+)
+def test_no_usage_is_none(payload: object) -> None:
+    assert reported_usage(payload) is None
+
+
+# --- meter_json ---------------------------------------------------------------------------------
+
+
+def chat_body(content: str, usage: dict | None = None) -> bytes:
+    body: dict = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return json.dumps(body).encode()
+
+
+def test_meter_json_reported() -> None:
+    body = chat_body("Hi there", {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14})
+    assert meter_json(body, prompt_estimate=99, model="gpt-4o") == Metered(Usage(11, 3), "reported")
+
+
+def test_meter_json_responses_reported() -> None:
+    body = json.dumps(
+        {
+            "object": "response",
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "x"}]}],
+            "usage": {"input_tokens": 4, "output_tokens": 1},
+        }
+    ).encode()
+    assert meter_json(body, 50, None) == Metered(Usage(4, 1), "reported")
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-4"])
+def test_meter_json_missing_usage_is_estimated(model: str) -> None:
+    content = "Bonjour, ça va très bien aujourd’hui 🙂 — 東京"
+    metered = meter_json(chat_body(content), prompt_estimate=42, model=model)
+    assert metered.source == "estimated"
+    assert metered.usage == Usage(42, tokens.count_text(content, model))
+    assert metered.usage.completion > 0
+
+
+def test_meter_json_unbelievable_usage_falls_back_to_estimate() -> None:
+    body = chat_body("hello world", {"prompt_tokens": -5, "completion_tokens": 2})
+    assert meter_json(body, 7, "gpt-4o") == Metered(Usage(7, 2), "estimated")
+
+
+@pytest.mark.parametrize("body", [b"", b"{not json", b"\xff\xfe\x00", b"<html>502</html>"])
+def test_meter_json_invalid_json(body: bytes) -> None:
+    assert meter_json(body, prompt_estimate=13, model="gpt-4o") == Metered(
+        Usage(13, 0), "estimated"
+    )
+
+
+# --- StreamMeter --------------------------------------------------------------------------------
+
+
+def sse(*payloads: object, eol: str = "\n") -> bytes:
+    out = []
+    for payload in payloads:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        out.append(f"data: {data}{eol}{eol}")
+    return "".join(out).encode()
+
+
+DELTAS = ["Hel", "lo", ", wor", "ld", "!"]
+
+
+def chat_chunks(with_usage: bool) -> list[object]:
+    chunks: list[object] = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "usage": None}
+    ]
+    chunks += [{"choices": [{"index": 0, "delta": {"content": d}}], "usage": None} for d in DELTAS]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if with_usage:
+        chunks.append(
+            {
+                "choices": [],
+                "usage": {"prompt_tokens": 17, "completion_tokens": 4, "total_tokens": 21},
+            }
+        )
+    chunks.append("[DONE]")
+    return chunks
+
+
+def feed_in_pieces(meter: StreamMeter, data: bytes, size: int = 7) -> None:
+    for i in range(0, len(data), size):
+        meter.feed(data[i : i + size])
+
+
+def test_stream_with_usage_chunk_is_reported() -> None:
+    data = sse(*chat_chunks(with_usage=True))
+    meter = StreamMeter(prompt_estimate=30, model="gpt-4o")
+    feed_in_pieces(meter, data)
+    assert meter.done
+    assert meter.bytes_seen == len(data)
+    assert meter.result() == Metered(Usage(17, 4), "reported")
+
+
+def test_stream_without_usage_is_estimated_from_concatenated_deltas() -> None:
+    data = sse(*chat_chunks(with_usage=False), eol="\r\n")
+    meter = StreamMeter(prompt_estimate=30, model="gpt-4o")
+    feed_in_pieces(meter, data, size=3)
+    text = "".join(DELTAS)
+    assert meter.done
+    # Deltas are counted as one text ("Hello" is one token, "Hel" + "lo" would be two).
+    assert meter.result() == Metered(Usage(30, tokens.count_text(text, "gpt-4o")), "estimated")
+    assert tokens.count_text(text, "gpt-4o") < sum(tokens.count_text(d, "gpt-4o") for d in DELTAS)
+
+
+def test_stream_without_done_is_not_done_but_still_metered() -> None:
+    data = sse(*chat_chunks(with_usage=False)[:-1])
+    meter = StreamMeter(5, "gpt-4o")
+    meter.feed(data)
+    assert not meter.done
+    assert meter.result().usage.completion == tokens.count_text("".join(DELTAS), "gpt-4o")
+
+
+def test_stream_bytes_seen_counts_every_chunk() -> None:
+    meter = StreamMeter(0, None)
+    meter.feed(b": keep")
+    meter.feed(b"-alive\n\n")
+    meter.feed(b"data: not json\n\n")
+    meter.feed(b"")
+    assert meter.bytes_seen == len(b": keep-alive\n\n") + len(b"data: not json\n\n")
+    assert not meter.done
+    assert meter.result() == Metered(Usage(0, 0), "estimated")
+
+
+def test_stream_done_marker() -> None:
+    meter = StreamMeter(0, None)
+    meter.feed(b"data: [DONE]\n\n")
+    assert meter.done
+
+
+def test_stream_tool_call_arguments_are_counted() -> None:
+    args = ['{"city":', ' "Paris"}']
+    chunks = [
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": a}}]}}]}
+        for a in args
+    ]
+    meter = StreamMeter(1, "gpt-4o")
+    meter.feed(sse(*chunks, "[DONE]"))
+    assert meter.result().usage == Usage(1, tokens.count_text("".join(args), "gpt-4o"))
+
+
+RESPONSES_TEXT = ["Hel", "lo", " there"]
+
+
+def responses_events(final_usage: dict | None, terminal: str = "response.completed") -> bytes:
+    events = [
+        {"type": "response.created", "response": {"id": "r", "output": [], "usage": None}},
+        {"type": "response.in_progress", "response": {"id": "r", "output": [], "usage": None}},
+    ]
+    events += [
+        {"type": "response.output_text.delta", "item_id": "m", "delta": d} for d in RESPONSES_TEXT
+    ]
+    full = "".join(RESPONSES_TEXT)
+    events += [
+        {"type": "response.output_text.done", "item_id": "m", "text": full},
+        {
+            "type": terminal,
+            "response": {
+                "id": "r",
+                "output": [{"type": "message", "content": [{"type": "output_text", "text": full}]}],
+                "usage": final_usage,
+            },
+        },
+    ]
+    out = []
+    for event in events:
+        out.append(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n")
+    return "".join(out).encode()
+
+
+def test_responses_stream_reported() -> None:
+    data = responses_events({"input_tokens": 9, "output_tokens": 3, "total_tokens": 12})
+    meter = StreamMeter(50, "gpt-4o")
+    feed_in_pieces(meter, data, size=11)
+    assert meter.done
+    assert meter.bytes_seen == len(data)
+    assert meter.result() == Metered(Usage(9, 3), "reported")
+
+
+@pytest.mark.parametrize("terminal", ["response.completed", "response.incomplete"])
+def test_responses_stream_without_usage_counts_deltas_once(terminal: str) -> None:
+    meter = StreamMeter(50, "gpt-4o")
+    meter.feed(responses_events(None, terminal))
+    assert meter.done
+    expected = tokens.count_text("".join(RESPONSES_TEXT), "gpt-4o")
+    # Neither the `.done` text nor the terminal event's output is counted a second time.
+    assert meter.result() == Metered(Usage(50, expected), "estimated")
+
+
+def test_responses_failed_event_sets_done() -> None:
+    meter = StreamMeter(5, None)
+    meter.feed(sse({"type": "response.failed", "response": {"error": {"code": "x"}}}))
+    assert meter.done
+    assert meter.result() == Metered(Usage(5, 0), "estimated")
