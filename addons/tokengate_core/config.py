@@ -112,6 +112,12 @@ class _Reader:
                 raise self.doc.error(where, f"{self._name(where)} needs {key!r}")
         return value
 
+    def entries(self, value: Any, where: Where) -> dict:
+        """A mapping of user-chosen names (providers, proxies, keys)."""
+        if value is None:
+            return {}
+        return self.mapping(value, where, set(value) if isinstance(value, dict) else set())
+
     def string(self, value: Any, where: Where) -> str:
         if not isinstance(value, str) or not value.strip():
             raise self.doc.error(where, f"{self._name(where)} must be a non-empty string")
@@ -195,7 +201,13 @@ def _limit_list(reader: _Reader, raw: Any, where: Where, dimension: str) -> list
     return limits
 
 
-def _proxy(reader: _Reader, name: str, raw: Any, providers: dict[str, Provider]) -> Proxy:
+def _proxy(
+    reader: _Reader,
+    name: str,
+    raw: Any,
+    providers: dict[str, Provider],
+    seen_keys: dict[str, tuple[str, str]],
+) -> Proxy:
     where: Where = ("proxies", name)
     reader.name(name, where)
     reader.mapping(
@@ -256,6 +268,14 @@ def _proxy(reader: _Reader, name: str, raw: Any, providers: dict[str, Provider])
                 (*key_where, "sha256"),
                 "sha256 must be 64 lowercase hex digits (scripts/keys.py writes it)",
             )
+        if digest in seen_keys:
+            other_proxy, other_name = seen_keys[digest]
+            raise reader.doc.error(
+                key_where,
+                f"key {key_name!r} has the same secret as key {other_name!r} "
+                f"of proxy {other_proxy!r}",
+            )
+        seen_keys[digest] = (name, key_name)
         keys.append(StoredKey(name=key_name, sha256=digest))
     return Proxy(
         name=name,
@@ -274,10 +294,15 @@ def load_config(path: Path | str) -> Config:
     doc = load_document(path)
     reader = _Reader(doc)
     top = reader.mapping(doc.data, (), {"providers", "proxies"}, {"providers", "proxies"})
-    reader.mapping(top["providers"], ("providers",), set(top["providers"] or {}))
-    reader.mapping(top["proxies"], ("proxies",), set(top["proxies"] or {}))
-    providers = {name: _provider(reader, name, raw) for name, raw in top["providers"].items()}
-    proxies = {name: _proxy(reader, name, raw, providers) for name, raw in top["proxies"].items()}
+    providers = {
+        name: _provider(reader, name, raw)
+        for name, raw in reader.entries(top["providers"], ("providers",)).items()
+    }
+    seen_keys: dict[str, tuple[str, str]] = {}
+    proxies = {
+        name: _proxy(reader, name, raw, providers, seen_keys)
+        for name, raw in reader.entries(top["proxies"], ("proxies",)).items()
+    }
     contexts: dict[str, str] = {}
     for proxy in proxies.values():
         for other_context, other in contexts.items():
@@ -289,17 +314,6 @@ def load_config(path: Path | str) -> Config:
                     f"context {proxy.context} overlaps {other_context} of proxy {other!r}",
                 )
         contexts[proxy.context] = proxy.name
-    seen_keys: dict[str, tuple[str, str]] = {}
-    for proxy in proxies.values():
-        for key in proxy.keys:
-            if key.sha256 in seen_keys:
-                other_proxy, other_name = seen_keys[key.sha256]
-                raise doc.error(
-                    ("proxies", proxy.name, "keys", key.name),
-                    f"key {key.name!r} has the same secret as key {other_name!r} "
-                    f"of proxy {other_proxy!r}",
-                )
-            seen_keys[key.sha256] = (proxy.name, key.name)
     return Config(path=Path(path), providers=providers, proxies=proxies)
 
 

@@ -42,22 +42,44 @@ class Document:
         return ConfigError(self.path, self.line(where), reason)
 
 
-def _construct(node: yaml.Node, where: Where, lines: dict[Where, int], path: Path) -> Any:
-    lines.setdefault(where, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = _scalar(key_node, path)
-            if key in result:
-                raise ConfigError(path, key_node.start_mark.line + 1, f"duplicate key {key!r}")
-            lines[(*where, key)] = key_node.start_mark.line + 1
-            result[key] = _construct(value_node, (*where, key), lines, path)
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _construct(item, (*where, index), lines, path) for index, item in enumerate(node.value)
-        ]
-    return _scalar(node, path)
+# Aliases can make a small file expand enormously ("billion laughs"); no quotas file needs this.
+MAX_NODES = 100_000
+
+
+class _Builder:
+    """Turns composed YAML nodes into plain data, recording lines and refusing alias bombs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: dict[Where, int] = {}
+        self.nodes = 0
+        self._open: set[int] = set()  # nodes being built: meeting one again is a recursive alias
+
+    def build(self, node: yaml.Node, where: Where) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise ConfigError(self.path, node.start_mark.line + 1, "too many values (alias bomb?)")
+        if id(node) in self._open:
+            raise ConfigError(self.path, node.start_mark.line + 1, "recursive alias")
+        self.lines.setdefault(where, node.start_mark.line + 1)
+        if isinstance(node, yaml.ScalarNode):
+            return _scalar(node, self.path)
+        self._open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                return [self.build(item, (*where, i)) for i, item in enumerate(node.value)]
+            result: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = _scalar(key_node, self.path)
+                if key in result:
+                    raise ConfigError(
+                        self.path, key_node.start_mark.line + 1, f"duplicate key {key!r}"
+                    )
+                self.lines[(*where, key)] = key_node.start_mark.line + 1
+                result[key] = self.build(value_node, (*where, key))
+            return result
+        finally:
+            self._open.discard(id(node))
 
 
 def _scalar(node: yaml.Node, path: Path) -> Any:
@@ -83,6 +105,6 @@ def load_document(path: Path | str) -> Document:
         raise ConfigError(path, line, f"invalid YAML: {e.problem or e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(path, None, f"invalid YAML: {e}") from e
-    lines: dict[Where, int] = {}
-    data = _construct(node, (), lines, path) if node is not None else None
-    return Document(path=path, data=data, lines=lines)
+    builder = _Builder(path)
+    data = builder.build(node, ()) if node is not None else None
+    return Document(path=path, data=data, lines=builder.lines)

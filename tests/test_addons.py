@@ -1,0 +1,140 @@
+"""The addon classes inside mitmproxy's test harness (taddons / tflow), without processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import taddons, tflow, tutils
+from tokengate_core import flowstate
+from tokengate_core.admission import Authenticator, Router
+from tokengate_core.credentials import REDACTED, CredentialSwap
+from tokengate_core.metering import Metering
+from tokengate_core.settings import Gate, Settings
+
+from tests.conftest import ALICE, key_entries
+from tests.e2e import PROVIDER_KEY, write_quotas
+
+PROXIES = (
+    "  p:\n    context: /p\n    provider: mock\n"
+    "    token_limits:\n      total_tokens:\n        - {count: 1000, duration: 1m}\n"
+    "    keys:\n" + key_entries(alice=ALICE)
+)
+
+
+@pytest.fixture
+def quotas(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
+    return write_quotas(tmp_path / "quotas.yaml", "http://upstream.test:8000", PROXIES)
+
+
+@pytest.fixture
+def gate_addons(quotas):
+    gate = Gate(clock=lambda: 1_000_000.0)
+    addons = [
+        Settings(gate),
+        Router(gate),
+        Authenticator(gate),
+        CredentialSwap(gate),
+        Metering(gate),
+    ]
+    with taddons.context(*addons) as tctx:
+        tctx.configure(addons[0], tokengate_config=str(quotas))
+        yield tctx, gate, addons
+
+
+def reverse_flow(path="/p/chat/completions", key=ALICE, body=None):
+    flow = tflow.tflow()
+    flow.client_conn.proxy_mode = ProxyMode.parse("reverse:http://upstream.test:8000")
+    flow.request.method = "POST"
+    flow.request.path = path
+    if key:
+        flow.request.headers["authorization"] = f"Bearer {key}"
+    payload = body or {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello!"}]}
+    flow.request.content = json.dumps(payload).encode()
+    return flow
+
+
+async def _call(addon, hook, flow):
+    result = getattr(addon, hook)(flow)
+    if hasattr(result, "__await__"):
+        await result
+
+
+async def through(addons, hooks, flow):
+    for hook in hooks:
+        for addon in addons:
+            if hasattr(addon, hook):
+                await _call(addon, hook, flow)
+
+
+def test_bad_reload_keeps_last_good_config(gate_addons, tmp_path):
+    tctx, gate, addons = gate_addons
+    good = gate.config.path
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("providers: {}\nproxies:\n  p: {context: /p, provider: none}\n")
+    with pytest.raises(exceptions.OptionsError, match=r"broken.yaml:3: provider 'none'"):
+        tctx.configure(addons[0], tokengate_config=str(broken))
+    # mitmproxy rolls the option back, which loads the last good file again
+    assert gate.config.path == good
+    assert gate.proxy("p") is not None
+
+
+async def test_unrouted_flow_is_untouched(gate_addons):
+    _, _, addons = gate_addons
+    flow = reverse_flow(path="/elsewhere/chat/completions")
+    before = flow.request.copy()
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flowstate.governed(flow) is None
+    assert flow.response is None
+    assert flow.request.headers == before.headers and flow.request.url == before.url
+
+
+async def test_missing_key_is_answered_401_by_the_gate(gate_addons):
+    _, _, addons = gate_addons
+    flow = reverse_flow(key=None)
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.response.status_code == 401
+    assert flowstate.answered_by_gate(flow)
+    assert "authorization" not in flow.request.headers
+
+
+async def test_key_swap_rewrite_and_redaction(gate_addons):
+    _, _, addons = gate_addons
+    flow = reverse_flow()
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.response is None
+    assert flow.request.url == "http://upstream.test:8000/v1/chat/completions"
+    assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert flow.request.headers["accept-encoding"] == "identity"
+    flow.response = tutils.tresp(
+        content=json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 11}}).encode()
+    )
+    await through(addons, ("responseheaders", "response"), flow)
+    assert flow.request.headers["authorization"] == REDACTED
+    assert flow.response.headers["X-Tokens-Consumed"] == "20"
+    assert flow.response.headers["X-RateLimit-Remaining"] == "980"
+    assert flowstate.governed(flow)["usage"]["source"] == "reported"
+    json.dumps(flow.metadata)  # plain data only: mitmproxy saves it with the flow
+
+
+async def test_settles_once_and_error_releases(gate_addons):
+    _, gate, addons = gate_addons
+    metering = addons[-1]
+    flow = reverse_flow()
+    await through(addons, ("requestheaders", "request"), flow)
+    flow.response = tutils.tresp(
+        content=json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 91}}).encode()
+    )
+    await through(addons, ("responseheaders", "response"), flow)
+    await metering.response(flow)  # a second settlement finds nothing to charge
+    await metering.error(flow)
+    failed = reverse_flow()
+    await through(addons, ("requestheaders", "request"), failed)
+    await through(addons, ("error",), failed)
+    from tokengate_core.metering import buckets_for
+
+    (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
+    assert (status.used, status.reserved) == (100, 0)
