@@ -1,22 +1,9 @@
 """TokenGate: `mitmdump -s addons/tokengate.py` turns mitmproxy into an LLM gateway.
 
-This script only assembles the addons; the implementation lives in the `tokengate_core` package.
-Order matters: each flow hook runs through these addons in this order.
+This script only assembles the addons; the implementation is the `tokengate_core` package.
 """
 
-from tokengate_core.admission import Authenticator, Router
-from tokengate_core.annotate import Annotator
-from tokengate_core.credentials import CredentialSwap
-from tokengate_core.metering import Metering
-from tokengate_core.settings import Gate, Settings
+from tokengate_core import pipeline
+from tokengate_core.settings import Gate
 
-gate = Gate()
-
-addons = [
-    Settings(gate),
-    Router(gate),
-    Authenticator(gate),
-    CredentialSwap(gate),
-    Metering(gate),
-    Annotator(),
-]
+addons = pipeline.build(Gate())

@@ -12,7 +12,10 @@ DEMO_KEY="tg-demo-key-for-the-bundled-mock-only"
 
 .venv/bin/python scripts/mock_openai.py --port "$MOCK_PORT" --quiet &
 mock_pid=$!
-trap 'kill "$mock_pid" 2>/dev/null || true' EXIT
+gate_pid=""
+stop() { kill $mock_pid $gate_pid 2>/dev/null || true; }
+trap stop EXIT
+trap 'exit 130' INT TERM
 
 cat <<MSG
 
@@ -34,4 +37,6 @@ The default quota is 100 total tokens per minute for the demo key. In another te
 
 MSG
 .venv/bin/mitmdump --listen-host 127.0.0.1 -p "$GATE_PORT" \
-    --mode "reverse:http://127.0.0.1:$MOCK_PORT" -s addons/tokengate.py "$@"
+    --mode "reverse:http://127.0.0.1:$MOCK_PORT" -s addons/tokengate.py "$@" &
+gate_pid=$!
+wait "$gate_pid"

@@ -56,8 +56,11 @@ MSG
 fi
 
 stamp=".venv/.tokengate-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)$extras"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+project="$(cksum < pyproject.toml | tr -d ' ')"
+want="$project$extras"
+have="$(cat "$stamp" 2>/dev/null || true)"
+# A dev install contains the runtime install.
+if [ "$have" != "$want" ] && [ "$have" != "$project[dev]" ]; then
     echo "setup: installing TokenGate$extras into .venv"
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e ".$extras"

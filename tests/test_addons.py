@@ -8,11 +8,10 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
-from tokengate_core import flowstate
-from tokengate_core.admission import Authenticator, Router
-from tokengate_core.credentials import REDACTED, CredentialSwap
-from tokengate_core.metering import Metering
-from tokengate_core.settings import Gate, Settings
+from tokengate_core import flowstate, pipeline
+from tokengate_core.credentials import REDACTED
+from tokengate_core.metering import Metering, buckets_for
+from tokengate_core.settings import Gate
 
 from tests.conftest import ALICE, key_entries
 from tests.e2e import PROVIDER_KEY, write_quotas
@@ -33,13 +32,7 @@ def quotas(tmp_path, monkeypatch):
 @pytest.fixture
 def gate_addons(quotas):
     gate = Gate(clock=lambda: 1_000_000.0)
-    addons = [
-        Settings(gate),
-        Router(gate),
-        Authenticator(gate),
-        CredentialSwap(gate),
-        Metering(gate),
-    ]
+    addons = pipeline.build(gate)
     with taddons.context(*addons) as tctx:
         tctx.configure(addons[0], tokengate_config=str(quotas))
         yield tctx, gate, addons
@@ -122,7 +115,7 @@ async def test_key_swap_rewrite_and_redaction(gate_addons):
 
 async def test_settles_once_and_error_releases(gate_addons):
     _, gate, addons = gate_addons
-    metering = addons[-1]
+    (metering,) = [addon for addon in addons if isinstance(addon, Metering)]
     flow = reverse_flow()
     await through(addons, ("requestheaders", "request"), flow)
     flow.response = tutils.tresp(
@@ -134,7 +127,5 @@ async def test_settles_once_and_error_releases(gate_addons):
     failed = reverse_flow()
     await through(addons, ("requestheaders", "request"), failed)
     await through(addons, ("error",), failed)
-    from tokengate_core.metering import buckets_for
-
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (100, 0)

@@ -28,8 +28,6 @@ class Router:
             "upstream_path": found.upstream_path,
             "endpoint": found.endpoint,
         }
-        # The body is needed whole to estimate tokens before anything is forwarded.
-        flow.request.stream = False
 
 
 class Authenticator:

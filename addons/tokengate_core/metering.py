@@ -20,13 +20,15 @@ from . import flowstate, responses, tokens
 from .limiter import Bucket, Demand, LimitStatus
 from .settings import Gate
 from .stores import Reservation
-from .usage import Metered, StreamMeter, meter_json
+from .usage import BodyMeter, BoundedBuffer, Metered, StreamMeter, meter_json
 
 log = logging.getLogger("tokengate")
 
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+TOO_LARGE = "Request body too large for this gateway: the limit is {} bytes."
+BAD_JSON = "We could not parse the JSON body of your request: expected a JSON object."
 # Prompts longer than this are tokenized off the event loop, so other flows keep moving.
-INLINE_TOKENIZE_CHARS = 20_000
+INLINE_TOKENIZE_BYTES = 20_000
 
 
 @dataclass
@@ -34,7 +36,7 @@ class InFlight:
     reservation: Reservation
     model: str | None
     prompt_estimate: int
-    meter: StreamMeter | None = None
+    meter: StreamMeter | BodyMeter | None = None
 
 
 def buckets_for(proxy, key_name: str) -> tuple[Bucket, ...]:
@@ -52,10 +54,18 @@ def completion_reserve(body: dict[str, Any], endpoint: str, default: int) -> int
     return default
 
 
-async def estimate(endpoint: str, body: dict[str, Any]) -> int:
-    if len(json.dumps(body)) <= INLINE_TOKENIZE_CHARS:
+async def estimate(endpoint: str, body: dict[str, Any], body_size: int) -> int:
+    if body_size <= INLINE_TOKENIZE_BYTES:
         return tokens.estimate_prompt(endpoint, body)
     return await asyncio.to_thread(tokens.estimate_prompt, endpoint, body)
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _usage_record(metered: Metered) -> dict[str, Any]:
@@ -71,6 +81,32 @@ class Metering:
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
         self._inflight: dict[str, InFlight] = {}
+        self._request_bodies: dict[str, BoundedBuffer] = {}
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        state = flowstate.governed(flow)
+        if state is None or flowstate.answered_by_gate(flow):
+            return
+        declared = flow.request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.gate.max_body:
+            self._answer_error(flow, 413, TOO_LARGE.format(self.gate.max_body), "request_too_large")
+            return
+        proxy = self.gate.proxy(state["proxy"])
+        if state["endpoint"] is None or proxy is None:
+            return
+        # The gate must read what the provider sends, so it asks for it uncompressed.
+        flow.request.headers["accept-encoding"] = "identity"
+        if not self.gate.stream_request_bodies:
+            flow.request.stream = False  # buffer: the whole body is estimated before it leaves
+            return
+        # With stream_large_bodies set, mitmproxy may send the body upstream before `request`
+        # runs, so the gate decides now, on what is left, and reads the body on its way.
+        await self._admit(flow, state, proxy, Demand(0, proxy.completion_reserve))
+        if flowstate.answered_by_gate(flow):
+            flow.request.stream = False
+            return
+        body = self._request_bodies[flow.id] = BoundedBuffer(self.gate.max_body)
+        flow.request.stream = body.passing
 
     async def request(self, flow: http.HTTPFlow) -> None:
         state = flowstate.governed(flow)
@@ -79,28 +115,29 @@ class Metering:
         proxy = self.gate.proxy(state["proxy"])
         if proxy is None:
             return
-        try:
-            body = json.loads(flow.request.get_content(strict=False) or b"")
-        except (ValueError, UnicodeDecodeError):
-            body = None
-        if not isinstance(body, dict):
-            flowstate.answer(
-                flow,
-                responses.gate_response(
-                    400,
-                    "We could not parse the JSON body of your request: expected a JSON object.",
-                    "invalid_request_error",
-                    None,
-                ),
-            )
+        streamed = self._request_bodies.pop(flow.id, None)
+        raw = streamed.data if streamed else flow.request.get_content(strict=False) or b""
+        if streamed is None and len(raw) > self.gate.max_body:  # chunked, no content-length
+            self._answer_error(flow, 413, TOO_LARGE.format(self.gate.max_body), "request_too_large")
+            return
+        body = _json_object(raw)
+        inflight = self._inflight.get(flow.id)
+        if body is None:
+            if inflight is None:  # not sent yet: refuse it rather than guess its cost
+                self._answer_error(flow, 400, BAD_JSON, None)
             return
         endpoint = state["endpoint"]
         model = body.get("model") if isinstance(body.get("model"), str) else None
-        prompt = await estimate(endpoint, body)
-        demand = Demand(prompt, completion_reserve(body, endpoint, proxy.completion_reserve))
+        prompt = await estimate(endpoint, body, len(raw))
         state.update(model=model, stream=body.get("stream") is True, prompt_estimate=prompt)
-        # The gate must read what the provider sends, so it asks for it uncompressed.
-        flow.request.headers["accept-encoding"] = "identity"
+        if inflight is not None:  # admitted at requestheaders; now its estimate is known
+            inflight.model, inflight.prompt_estimate = model, prompt
+            return
+        demand = Demand(prompt, completion_reserve(body, endpoint, proxy.completion_reserve))
+        await self._admit(flow, state, proxy, demand)
+
+    async def _admit(self, flow: http.HTTPFlow, state: dict, proxy, demand: Demand) -> None:
+        """Reserve across every limit of the caller's scope, or answer 429."""
         buckets = buckets_for(proxy, state["key"])
         if not buckets:
             return
@@ -110,26 +147,35 @@ class Metering:
             flowstate.answer(flow, responses.rate_limited(decision, now, proxy.name, demand.prompt))
             state["refused_by"] = decision.blocking.limit.name if decision.blocking else None
             return
-        self._inflight[flow.id] = InFlight(reservation, model, prompt)
+        self._inflight[flow.id] = InFlight(reservation, state.get("model"), demand.prompt)
         state["reserved"] = {
             "prompt_tokens": reservation.amounts.prompt,
             "completion_tokens": reservation.amounts.completion,
         }
         state["headers"] = responses.ratelimit_headers(decision.statuses, now)
 
+    @staticmethod
+    def _answer_error(flow: http.HTTPFlow, status: int, message: str, code: str | None) -> None:
+        flowstate.answer(
+            flow, responses.gate_response(status, message, "invalid_request_error", code)
+        )
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         inflight = self._inflight.get(flow.id)
         if inflight is None or flow.response is None or flow.response.status_code >= 400:
             return
-        content_type = flow.response.headers.get("content-type", "")
-        if flow.response.stream or content_type.startswith("text/event-stream"):
-            # Headers leave before usage is known: they show the budget with this reservation.
-            flow.response.headers.update(flowstate.governed(flow)["headers"])
-            inflight.meter = StreamMeter(inflight.prompt_estimate, inflight.model)
-            flow.response.stream = self._follow(inflight.meter)
+        is_sse = flow.response.headers.get("content-type", "").startswith("text/event-stream")
+        if not (is_sse or flow.response.stream):
+            return  # buffered: settled in `response`, with headers from the real usage
+        # Headers leave before usage is known: they show the budget with this reservation.
+        flow.response.headers.update(flowstate.governed(flow)["headers"])
+        # A JSON body can be streamed too (stream_large_bodies); it is metered whole at the end.
+        meter_class = StreamMeter if is_sse else BodyMeter
+        inflight.meter = meter_class(inflight.prompt_estimate, inflight.model)
+        flow.response.stream = self._follow(inflight.meter)
 
     @staticmethod
-    def _follow(meter: StreamMeter):
+    def _follow(meter: StreamMeter | BodyMeter):
         def on_chunk(chunk: bytes) -> bytes:
             meter.feed(chunk)
             return chunk
@@ -169,6 +215,7 @@ class Metering:
         response.headers["X-Tokens-Consumed"] = str(metered.usage.total)
 
     async def error(self, flow: http.HTTPFlow) -> None:
+        self._request_bodies.pop(flow.id, None)
         inflight = self._inflight.pop(flow.id, None)
         if inflight is None:
             return

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions
+from mitmproxy.utils import human
 
 from . import tokens
 from .config import Config, Proxy, load_config
@@ -25,6 +26,8 @@ class Gate:
     config: Config | None = None
     store: Store = field(default_factory=MemoryStore)
     clock: Callable[[], float] = time.time
+    max_body: int = 32 * 1024 * 1024  # request bodies above this are refused before tokenizing
+    stream_request_bodies: bool = False  # mitmproxy's stream_large_bodies is set
 
     def proxy(self, name: str) -> Proxy | None:
         return self.config.proxies.get(name) if self.config else None
@@ -44,8 +47,28 @@ class Settings:
         loader.add_option(
             "tokengate_config", str, "quotas.yaml", "Path of the TokenGate quotas file."
         )
+        loader.add_option(
+            "tokengate_max_body",
+            str,
+            "32m",
+            "Largest request body TokenGate accepts on governed flows (e.g. 512k, 32m); larger "
+            "ones get 413 before they are read into the tokenizer.",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        if "stream_large_bodies" in updated:
+            self.gate.stream_request_bodies = bool(ctx.options.stream_large_bodies)
+        if "tokengate_max_body" in updated:
+            try:
+                size = human.parse_size(ctx.options.tokengate_max_body)
+            except ValueError:
+                size = None
+            if not size or size <= 0:
+                raise exceptions.OptionsError(
+                    f"tokengate_max_body: {ctx.options.tokengate_max_body!r} is not a size "
+                    "like 512k or 32m"
+                )
+            self.gate.max_body = size
         if "tokengate_config" not in updated:
             return
         try:

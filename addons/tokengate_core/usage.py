@@ -133,3 +133,47 @@ class StreamMeter:
             return Metered(self.reported, "reported")
         completion = tokens.count_text("".join(self._text), self.model)
         return Metered(Usage(self.prompt_estimate, completion), "estimated")
+
+
+class BoundedBuffer:
+    """Keeps the bytes of a body passing through, up to a bound; `passing` is the stream hook."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._data = bytearray()
+        self.bytes_seen = 0
+
+    @property
+    def overflowed(self) -> bool:
+        return self.bytes_seen > self.limit
+
+    @property
+    def data(self) -> bytes:
+        return b"" if self.overflowed else bytes(self._data)
+
+    def feed(self, chunk: bytes) -> None:
+        self.bytes_seen += len(chunk)
+        if not self.overflowed:
+            self._data += chunk
+
+    def passing(self, chunk: bytes) -> bytes:
+        self.feed(chunk)
+        return chunk
+
+
+class BodyMeter(BoundedBuffer):
+    """A JSON response that is streamed through (stream_large_bodies), metered whole at its end.
+
+    Beyond the bound the body is not kept and the completion cannot be counted: only the prompt
+    estimate is charged then (no JSON answer of that size carries a completion).
+    """
+
+    MAX_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, prompt_estimate: int, model: str | None) -> None:
+        super().__init__(self.MAX_BYTES)
+        self.prompt_estimate = prompt_estimate
+        self.model = model
+
+    def result(self) -> Metered:
+        return meter_json(self.data, self.prompt_estimate, self.model)

@@ -1,0 +1,24 @@
+"""The TokenGate addons in the order their hooks must run for each flow.
+
+requestheaders: route, authenticate (401), refuse oversized bodies (413), then swap credentials;
+request: reserve (429) before the swapped-in key is redacted from flows the gate answered.
+"""
+
+from __future__ import annotations
+
+from .admission import Authenticator, Router
+from .annotate import Annotator
+from .credentials import CredentialSwap
+from .metering import Metering
+from .settings import Gate, Settings
+
+
+def build(gate: Gate) -> list:
+    return [
+        Settings(gate),
+        Router(gate),
+        Authenticator(gate),
+        Metering(gate),
+        CredentialSwap(gate),
+        Annotator(),
+    ]

@@ -1,0 +1,157 @@
+"""End to end: streamed answers pass through, and are charged exactly once for what they cost."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from tokengate_core import tokens
+
+from tests.conftest import ALICE
+from tests.e2e import Gateway, write_quotas
+from tests.test_e2e_gateway import HELLO, call, proxy_yaml
+
+BUDGET = 100_000
+HELLO_PROMPT = 9  # what OpenAI (and the mock) bill for HELLO's prompt
+
+
+@pytest.fixture
+def gateway(tmp_path, fresh_mock):
+    config = write_quotas(tmp_path / "quotas.yaml", fresh_mock.url, proxy_yaml(count=BUDGET))
+    started = Gateway.start(config, f"reverse:{fresh_mock.url}")
+    yield started
+    started.stop()
+
+
+def charged_so_far(gateway: Gateway) -> int:
+    """What the window holds before this probe: the probe's own cost is taken back out."""
+    probe = call(gateway, ALICE, body={**HELLO, "max_tokens": 1})
+    assert probe.status_code == 200
+    return (
+        BUDGET - int(probe.headers["X-RateLimit-Remaining"]) - probe.json()["usage"]["total_tokens"]
+    )
+
+
+def streamed_text(payload: bytes) -> str:
+    text = []
+    for line in payload.decode().splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:]).get("choices", []):
+                text.append(choice.get("delta", {}).get("content") or "")
+    return "".join(text)
+
+
+def stream(gateway: Gateway, body: dict, mode: str = "normal", **headers) -> httpx.Response:
+    return httpx.stream(
+        "POST",
+        f"{gateway.url}/rate-limited-proxy/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {ALICE}", "X-Mock-Mode": mode, **headers},
+        timeout=30,
+    )
+
+
+def test_sdk_stream_with_usage_is_charged_what_the_provider_reported(gateway):
+    client = openai.OpenAI(
+        base_url=f"{gateway.url}/rate-limited-proxy", api_key=ALICE, max_retries=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            **HELLO, max_tokens=30, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert tokens.count_text(text, "gpt-4o-mini") == 30
+    assert chunks[-1].usage.total_tokens == HELLO_PROMPT + 30
+    assert charged_so_far(gateway) == HELLO_PROMPT + 30
+
+
+def test_responses_api_stream_is_charged_from_response_completed(gateway):
+    client = openai.OpenAI(
+        base_url=f"{gateway.url}/rate-limited-proxy", api_key=ALICE, max_retries=0
+    )
+    events = list(
+        client.responses.create(model="gpt-4o-mini", input="Hi", max_output_tokens=25, stream=True)
+    )
+    completed = [e for e in events if e.type == "response.completed"]
+    assert completed and completed[0].response.usage.output_tokens == 25
+    assert charged_so_far(gateway) == completed[0].response.usage.total_tokens
+
+
+def test_stream_cut_by_provider_is_charged_what_was_streamed(gateway):
+    with stream(gateway, {**HELLO, "stream": True, "max_tokens": 80}, "cut") as answer:
+        received = bytearray()
+        with pytest.raises(httpx.HTTPError):
+            for chunk in answer.iter_bytes():
+                received += chunk
+    text = streamed_text(bytes(received))
+    assert text  # some of it arrived before the cut
+    expected = HELLO_PROMPT + tokens.count_text(text, "gpt-4o-mini")
+    assert expected < HELLO_PROMPT + 80  # neither the reservation ...
+    assert charged_so_far(gateway) == expected  # ... nor 0: what was streamed
+
+
+def test_client_disconnect_mid_stream_is_charged_once_and_leaks_nothing(gateway):
+    body = {**HELLO, "stream": True, "max_tokens": 80}
+    with stream(gateway, body, "slow", **{"X-Mock-Delay": "0.3"}) as answer:
+        received = bytearray()
+        for chunk in answer.iter_bytes():  # leave once some text arrived, mid-generation
+            received += chunk
+            if streamed_text(bytes(received)):
+                break
+    seen = HELLO_PROMPT + tokens.count_text(streamed_text(bytes(received)), "gpt-4o-mini")
+    # The gate settles when mitmproxy reports the disconnect; each probe adds its own cost.
+    probe_cost = HELLO_PROMPT + 1
+    deadline = time.monotonic() + 10
+    probes = 0
+    while True:
+        charged = charged_so_far(gateway) - probes * probe_cost
+        probes += 1
+        if charged < HELLO_PROMPT + 80 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    # Charged for what streamed before the disconnect: more than nothing, less than the reserve.
+    assert seen <= charged < HELLO_PROMPT + 80
+
+
+def test_streamed_json_body_is_still_metered(tmp_path, fresh_mock):
+    config = write_quotas(tmp_path / "quotas.yaml", fresh_mock.url, proxy_yaml(count=BUDGET))
+    gateway = Gateway.start(config, f"reverse:{fresh_mock.url}", "--set", "stream_large_bodies=1")
+    try:
+        answer = call(gateway, ALICE, body={**HELLO, "max_tokens": 40})
+        assert answer.status_code == 200
+        assert answer.json()["usage"]["total_tokens"] == HELLO_PROMPT + 40
+        # Both bodies streamed: the gate decided at the request's headers (prompt unknown, the
+        # proxy's completion_reserve held) and its headers show that reservation.
+        reserve = 256
+        assert int(answer.headers["X-RateLimit-Remaining"]) == BUDGET - reserve
+        probe = call(gateway, ALICE, body={**HELLO, "max_tokens": 1})
+        # ... while the books settled the first call at what the provider reported.
+        assert int(probe.headers["X-RateLimit-Remaining"]) == BUDGET - (HELLO_PROMPT + 40) - reserve
+    finally:
+        gateway.stop()
+
+
+def test_oversized_body_is_refused_before_tokenizing(tmp_path, fresh_mock):
+    config = write_quotas(tmp_path / "quotas.yaml", fresh_mock.url, proxy_yaml(count=BUDGET))
+    gateway = Gateway.start(config, f"reverse:{fresh_mock.url}", "--set", "tokengate_max_body=2k")
+    try:
+        big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x " * 5000}]}
+        answer = call(gateway, ALICE, body=big)
+        assert answer.status_code == 413
+        assert answer.headers["X-TokenGate-Source"] == "gateway"
+        assert answer.json()["error"]["code"] == "request_too_large"
+        assert call(gateway, ALICE).status_code == 200
+        assert fresh_mock.stats()["requests"] == 1
+    finally:
+        gateway.stop()
+
+
+def test_upstream_invalid_json_is_charged_the_prompt_estimate(gateway):
+    answer = call(gateway, ALICE, **{"X-Mock-Mode": "invalid-json"})
+    assert answer.status_code == 200
+    assert answer.headers["X-Tokens-Consumed"] == str(HELLO_PROMPT)
+    assert charged_so_far(gateway) == HELLO_PROMPT
