@@ -12,7 +12,7 @@ so the same trace gives the same decisions everywhere.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .config import REQUESTS, Limit
@@ -118,16 +118,29 @@ def fits_at(limit: Limit, charges: Sequence[Charge], now: float, need: int) -> f
 def decide(
     windows: Sequence[tuple[Bucket, Sequence[Charge]]], demand: Demand, now: float
 ) -> Decision:
+    """`decide_on` for windows given as plain lists of charges."""
+    statuses = tuple(status_of(bucket.limit, charges, now) for bucket, charges in windows)
+    return decide_on(statuses, lambda index: windows[index][1], demand, now)
+
+
+def decide_on(
+    statuses: Sequence[LimitStatus],
+    charges_of: Callable[[int], Sequence[Charge]],
+    demand: Demand,
+    now: float,
+) -> Decision:
     """Admit `demand` only if every window has room for its minimum; reserve across all at once.
 
+    `statuses` are the windows now; `charges_of(i)` gives window i's live charges, and is only
+    asked for a refusing window (to tell when it will fit), so stores can keep running totals.
     The completion reserve is capped by what is left, so a small quota still admits requests.
     """
-    statuses = tuple(status_of(b.limit, charges, now) for b, charges in windows)
+    statuses = tuple(statuses)
     refusals = []
-    for (bucket, charges), status in zip(windows, statuses, strict=True):
-        need = demand.minimum(bucket.limit.dimension)
+    for index, status in enumerate(statuses):
+        need = demand.minimum(status.limit.dimension)
         if status.remaining < need:
-            refusals.append((fits_at(bucket.limit, charges, now, need), status))
+            refusals.append((fits_at(status.limit, charges_of(index), now, need), status))
     if refusals:
         never = [status for at, status in refusals if at is None]
         if never:

@@ -168,7 +168,7 @@ class Metering:
         if not (is_sse or flow.response.stream):
             return  # buffered: settled in `response`, with headers from the real usage
         # Headers leave before usage is known: they show the budget with this reservation.
-        flow.response.headers.update(flowstate.governed(flow)["headers"])
+        responses.put_headers(flow.response, flowstate.governed(flow)["headers"])
         # A JSON body can be streamed too (stream_large_bodies); it is metered whole at the end.
         meter_class = StreamMeter if is_sse else BodyMeter
         inflight.meter = meter_class(inflight.prompt_estimate, inflight.model)
@@ -211,8 +211,9 @@ class Metering:
     def _report(
         self, response: http.Response, statuses: tuple[LimitStatus, ...], metered: Metered
     ) -> None:
-        response.headers.update(responses.ratelimit_headers(statuses, self.gate.clock()))
-        response.headers["X-Tokens-Consumed"] = str(metered.usage.total)
+        headers = responses.ratelimit_headers(statuses, self.gate.clock())
+        headers["X-Tokens-Consumed"] = str(metered.usage.total)
+        responses.put_headers(response, headers)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         self._request_bodies.pop(flow.id, None)

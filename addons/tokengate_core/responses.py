@@ -70,6 +70,15 @@ def ratelimit_headers(
     return headers
 
 
+def put_headers(message: http.Message, headers: dict[str, str]) -> None:
+    """Set many headers at once, replacing same-named ones (Headers.update rescans per name)."""
+    names = {name.lower().encode() for name in headers}
+    kept = tuple(field for field in message.headers.fields if field[0].lower() not in names)
+    message.headers.fields = kept + tuple(
+        (name.encode(), value.encode()) for name, value in headers.items()
+    )
+
+
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
     payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return json.dumps(payload).encode()

@@ -6,56 +6,112 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from ..limiter import Bucket, Charge, Decision, Demand, LimitStatus, Usage, decide, live, status_of
+from ..config import Limit
+from ..limiter import Bucket, Charge, Decision, Demand, LimitStatus, Usage, decide_on
 from . import Reservation
 
 Clock = Callable[[], float]
 
 
+class Window:
+    """One bucket's live charges in stamp order, with running totals so a check is O(1).
+
+    Charges are keyed by reservation id; a dict keeps insertion order, which is stamp order
+    because stamps never go backwards (a clock that does is clamped to the last stamp).
+    """
+
+    __slots__ = ("charges", "last_stamp", "reserved", "used")
+
+    def __init__(self) -> None:
+        self.charges: dict[str, Charge] = {}
+        self.used = 0
+        self.reserved = 0
+        self.last_stamp = float("-inf")
+
+    def prune(self, seconds: int, now: float) -> None:
+        while self.charges:
+            oldest_id = next(iter(self.charges))
+            oldest = self.charges[oldest_id]
+            if oldest.stamp + seconds > now:
+                return
+            del self.charges[oldest_id]
+            self._count(oldest, -1)
+
+    def _count(self, charge: Charge, sign: int) -> None:
+        if charge.settled:
+            self.used += sign * charge.amount
+        else:
+            self.reserved += sign * charge.amount
+
+    def hold(self, reservation_id: str, charge: Charge) -> None:
+        self.charges[reservation_id] = charge
+        self.last_stamp = charge.stamp
+        self._count(charge, +1)
+
+    def settle(self, reservation_id: str, amount: int | None) -> None:
+        """Replace an unsettled charge by `amount`, or drop it when `amount` is None."""
+        held = self.charges.get(reservation_id)
+        if held is None or held.settled:
+            return
+        self._count(held, -1)
+        if amount is None:
+            del self.charges[reservation_id]
+        else:
+            settled = Charge(held.stamp, amount, settled=True)
+            self.charges[reservation_id] = settled
+            self._count(settled, +1)
+
+    def status(self, limit: Limit, now: float) -> LimitStatus:
+        reset_at = self.last_stamp + limit.seconds if self.charges else now
+        return LimitStatus(limit, self.used, self.reserved, reset_at)
+
+
 class MemoryStore:
-    """Windows as lists of charges keyed by bucket; idle buckets are dropped as they empty."""
+    """Windows keyed by bucket; a window that empties is dropped, so idle keys cost nothing."""
 
     def __init__(self, clock: Clock = time.time) -> None:
         self.clock = clock
-        self._windows: dict[str, dict[str, Charge]] = {}
+        self._windows: dict[str, Window] = {}
 
-    def _charges(self, bucket: Bucket, now: float) -> dict[str, Charge]:
-        """The bucket's live charges by reservation id, pruning the expired ones."""
-        charges = self._windows.get(bucket.key, {})
-        expired = [rid for rid, c in charges.items() if c.stamp + bucket.limit.seconds <= now]
-        for rid in expired:
-            del charges[rid]
-        return charges
+    def _window(self, bucket: Bucket, now: float) -> Window:
+        window = self._windows.get(bucket.key)
+        if window is None:
+            window = self._windows[bucket.key] = Window()
+        window.prune(bucket.limit.seconds, now)
+        return window
+
+    def _statuses(self, buckets: tuple[Bucket, ...], now: float) -> tuple[LimitStatus, ...]:
+        statuses = tuple(self._window(b, now).status(b.limit, now) for b in buckets)
+        for bucket in buckets:
+            if not self._windows[bucket.key].charges:
+                del self._windows[bucket.key]
+        return statuses
 
     async def reserve(
         self, reservation_id: str, buckets: tuple[Bucket, ...], demand: Demand
     ) -> tuple[Decision, Reservation | None]:
         now = self.clock()
-        windows = [(b, list(self._charges(b, now).values())) for b in buckets]
-        decision = decide(windows, demand, now)
+        windows = [self._window(b, now) for b in buckets]
+        stamp = max([now, *(w.last_stamp for w in windows)])
+        statuses = [w.status(b.limit, now) for w, b in zip(windows, buckets, strict=True)]
+        decision = decide_on(statuses, lambda i: list(windows[i].charges.values()), demand, now)
         if not decision.admitted:
+            self._statuses(buckets, now)  # drops the windows this look created
             return decision, None
         amounts = decision.reserved
-        for bucket in buckets:
-            charge = Charge(now, amounts.amount(bucket.limit.dimension), settled=False)
-            self._windows.setdefault(bucket.key, {})[reservation_id] = charge
+        for window, bucket in zip(windows, buckets, strict=True):
+            window.hold(
+                reservation_id, Charge(stamp, amounts.amount(bucket.limit.dimension), False)
+            )
         # Report the windows as they stand with this reservation held.
         decision = replace(decision, statuses=self._statuses(buckets, now))
-        return decision, Reservation(reservation_id, now, buckets, amounts)
+        return decision, Reservation(reservation_id, stamp, buckets, amounts)
 
     def _replace(self, reservation: Reservation, usage: Usage | None) -> tuple[LimitStatus, ...]:
         now = self.clock()
         for bucket in reservation.buckets:
-            charges = self._charges(bucket, now)
-            held = charges.get(reservation.id)
-            if held is not None and not held.settled:
-                if usage is None:
-                    del charges[reservation.id]
-                else:
-                    amount = usage.amount(bucket.limit.dimension)
-                    charges[reservation.id] = Charge(held.stamp, amount, settled=True)
-            if not charges:
-                self._windows.pop(bucket.key, None)
+            amount = None if usage is None else usage.amount(bucket.limit.dimension)
+            self._window(bucket, now).settle(reservation.id, amount)
         return self._statuses(reservation.buckets, now)
 
     async def settle(self, reservation: Reservation, usage: Usage) -> tuple[LimitStatus, ...]:
@@ -63,14 +119,6 @@ class MemoryStore:
 
     async def release(self, reservation: Reservation) -> tuple[LimitStatus, ...]:
         return self._replace(reservation, None)
-
-    def _statuses(self, buckets: tuple[Bucket, ...], now: float) -> tuple[LimitStatus, ...]:
-        return tuple(
-            status_of(
-                b.limit, live(self._windows.get(b.key, {}).values(), b.limit.seconds, now), now
-            )
-            for b in buckets
-        )
 
     async def status(self, buckets: tuple[Bucket, ...]) -> tuple[LimitStatus, ...]:
         return self._statuses(buckets, self.clock())
