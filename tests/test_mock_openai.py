@@ -5,7 +5,6 @@ The end-to-end tests trust its usage numbers and its misbehaviour modes, so thos
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import json
 import subprocess
@@ -16,11 +15,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from tokengate_core import tokens
+
+from tests.e2e import self_signed
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "mock_openai.py"
 KEY = "sk-provider"
@@ -302,36 +299,10 @@ def load_mock_module():
     return module
 
 
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 def test_in_process_with_tls(tmp_path):
-    cert_file, key_file = self_signed(tmp_path)
+    pem = self_signed(tmp_path)  # certificate and key in one file
     mock = load_mock_module()
-    server, thread = mock.serve(tls_cert=str(cert_file), tls_key=str(key_file), quiet=True)
+    server, thread = mock.serve(tls_cert=str(pem), quiet=True)
     try:
         assert server.url.startswith("https://127.0.0.1:")
         with httpx.Client(verify=False) as client:
