@@ -155,3 +155,21 @@ def test_upstream_invalid_json_is_charged_the_prompt_estimate(gateway):
     assert answer.status_code == 200
     assert answer.headers["X-Tokens-Consumed"] == str(HELLO_PROMPT)
     assert charged_so_far(gateway) == HELLO_PROMPT
+
+
+def test_caller_hanging_up_before_the_answer_keeps_the_reservation(gateway):
+    body = {**HELLO, "max_tokens": 30}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            f"{gateway.url}/rate-limited-proxy/chat/completions",
+            json=body,
+            headers={
+                "Authorization": f"Bearer {ALICE}",
+                "X-Mock-Mode": "slow",
+                "X-Mock-Delay": "3",
+            },
+            timeout=0.5,
+        )
+    time.sleep(0.5)  # mitmproxy notices the hang-up and the gate settles the error
+    # The provider was already working on it: the reservation (9 + 30) is charged, not released.
+    assert charged_so_far(gateway) == HELLO_PROMPT + 30

@@ -222,12 +222,23 @@ class Metering:
             return
         state = flowstate.governed(flow)
         meter = inflight.meter
-        if meter is None or meter.bytes_seen == 0:
-            # Nothing reached the caller: the request cost nothing we can see.
+        if meter is not None and meter.bytes_seen:
+            metered = meter.result()  # cut short: what was streamed
+        elif _caller_hung_up(flow) and flow.server_conn.timestamp_start is not None:
+            # The provider got the request and may be billing for it: hanging up must not
+            # make a request free, so the caller keeps what was reserved.
+            metered = Metered(inflight.reservation.amounts, "estimated")
+        else:
+            # The provider failed before answering anything: nothing to charge.
             await self.gate.store.release(inflight.reservation)
             state["usage"] = None
             return
-        metered = meter.result()
         await self.gate.store.settle(inflight.reservation, metered.usage)
         state["usage"] = _usage_record(metered)
         log.info("tokengate: flow %s cut short; charged %s tokens", flow.id, metered.usage.total)
+
+
+def _caller_hung_up(flow: http.HTTPFlow) -> bool:
+    """mitmproxy's words for a client that went away (HTTP/1 and HTTP/2)."""
+    message = flow.error.msg if flow.error else ""
+    return message.startswith(("Client disconnected", "stream reset by client"))
