@@ -1,9 +1,10 @@
 """Reserve before forwarding, settle on the real usage afterwards: the token books of the gate.
 
-Each admitted flow holds one reservation from `request` until it settles once (response), is
-released (the provider answered an error, or the request never got an answer), or is charged
-for what was streamed (a stream cut short). The flow id keys the reservation, so a second
-settlement of the same flow finds nothing and charges nothing.
+Each admitted flow holds one reservation from admission until it settles once: on the response
+(real usage), on a stream cut short (what was streamed), on a caller hanging up after the
+provider got the request (what was reserved), or is released when the provider answered an error
+or nothing at all. The flow id keys the reservation, so a second settlement of the same flow
+finds nothing and charges nothing.
 """
 
 from __future__ import annotations
