@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
 import time
 
 import httpx
 import openai
 import pytest
+from mitmproxy import io
 
 from tests.conftest import ALICE, BOB, key_entries
-from tests.e2e import PROVIDER_KEY, Gateway, write_quotas
+from tests.e2e import MITMDUMP, PROVIDER_KEY, ROOT, Gateway, write_quotas
 
 HELLO = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
 
@@ -356,3 +359,24 @@ def test_reset_header_is_epoch_seconds_rounded_up(gateway_factory):
     reset = int(refused.headers["X-RateLimit-Reset"])
     wait_ms = int(refused.headers["retry-after-ms"])
     assert reset >= math.floor(time.time() + wait_ms / 1000 - 1)
+
+
+def test_loading_saved_flows_leaves_them_as_they_were(gateway_factory, tmp_path):
+    saved = tmp_path / "saved.flows"
+    gateway = gateway_factory(None, "-w", str(saved))
+    statuses = [call(gateway, ALICE).status_code, call(gateway, ALICE).status_code]
+    statuses.append(call(gateway, None).status_code)
+    assert statuses == [200, 429, 401]
+    gateway.stop()
+    # The saved flows carry the gate's notes; reading them back with the addon loaded must not
+    # make it act on them again (no 401 for a flow whose key was stripped, no new charges).
+    rewritten = tmp_path / "rewritten.flows"
+    subprocess.run(
+        [str(MITMDUMP), "-nr", str(saved), "-w", str(rewritten), "-s", "addons/tokengate.py",
+         "--set", f"tokengate_config={tmp_path / 'quotas.yaml'}"],
+        cwd=ROOT, env={**os.environ, "TOKENGATE_TEST_PROVIDER_KEY": PROVIDER_KEY},
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    with rewritten.open("rb") as handle:
+        flows = list(io.FlowReader(handle).stream())
+    assert [flow.response.status_code for flow in flows] == statuses

@@ -17,6 +17,9 @@ class Router:
         self.gate = gate
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # A flow loaded from a file may carry the notes of the run that saved it; they must not
+        # make the addons act on it now.
+        flow.metadata.pop(flowstate.META, None)
         # Flows loaded from a file or replayed by the server already carry a response.
         if self.gate.config is None or flow.response is not None or not flow.live:
             return
