@@ -58,6 +58,14 @@ def call(gateway: Gateway, key: str | None, body=HELLO, path="/chat/completions"
     )
 
 
+def charged_so_far(gateway: Gateway, budget: int) -> int:
+    """What alice's window holds before this probe: the probe's own cost is taken back out."""
+    probe = call(gateway, ALICE, body={**HELLO, "max_tokens": 1})
+    assert probe.status_code == 200
+    own = probe.json()["usage"]["total_tokens"]
+    return budget - int(probe.headers["X-RateLimit-Remaining"]) - own
+
+
 def test_reference_walkthrough(gateway_factory, fresh_mock):
     gateway = gateway_factory()
     first = call(gateway, ALICE)
@@ -156,11 +164,15 @@ def test_openai_sdk_sync_and_async(gateway_factory, fresh_mock):
 
     asyncio.run(use_async())
 
+    # G3 across all four endpoints: the window holds exactly what the provider reported.
+    served = fresh_mock.stats()["tokens_served"]["total"]
+    assert charged_so_far(gateway, budget=1000) == served
+
     bad = openai.OpenAI(base_url=f"{gateway.url}/rate-limited-proxy", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as raised:
         bad.chat.completions.create(**HELLO)
     assert "Incorrect API key" in str(raised.value)
-    assert fresh_mock.stats()["requests"] == 4
+    assert fresh_mock.stats()["requests"] == 5  # four calls and the probe
 
 
 def test_openai_sdk_rate_limit_error_and_retry_wait(gateway_factory):
@@ -203,10 +215,17 @@ def test_unreachable_provider_still_gets_401_429_and_releases(tmp_path, fresh_mo
     gateway = Gateway.start(config, "reverse:http://127.0.0.1:9")
     try:
         assert call(gateway, None).status_code == 401
-        down = call(gateway, ALICE, body={**HELLO, "max_tokens": 900})
-        assert down.status_code == 502
-        # The failed call released its reservation: 900 would not fit twice otherwise.
-        assert call(gateway, ALICE, body={**HELLO, "max_tokens": 900}).status_code == 502
+        too_big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "word " * 1200}]}
+        refused = call(gateway, ALICE, body=too_big)
+        assert refused.status_code == 429  # the prompt alone exceeds the 1000-token limit
+        assert refused.headers["x-should-retry"] == "false"
+        assert "Request too large" in refused.json()["error"]["message"]
+        # ~600 prompt tokens: a leaked reservation would leave no room for the second one.
+        big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "word " * 590}]}
+        for _ in range(3):
+            down = call(gateway, ALICE, body=big)
+            assert down.status_code == 502
+            assert "X-TokenGate-Source" not in down.headers  # mitmproxy's own answer
     finally:
         gateway.stop()
 
@@ -380,3 +399,26 @@ def test_loading_saved_flows_leaves_them_as_they_were(gateway_factory, tmp_path)
     with rewritten.open("rb") as handle:
         flows = list(io.FlowReader(handle).stream())
     assert [flow.response.status_code for flow in flows] == statuses
+
+
+def test_shipped_quotas_file_reproduces_the_reference(tmp_path, fresh_mock):
+    """The repository's own quotas.yaml, only pointed at this run's mock port."""
+    shipped = (ROOT / "quotas.yaml").read_text()
+    assert "http://127.0.0.1:4010/v1" in shipped
+    config = tmp_path / "quotas.yaml"
+    config.write_text(shipped.replace("http://127.0.0.1:4010", fresh_mock.url))
+    gateway = Gateway.start(
+        config,
+        f"reverse:{fresh_mock.url}",
+        env={"TOKENGATE_MOCK_PROVIDER_KEY": PROVIDER_KEY},
+    )
+    try:
+        demo_key = "tg-demo-key-for-the-bundled-mock-only"  # what scripts/demo.sh prints
+        first = call(gateway, demo_key)
+        assert first.status_code == 200 and "X-RateLimit-Remaining" in first.headers
+        second = call(gateway, demo_key)
+        assert second.status_code == 429 and int(second.headers["X-RateLimit-Reset"]) > time.time()
+        assert call(gateway, None).status_code == 401
+        assert fresh_mock.stats()["requests"] == 1
+    finally:
+        gateway.stop()

@@ -13,6 +13,7 @@ from tokengate_core import tokens
 from tests.conftest import ALICE
 from tests.e2e import Gateway, write_quotas
 from tests.test_e2e_gateway import HELLO, call, proxy_yaml
+from tests.test_e2e_gateway import charged_so_far as charged_before_probe
 
 BUDGET = 100_000
 HELLO_PROMPT = 9  # what OpenAI (and the mock) bill for HELLO's prompt
@@ -27,12 +28,7 @@ def gateway(tmp_path, fresh_mock):
 
 
 def charged_so_far(gateway: Gateway) -> int:
-    """What the window holds before this probe: the probe's own cost is taken back out."""
-    probe = call(gateway, ALICE, body={**HELLO, "max_tokens": 1})
-    assert probe.status_code == 200
-    return (
-        BUDGET - int(probe.headers["X-RateLimit-Remaining"]) - probe.json()["usage"]["total_tokens"]
-    )
+    return charged_before_probe(gateway, BUDGET)
 
 
 def streamed_text(payload: bytes) -> str:
