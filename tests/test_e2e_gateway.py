@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import math
 import os
@@ -422,3 +423,26 @@ def test_shipped_quotas_file_reproduces_the_reference(tmp_path, fresh_mock):
         assert fresh_mock.stats()["requests"] == 1
     finally:
         gateway.stop()
+
+
+def test_only_metered_endpoints_and_the_model_list_are_served(gateway_factory, fresh_mock):
+    gateway = gateway_factory()
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    models = httpx.get(f"{gateway.url}/rate-limited-proxy/models", headers=auth, timeout=30)
+    assert models.headers.get("x-mock-provider") == "1"  # forwarded (the mock has no list)
+    assert fresh_mock.stats()["requests"] == 1
+    for method, path in [
+        ("POST", "/files"),
+        ("DELETE", "/models/ft-mine"),
+        ("POST", "/embeddings/../chat/completions"),
+    ]:
+        # http.client sends the path as written (httpx would resolve the dot segments itself)
+        connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        connection.request(method, f"/rate-limited-proxy{path}", body=b"{}", headers=auth)
+        refused = connection.getresponse()
+        assert refused.status == 403, path
+        assert refused.getheader("X-TokenGate-Source") == "gateway"
+        assert json.loads(refused.read())["error"]["code"] == "endpoint_not_allowed"
+        connection.close()
+    assert httpx.post(f"{gateway.url}/rate-limited-proxy/files").status_code == 401
+    assert fresh_mock.stats()["requests"] == 1

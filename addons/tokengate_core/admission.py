@@ -1,4 +1,4 @@
-"""Which flows the gate governs, and who is calling: routing and caller authentication."""
+"""Which flows the gate governs, who is calling, and what they may do with the provider's key."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class Router:
             "candidates": [proxy.name for proxy in found.candidates],
             "upstream_path": found.upstream_path,
             "endpoint": found.endpoint,
+            "allowed": found.allowed,
         }
 
 
@@ -61,3 +62,27 @@ class Authenticator:
                 state["key"] = key.name
                 return
         flowstate.answer(flow, responses.unauthorized("Incorrect API key provided."))
+
+
+class EndpointPolicy:
+    """403 from the gate for governed paths that are neither metered nor read-only.
+
+    Callers hold a gate key, not the provider's: they may generate (metered) and list models,
+    not use the provider account for anything the gate cannot meter.
+    """
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        state = flowstate.governed(flow)
+        if state is None or flowstate.answered_by_gate(flow) or state["allowed"]:
+            return
+        flowstate.answer(
+            flow,
+            responses.gate_response(
+                403,
+                f"{flow.request.method} {flow.request.path} is not available through this "
+                "gateway: it serves the chat/completions, completions, embeddings and responses "
+                "endpoints and the model list.",
+                "invalid_request_error",
+                "endpoint_not_allowed",
+            ),
+        )

@@ -8,14 +8,19 @@ connection, not from the spoofable Host header. Everything else is not ours and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from .config import Config, Proxy
 
-# Endpoints whose responses report token usage; other governed paths are forwarded unmetered.
+# Endpoints whose responses report token usage (POST).
 METERED_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
+# What else a caller may do with the provider's key: read the model list. Everything else
+# (files, batches, fine-tunes, images, audio, realtime, deletes) would spend or expose the
+# provider account without being metered, so the gate refuses it.
+READ_ONLY_ENDPOINTS = ("models",)
 
 
 @dataclass(frozen=True)
@@ -23,19 +28,25 @@ class Route:
     candidates: tuple[Proxy, ...]  # one in reverse mode; in regular mode the caller's key decides
     upstream_path: str | None  # reverse mode: path and query to append to the provider's base URL
     endpoint: str | None  # a METERED_ENDPOINTS entry when the request is metered
+    allowed: bool  # metered, or a read-only endpoint; anything else is refused by the gate
 
 
-def _endpoint(method: str, upstream_path: str) -> str | None:
-    path = upstream_path.split("?", 1)[0].strip("/")
-    if path.startswith("v1/"):
-        path = path[3:]
-    return path if method == "POST" and path in METERED_ENDPOINTS else None
+def _classify(method: str, path: str) -> tuple[str | None, bool]:
+    """(metered endpoint, allowed) for a path below the provider's base (an optional /v1)."""
+    segments = [unquote(part) for part in path.split("?", 1)[0].split("/") if part]
+    if any(part in (".", "..") or "/" in part for part in segments):
+        return None, False  # the provider would resolve it to a path we did not check
+    if segments[:1] == ["v1"]:
+        segments = segments[1:]
+    name = "/".join(segments)
+    if method == "POST" and name in METERED_ENDPOINTS:
+        return name, True
+    read_only = bool(segments) and segments[0] in READ_ONLY_ENDPOINTS and len(segments) <= 2
+    return None, method == "GET" and read_only
 
 
 def _below(prefix: str, path: str) -> str | None:
     """The rest of `path` below `prefix`, or None when `path` is not under it."""
-    if not prefix:
-        return path
     if path == prefix or path.startswith((prefix + "/", prefix + "?")):
         return path[len(prefix) :] or "/"
     return None
@@ -47,13 +58,13 @@ def route(config: Config, request: http.Request, reverse_mode: bool) -> Route | 
             rest = _below(proxy.context, request.path)
             if rest is not None:
                 rest = rest if rest.startswith("/") else "/" + rest
-                return Route((proxy,), rest, _endpoint(request.method, rest))
+                return Route((proxy,), rest, *_classify(request.method, rest))
         return None
     host = request.host.lower()
     candidates = tuple(p for p in config.proxies.values() if host in p.provider.hosts)
     if not candidates:
         return None
-    return Route(candidates, None, _endpoint(request.method, request.path))
+    return Route(candidates, None, *_classify(request.method, request.path))
 
 
 def is_reverse(flow: http.HTTPFlow) -> bool:
