@@ -6,7 +6,7 @@ the ratios show what the addon adds, not what mitmproxy costs. Targets take turn
 machine noise hits them alike; each round starts fresh mitmdumps (which also times their
 startup), and every figure is the median over rounds. Everything stays on 127.0.0.1.
 
-    .venv/bin/python scripts/bench_latency.py [--requests 300] [--rounds 3] [--json]
+    .venv/bin/python -m scripts.bench_latency [--requests 300] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -15,16 +15,12 @@ import argparse
 import json
 import math
 import os
-import re
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -32,9 +28,9 @@ from pathlib import Path
 import httpx
 from tokengate_core.keys import hash_key
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts.children import ROOT, Child
+
 MITMDUMP = shutil.which("mitmdump", path=str(Path(sys.executable).parent)) or "mitmdump"
-LISTENING = re.compile(r"listening at \S*:(\d+)")
 BODY = {
     "model": "gpt-4o-mini",
     "messages": [{"role": "user", "content": "Hello!"}],
@@ -56,53 +52,14 @@ class OutOfTime(Exception):
     """The overall budget ran out: stop measuring and report what was collected."""
 
 
-class Child:
-    """A child process whose output a thread drains: a full pipe would stall it mid-benchmark."""
-
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.tail: deque[str] = deque(maxlen=40)
-        self.port: int | None = None
-        self.startup: float | None = None  # seconds from spawn to its "listening at" line
-        self._ready = threading.Event()
-        spawned = time.perf_counter()
-        self.popen = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._drain, args=(spawned,), daemon=True).start()
-
-    def _drain(self, spawned: float) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.tail.append(line)
-            if self.port is None and (match := LISTENING.search(line)):
-                self.startup = time.perf_counter() - spawned
-                self.port = int(match.group(1))
-                self._ready.set()
-        self._ready.set()  # exited without listening: let the waiter fail now
-
-    def url(self, deadline: float) -> str:
-        """Its base URL once it listens; OutOfTime if the budget ends first."""
-        self._ready.wait(max(0.0, min(STARTUP_TIMEOUT, deadline - time.monotonic())))
-        if self.port is not None:
-            return f"http://127.0.0.1:{self.port}"
-        if time.monotonic() >= deadline:
-            raise OutOfTime
-        raise RuntimeError(f"{self.popen.args[0]} did not start:\n{''.join(self.tail)}")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+def url_of(child: Child, deadline: float) -> str:
+    """The child's base URL once it listens; OutOfTime if the budget ends first."""
+    match = child.wait_ready(max(0.0, min(STARTUP_TIMEOUT, deadline - time.monotonic())))
+    if match is not None:
+        return f"http://127.0.0.1:{match.group(1)}"
+    if time.monotonic() >= deadline:
+        raise OutOfTime
+    raise RuntimeError(f"{child.popen.args[0]} did not start:\n{''.join(child.lines[-40:])}")
 
 
 @dataclass
@@ -154,7 +111,7 @@ def run_round(
     try:
         # One after the other, so neither startup competes with the other for the CPU.
         children["mitmdump"] = mitmdump(mock_url)
-        plain_url = children["mitmdump"].url(deadline)
+        plain_url = url_of(children["mitmdump"], deadline)
         gated_env = {**os.environ, PROVIDER_ENV: provider_key}
         children["tokengate"] = mitmdump(
             mock_url,
@@ -162,7 +119,7 @@ def run_round(
             "--set", f"tokengate_config={config}",
             env=gated_env,
         )  # fmt: skip
-        gated_url = children["tokengate"].url(deadline)
+        gated_url = url_of(children["tokengate"], deadline)
         result.startup = {name: child.startup for name, child in children.items()}
 
         routes = {
@@ -309,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     mock = Child([*MOCK, "--expect-key", provider_key])
     try:
         with tempfile.TemporaryDirectory(prefix="bench-tokengate-") as tmp:
-            mock_url = mock.url(deadline)
+            mock_url = url_of(mock, deadline)
             config = write_quotas(Path(tmp) / "quotas.yaml", mock_url, caller_key)
             keys = (provider_key, caller_key)
             for _ in range(args.rounds):

@@ -7,12 +7,10 @@ import ipaddress
 import json
 import os
 import re
-import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -20,60 +18,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts.children import ROOT, Child
+
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 PROVIDER_KEY = "sk-provider-secret-0123456789"
 STARTUP_SECONDS = 30
-
-
-@dataclass
-class Process:
-    """A child process whose output is drained in the background (a full pipe would block it)."""
-
-    popen: subprocess.Popen
-    lines: list[str] = field(default_factory=list)
-    _ready: threading.Event = field(default_factory=threading.Event)
-
-    @classmethod
-    def start(cls, argv: list[str], env: dict[str, str], ready: re.Pattern[str]) -> tuple:
-        popen = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        process = cls(popen)
-        found: list[re.Match[str]] = []
-
-        def drain() -> None:
-            assert popen.stdout is not None
-            for line in popen.stdout:
-                process.lines.append(line)
-                if not found and (match := ready.search(line)):
-                    found.append(match)
-                    process._ready.set()
-            process._ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        process._ready.wait(STARTUP_SECONDS)
-        return process, (found[0] if found else None)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> int:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        return self.popen.returncode
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -84,14 +33,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class Mock:
-    process: Process
+    process: Child
     url: str  # http(s)://127.0.0.1:PORT
 
     @classmethod
     def start(cls, *args: str) -> Mock:
         argv = [sys.executable, "scripts/mock_openai.py", "--port", "0", "--quiet"]
         argv += ["--expect-key", PROVIDER_KEY, *args]
-        process, match = Process.start(argv, _env(), re.compile(r"listening at (\S+)"))
+        process = Child(argv, _env(), ready=re.compile(r"listening at (\S+)"))
+        match = process.wait_ready(STARTUP_SECONDS)
         if match is None:
             process.stop()
             raise RuntimeError(f"mock did not start:\n{process.output}")
@@ -120,7 +70,7 @@ def _insecure():
 
 @dataclass
 class Gateway:
-    process: Process
+    process: Child
     port: int
 
     @property
@@ -147,11 +97,8 @@ class Gateway:
             "-s", str(ROOT / "addons" / "tokengate.py"),
             *args,
         ]  # fmt: skip
-        process, match = Process.start(
-            argv,
-            _env(TOKENGATE_TEST_PROVIDER_KEY=PROVIDER_KEY, **(env or {})),
-            re.compile(r"listening at (?:\*|127\.0\.0\.1|\[::\]|[\d.]+):(\d+)"),
-        )
+        process = Child(argv, _env(TOKENGATE_TEST_PROVIDER_KEY=PROVIDER_KEY, **(env or {})))
+        match = process.wait_ready(STARTUP_SECONDS)
         if expect_failure:
             process.popen.wait(STARTUP_SECONDS)
             return cls(process, 0)

@@ -15,7 +15,7 @@ RATIOS = ("latency_ratio", "throughput_ratio", "added_p50_ms")
 def test_tiny_run_reports_every_target():
     tiny = ["--requests", "20", "--rounds", "1", "--max-seconds", "25", "--json"]
     run = subprocess.run(
-        [sys.executable, "scripts/bench_latency.py", *tiny],
+        [sys.executable, "-m", "scripts.bench_latency", *tiny],
         cwd=ROOT,
         capture_output=True,
         text=True,

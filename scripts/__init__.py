@@ -1,0 +1,1 @@
+"""TokenGate's scripts; also importable (`scripts.children`) by the tests and benchmarks."""
