@@ -11,7 +11,7 @@ import pytest
 from tokengate_core import tokens
 
 from tests.conftest import ALICE
-from tests.e2e import Gateway, write_quotas
+from tests.e2e import Gateway, wait_until, write_quotas
 from tests.test_e2e_gateway import HELLO, call, proxy_yaml
 from tests.test_e2e_gateway import charged_so_far as charged_before_probe
 
@@ -166,6 +166,8 @@ def test_caller_hanging_up_before_the_answer_keeps_the_reservation(gateway):
             },
             timeout=0.5,
         )
-    time.sleep(0.5)  # mitmproxy notices the hang-up and the gate settles the error
+    # Wait for the gate to settle the hang-up (until then the reservation would show the same).
+    settled = f"charged {HELLO_PROMPT + 30} tokens"
+    assert wait_until(lambda: settled in gateway.process.output, timeout=10)
     # The provider was already working on it: the reservation (9 + 30) is charged, not released.
     assert charged_so_far(gateway) == HELLO_PROMPT + 30
