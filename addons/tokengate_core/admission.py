@@ -77,12 +77,11 @@ class EndpointPolicy:
             return
         flowstate.answer(
             flow,
-            responses.gate_response(
+            responses.invalid_request(
                 403,
                 f"{flow.request.method} {flow.request.path} is not available through this "
                 "gateway: it serves the chat/completions, completions, embeddings and responses "
                 "endpoints and the model list.",
-                "invalid_request_error",
                 "endpoint_not_allowed",
             ),
         )

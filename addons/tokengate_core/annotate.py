@@ -14,7 +14,7 @@ class Annotator:
         state = flowstate.governed(flow)
         if state is None or flow.response is None:
             return
-        who = f"{state.get('proxy', '?')}/{state.get('key', '?')}"
+        who = _caller(state)
         answered = state.get("answered_by_gate")
         if answered:
             flow.marked = MARKERS.get(answered, ":warning:")
@@ -36,7 +36,8 @@ class Annotator:
         if state is not None:
             usage = state.get("usage")
             charged = usage["total_tokens"] if usage else 0
-            flow.comment = (
-                f"tokengate: {state.get('proxy', '?')}/{state.get('key', '?')} "
-                f"error, charged {charged} tokens"
-            )
+            flow.comment = f"tokengate: {_caller(state)} error, charged {charged} tokens"
+
+
+def _caller(state: dict) -> str:
+    return f"{state.get('proxy', '?')}/{state.get('key', '?')}"

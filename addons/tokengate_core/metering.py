@@ -26,7 +26,6 @@ from .usage import BodyMeter, BoundedBuffer, Metered, StreamMeter, meter_json
 log = logging.getLogger("tokengate")
 
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-TOO_LARGE = "Request body too large for this gateway: the limit is {} bytes."
 BAD_JSON = "We could not parse the JSON body of your request: expected a JSON object."
 # Prompts longer than this are tokenized off the event loop, so other flows keep moving.
 INLINE_TOKENIZE_BYTES = 20_000
@@ -37,6 +36,7 @@ class InFlight:
     reservation: Reservation
     model: str | None
     prompt_estimate: int
+    statuses: tuple[LimitStatus, ...]  # the windows with this reservation held
     meter: StreamMeter | BodyMeter | None = None
 
 
@@ -90,7 +90,7 @@ class Metering:
             return
         declared = flow.request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.gate.max_body:
-            self._answer_error(flow, 413, TOO_LARGE.format(self.gate.max_body), "request_too_large")
+            flowstate.answer(flow, responses.too_large(self.gate.max_body))
             return
         proxy = self.gate.proxy(state["proxy"])
         if state["endpoint"] is None or proxy is None:
@@ -119,13 +119,13 @@ class Metering:
         streamed = self._request_bodies.pop(flow.id, None)
         raw = streamed.data if streamed else flow.request.get_content(strict=False) or b""
         if streamed is None and len(raw) > self.gate.max_body:  # chunked, no content-length
-            self._answer_error(flow, 413, TOO_LARGE.format(self.gate.max_body), "request_too_large")
+            flowstate.answer(flow, responses.too_large(self.gate.max_body))
             return
         body = _json_object(raw)
         inflight = self._inflight.get(flow.id)
         if body is None:
             if inflight is None:  # not sent yet: refuse it rather than guess its cost
-                self._answer_error(flow, 400, BAD_JSON, None)
+                flowstate.answer(flow, responses.invalid_request(400, BAD_JSON, None))
             return
         endpoint = state["endpoint"]
         model = body.get("model") if isinstance(body.get("model"), str) else None
@@ -143,23 +143,18 @@ class Metering:
         if not buckets:
             return
         decision, reservation = await self.gate.store.reserve(flow.id, buckets, demand)
-        now = self.gate.clock()
         if reservation is None:
-            flowstate.answer(flow, responses.rate_limited(decision, now, proxy.name, demand.prompt))
+            refusal = responses.rate_limited(decision, self.gate.clock(), proxy.name, demand.prompt)
+            flowstate.answer(flow, refusal)
             state["refused_by"] = decision.blocking.limit.name if decision.blocking else None
             return
-        self._inflight[flow.id] = InFlight(reservation, state.get("model"), demand.prompt)
+        self._inflight[flow.id] = InFlight(
+            reservation, state.get("model"), demand.prompt, decision.statuses
+        )
         state["reserved"] = {
             "prompt_tokens": reservation.amounts.prompt,
             "completion_tokens": reservation.amounts.completion,
         }
-        state["headers"] = responses.ratelimit_headers(decision.statuses, now)
-
-    @staticmethod
-    def _answer_error(flow: http.HTTPFlow, status: int, message: str, code: str | None) -> None:
-        flowstate.answer(
-            flow, responses.gate_response(status, message, "invalid_request_error", code)
-        )
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         inflight = self._inflight.get(flow.id)
@@ -169,7 +164,8 @@ class Metering:
         if not (is_sse or flow.response.stream):
             return  # buffered: settled in `response`, with headers from the real usage
         # Headers leave before usage is known: they show the budget with this reservation.
-        responses.put_headers(flow.response, flowstate.governed(flow)["headers"])
+        headers = responses.ratelimit_headers(inflight.statuses, self.gate.clock())
+        responses.put_headers(flow.response, headers)
         # A JSON body can be streamed too (stream_large_bodies); it is metered whole at the end.
         meter_class = StreamMeter if is_sse else BodyMeter
         inflight.meter = meter_class(inflight.prompt_estimate, inflight.model)

@@ -92,13 +92,24 @@ def gate_response(
     return http.Response.make(status, error_body(message, type_, code), all_headers)
 
 
+def invalid_request(
+    status: int, message: str, code: str | None, headers: dict[str, str] | None = None
+) -> http.Response:
+    """A refusal of the request itself (not of the budget): 400, 401, 403, 413."""
+    return gate_response(status, message, "invalid_request_error", code, headers)
+
+
 def unauthorized(reason: str) -> http.Response:
-    return gate_response(
-        401,
-        reason,
-        "invalid_request_error",
-        "invalid_api_key",
-        {"WWW-Authenticate": 'Bearer realm="tokengate"'},
+    return invalid_request(
+        401, reason, "invalid_api_key", {"WWW-Authenticate": 'Bearer realm="tokengate"'}
+    )
+
+
+def too_large(limit: int) -> http.Response:
+    return invalid_request(
+        413,
+        f"Request body too large for this gateway: the limit is {limit} bytes.",
+        "request_too_large",
     )
 
 
