@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from ..limiter import Bucket, Decision, Demand, LimitStatus, Usage
@@ -16,6 +18,15 @@ class Reservation:
     stamp: float
     buckets: tuple[Bucket, ...]
     amounts: Usage
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """The `store:` entry of quotas.yaml: which store, and where."""
+
+    kind: str  # memory | sqlite | redis
+    path: Path | None = None  # sqlite: the database file
+    url: str | None = field(default=None, repr=False)  # redis: may carry a password
 
 
 class StoreUnavailable(RuntimeError):
@@ -38,3 +49,20 @@ class Store(Protocol):
         """The windows as they stand now, without changing them."""
 
     async def close(self) -> None: ...
+
+
+def open_store(spec: StoreSpec, clock: Callable[[], float]) -> Store:
+    """The store a spec names; `clock` is the gate's (Redis decides on its server's clock)."""
+    if spec.kind == "memory":
+        from .memory import MemoryStore
+
+        return MemoryStore(clock)
+    if spec.kind == "sqlite":
+        from .sqlite import SqliteStore
+
+        return SqliteStore(spec.path, clock)
+    if spec.kind == "redis":
+        from .redis import RedisStore
+
+        return RedisStore(spec.url)
+    raise ValueError(f"unknown store kind {spec.kind!r}")
