@@ -8,6 +8,7 @@ import pytest
 from tokengate_core.config import (
     DEFAULT_COMPLETION_RESERVE,
     Limit,
+    StoreSpec,
     load_config,
     parse_duration,
 )
@@ -246,6 +247,34 @@ BROKEN = {
         replaced("        - count: 50\n", "        - count: 2.5  # HERE\n"),
         "count must be a whole number >= 1",
     ),
+    "unknown fail mode": (
+        replaced("    scope: key\n", "    scope: key\n    fail: sometimes  # HERE\n"),
+        "fail must be one of closed, open",
+    ),
+    "unknown store kind": (
+        VALID + "store: {kind: postgres}  # HERE\n",
+        "kind must be one of sqlite, memory, redis",
+    ),
+    "store without kind": (
+        VALID + "store: {path: x.db}  # HERE\n",
+        "store needs 'kind'",
+    ),
+    "redis store without url": (
+        VALID + "store: {kind: redis}  # HERE\n",
+        "needs exactly one of url, url_env",
+    ),
+    "redis store with a non-redis url": (
+        VALID + "store: {kind: redis, url: 'http://127.0.0.1:6379'}  # HERE\n",
+        "must start with redis://",
+    ),
+    "path on a redis store": (
+        VALID + "store:\n  kind: redis\n  url: redis://127.0.0.1\n  path: x.db  # HERE\n",
+        "path does not apply to redis",
+    ),
+    "bad reservation_timeout": (
+        VALID + "store:\n  kind: memory\n  reservation_timeout: soon  # HERE\n",
+        "bad duration",
+    ),
     "negative completion_reserve": (
         replaced("    completion_reserve: 64\n", "    completion_reserve: -1  # HERE\n"),
         "completion_reserve must be a whole number >= 0",
@@ -458,3 +487,46 @@ def test_same_key_hash_twice_in_one_proxy(setup: Path) -> None:
         f'      copy-key: {{sha256: "{DEMO_HASH}"}}  # HERE\n',
     )
     expect_error(write(setup, text), marked_line(text), "same secret as key 'test-key'")
+
+
+# --- the store entry -------------------------------------------------------------------------
+
+
+def test_store_defaults_to_sqlite_beside_the_quotas_file(setup: Path) -> None:
+    config = load_config(write(setup, VALID))
+    assert config.store == StoreSpec("sqlite", path=setup / ".state" / "tokengate.sqlite3")
+    assert config.store.reservation_timeout == 600
+    assert all(proxy.fail == "closed" for proxy in config.proxies.values())
+    assert config.summary().endswith("; store sqlite")
+
+
+def test_store_entries(setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = load_config(write(setup, VALID + "store: {kind: memory, reservation_timeout: 2m}\n"))
+    assert memory.store == StoreSpec("memory", reservation_timeout=120)
+    sqlite = load_config(write(setup, VALID + "store: {kind: sqlite, path: /tmp/x/u.db}\n"))
+    assert sqlite.store.path == Path("/tmp/x/u.db")
+    relative = load_config(write(setup, VALID + "store: {kind: sqlite, path: db/u.db}\n"))
+    assert relative.store.path == setup / "db" / "u.db"
+    url = "rediss://:s3cret@127.0.0.1:6380/2"
+    redis = load_config(write(setup, VALID + f"store: {{kind: redis, url: '{url}'}}\n"))
+    assert redis.store.url == url
+    assert "s3cret" not in repr(redis.store)  # the password never reaches a log via repr
+    monkeypatch.setenv("TG_TEST_REDIS_URL", url)
+    from_env = load_config(
+        write(setup, VALID + "store: {kind: redis, url_env: TG_TEST_REDIS_URL}\n")
+    )
+    assert from_env.store.url == url
+
+
+def test_redis_url_env_unset(setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TG_TEST_REDIS_URL", raising=False)
+    path = write(setup, VALID + "store: {kind: redis, url_env: TG_TEST_REDIS_URL}\n")
+    expect_error(path, VALID.count("\n") + 1, "TG_TEST_REDIS_URL is not set")
+
+
+def test_fail_open(setup: Path) -> None:
+    config = load_config(
+        write(setup, replaced("    scope: proxy\n", "    scope: proxy\n    fail: open\n"))
+    )
+    assert config.proxies["shared"].fail == "open"
+    assert config.proxies["rate-limited-proxy"].fail == "closed"

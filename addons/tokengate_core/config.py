@@ -18,6 +18,10 @@ from .yamlsource import Document, Where, load_document
 TOKEN_DIMENSIONS = ("prompt_tokens", "completion_tokens", "total_tokens")
 REQUESTS = "requests"
 SCOPES = ("key", "proxy")
+FAIL_MODES = ("closed", "open")
+STORE_KINDS = ("sqlite", "memory", "redis")
+DEFAULT_STORE_PATH = ".state/tokengate.sqlite3"  # beside the quotas file
+DEFAULT_RESERVATION_TIMEOUT = 600  # seconds before a crashed process's reservation is settled
 DEFAULT_COMPLETION_RESERVE = 256
 _DURATION = re.compile(r"^([1-9][0-9]*)(s|m|h|d)$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -62,6 +66,17 @@ class Proxy:
     limits: tuple[Limit, ...]
     completion_reserve: int
     keys: KeyRing
+    fail: str = "closed"  # what callers get while the store is down: 503, or admitted unmetered
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """The `store:` entry: which store keeps the usage, and where."""
+
+    kind: str  # memory | sqlite | redis
+    path: Path | None = None  # sqlite: the database file
+    url: str | None = field(default=None, repr=False)  # redis: may carry a password
+    reservation_timeout: float = DEFAULT_RESERVATION_TIMEOUT  # unsettled past this: spent
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,7 @@ class Config:
     path: Path
     providers: dict[str, Provider]
     proxies: dict[str, Proxy]
+    store: StoreSpec
 
     def summary(self) -> str:
         """One short line per proxy, for the log at start and after a reload."""
@@ -77,9 +93,9 @@ class Config:
             limits = ", ".join(f"{lim.count} {lim.name}" for lim in proxy.limits) or "no limits"
             parts.append(
                 f"{proxy.name} ({proxy.context} -> {proxy.provider.name}, scope {proxy.scope}, "
-                f"{limits}, {len(proxy.keys)} keys)"
+                f"{limits}, {len(proxy.keys)} keys, fail {proxy.fail})"
             )
-        return "; ".join(parts)
+        return "; ".join(parts) + f"; store {self.store.kind}"
 
 
 def parse_duration(text: Any) -> int:
@@ -123,6 +139,14 @@ class _Reader:
             raise self.doc.error(where, f"{self._name(where)} must be a non-empty string")
         return value
 
+    def environment(self, value: Any, where: Where) -> str:
+        """The value of the environment variable named at `where` (secrets stay out of files)."""
+        variable = self.string(value, where)
+        found = os.environ.get(variable, "").strip()
+        if not found:
+            raise self.doc.error(where, f"environment variable {variable} is not set or empty")
+        return found
+
     def count(self, value: Any, where: Where, minimum: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.doc.error(where, f"{self._name(where)} must be a whole number >= {minimum}")
@@ -153,12 +177,7 @@ def _provider(reader: _Reader, name: str, raw: Any) -> Provider:
             where, f"provider {name!r} needs exactly one of api_key_env, api_key_file"
         )
     if "api_key_env" in raw:
-        variable = reader.string(raw["api_key_env"], (*where, "api_key_env"))
-        api_key = os.environ.get(variable, "").strip()
-        if not api_key:
-            raise reader.doc.error(
-                (*where, "api_key_env"), f"environment variable {variable} is not set or empty"
-            )
+        api_key = reader.environment(raw["api_key_env"], (*where, "api_key_env"))
     else:
         key_path = Path(reader.string(raw["api_key_file"], (*where, "api_key_file")))
         if not key_path.is_absolute():
@@ -222,6 +241,7 @@ def _proxy(
             "request_limits",
             "completion_reserve",
             "keys",
+            "fail",
         },
         {"context", "provider"},
     )
@@ -248,6 +268,11 @@ def _proxy(
         limits += _limit_list(reader, items, (*where, "token_limits", dimension), dimension)
     if "request_limits" in raw:
         limits += _limit_list(reader, raw["request_limits"], (*where, "request_limits"), REQUESTS)
+    fail = raw.get("fail", "closed")
+    if fail not in FAIL_MODES:
+        raise reader.doc.error(
+            (*where, "fail"), f"fail must be one of {', '.join(FAIL_MODES)}, not {fail!r}"
+        )
     reserve = raw.get("completion_reserve", DEFAULT_COMPLETION_RESERVE)
     reserve = reader.count(reserve, (*where, "completion_reserve"), 0)
     version = raw.get("version")
@@ -286,14 +311,57 @@ def _proxy(
         limits=tuple(limits),
         completion_reserve=reserve,
         keys=KeyRing(keys),
+        fail=fail,
     )
+
+
+def _store(reader: _Reader, raw: Any) -> StoreSpec:
+    """The `store:` entry; SQLite beside the quotas file when absent."""
+    where: Where = ("store",)
+    if raw is None:
+        raw = {"kind": "sqlite"}
+    reader.mapping(raw, where, {"kind", "path", "url", "url_env", "reservation_timeout"}, {"kind"})
+    kind = raw["kind"]
+    if kind not in STORE_KINDS:
+        raise reader.doc.error(
+            (*where, "kind"), f"kind must be one of {', '.join(STORE_KINDS)}, not {kind!r}"
+        )
+    allowed = {"sqlite": {"path"}, "redis": {"url", "url_env"}, "memory": set()}[kind]
+    for field_name in ("path", "url", "url_env"):
+        if field_name in raw and field_name not in allowed:
+            raise reader.doc.error((*where, field_name), f"{field_name} does not apply to {kind}")
+    timeout = DEFAULT_RESERVATION_TIMEOUT
+    if "reservation_timeout" in raw:
+        try:
+            timeout = parse_duration(raw["reservation_timeout"])
+        except ValueError as e:
+            raise reader.doc.error((*where, "reservation_timeout"), str(e)) from None
+    if kind == "memory":
+        return StoreSpec("memory", reservation_timeout=timeout)
+    if kind == "sqlite":
+        path = Path(reader.string(raw.get("path", DEFAULT_STORE_PATH), (*where, "path")))
+        if not path.is_absolute():
+            path = reader.doc.path.parent / path
+        return StoreSpec("sqlite", path=path, reservation_timeout=timeout)
+    if ("url" in raw) == ("url_env" in raw):
+        raise reader.doc.error(where, "a redis store needs exactly one of url, url_env")
+    if "url_env" in raw:
+        url = reader.environment(raw["url_env"], (*where, "url_env"))
+    else:
+        url = reader.string(raw["url"], (*where, "url"))
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise reader.doc.error(
+            (*where, "url_env" if "url_env" in raw else "url"),
+            "the redis URL must start with redis://, rediss:// or unix://",
+        )
+    return StoreSpec("redis", url=url, reservation_timeout=timeout)
 
 
 def load_config(path: Path | str) -> Config:
     """Read and validate a quotas file; raises ConfigError naming file, line and reason."""
     doc = load_document(path)
     reader = _Reader(doc)
-    top = reader.mapping(doc.data, (), {"providers", "proxies"}, {"providers", "proxies"})
+    top = reader.mapping(doc.data, (), {"providers", "proxies", "store"}, {"providers", "proxies"})
     providers = {
         name: _provider(reader, name, raw)
         for name, raw in reader.entries(top["providers"], ("providers",)).items()
@@ -314,7 +382,8 @@ def load_config(path: Path | str) -> Config:
                     f"context {proxy.context} overlaps {other_context} of proxy {other!r}",
                 )
         contexts[proxy.context] = proxy.name
-    return Config(path=Path(path), providers=providers, proxies=proxies)
+    store = _store(reader, top.get("store"))
+    return Config(path=Path(path), providers=providers, proxies=proxies, store=store)
 
 
 def _path_prefix(prefix: str, path: str) -> bool:

@@ -18,15 +18,18 @@ from typing import Any
 from mitmproxy import http
 
 from . import flowstate, responses, tokens
+from .accounting import Accounting
 from .limiter import Bucket, Demand, LimitStatus
 from .settings import Gate
-from .stores import Reservation
+from .stores import Reservation, StoreUnavailable
 from .usage import BodyMeter, BoundedBuffer, Metered, StreamMeter, meter_json
 
 log = logging.getLogger("tokengate")
 
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 BAD_JSON = "We could not parse the JSON body of your request: expected a JSON object."
+DEGRADED_HEADER = "X-TokenGate-Accounting"
+STORE_RETRY_AFTER = 2  # seconds a caller is asked to wait while the store is down
 # Prompts longer than this are tokenized off the event loop, so other flows keep moving.
 INLINE_TOKENIZE_BYTES = 20_000
 
@@ -81,6 +84,7 @@ def _usage_record(metered: Metered) -> dict[str, Any]:
 class Metering:
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
+        self.accounting = Accounting(gate)
         self._inflight: dict[str, InFlight] = {}
         self._request_bodies: dict[str, BoundedBuffer] = {}
 
@@ -142,7 +146,14 @@ class Metering:
         buckets = buckets_for(proxy, state["key"])
         if not buckets:
             return
-        decision, reservation = await self.gate.store.reserve(flow.id, buckets, demand)
+        try:
+            decision, reservation = await self.accounting.reserve(flow.id, buckets, demand)
+        except StoreUnavailable:
+            if proxy.fail == "open":  # admitted unmetered; the response says so
+                state["accounting"] = "degraded"
+            else:
+                flowstate.answer(flow, responses.store_unavailable(STORE_RETRY_AFTER))
+            return
         if reservation is None:
             refusal = responses.rate_limited(decision, self.gate.clock(), proxy.name, demand.prompt)
             flowstate.answer(flow, refusal)
@@ -157,6 +168,9 @@ class Metering:
         }
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state = flowstate.governed(flow)
+        if state and state.get("accounting") == "degraded" and flow.response is not None:
+            flow.response.headers[DEGRADED_HEADER] = "degraded"
         inflight = self._inflight.get(flow.id)
         if inflight is None or flow.response is None or flow.response.status_code >= 400:
             return
@@ -187,14 +201,15 @@ class Metering:
         state = flowstate.governed(flow)
         if flow.response.status_code >= 400:
             # The provider's own error passes unchanged and costs the caller nothing.
-            await self.gate.store.release(inflight.reservation)
+            await self.accounting.settle(inflight.reservation, None)
             state["usage"] = None
             return
         metered = self._measure(flow, inflight)
-        statuses = await self.gate.store.settle(inflight.reservation, metered.usage)
+        statuses = await self.accounting.settle(inflight.reservation, metered.usage)
         state["usage"] = _usage_record(metered)
         if inflight.meter is None:
-            self._report(flow.response, statuses, metered)
+            # With the store down, the budget as admitted is the best figure the gate has.
+            self._report(flow.response, statuses or inflight.statuses, metered)
 
     def _measure(self, flow: http.HTTPFlow, inflight: InFlight) -> Metered:
         if inflight.meter is not None:
@@ -227,10 +242,10 @@ class Metering:
             metered = Metered(inflight.reservation.amounts, "estimated")
         else:
             # The provider failed before answering anything: nothing to charge.
-            await self.gate.store.release(inflight.reservation)
+            await self.accounting.settle(inflight.reservation, None)
             state["usage"] = None
             return
-        await self.gate.store.settle(inflight.reservation, metered.usage)
+        await self.accounting.settle(inflight.reservation, metered.usage)
         state["usage"] = _usage_record(metered)
         log.info("tokengate: flow %s cut short; charged %s tokens", flow.id, metered.usage.total)
 

@@ -143,3 +143,15 @@ def rate_limited(decision: Decision, now: float, proxy: str, requested: int) -> 
         )
     code_type = "requests" if limit.dimension == REQUESTS else "tokens"
     return gate_response(429, message, code_type, "rate_limit_exceeded", headers)
+
+
+def store_unavailable(retry_after: int) -> http.Response:
+    """503 while the usage store is down and the proxy fails closed: no quota check, no call."""
+    return gate_response(
+        503,
+        "TokenGate cannot reach its usage store, so it cannot check your quota; the request was "
+        f"not sent. Please try again in {retry_after}s.",
+        "server_error",
+        "quota_store_unavailable",
+        {"Retry-After": str(retry_after), "retry-after-ms": str(retry_after * 1000)},
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from mitmproxy.utils import human
 
 from . import tokens
 from .config import Config, Proxy, load_config
-from .stores import Store
+from .stores import Store, StoreUnavailable, open_store
 from .stores.memory import MemoryStore
 from .yamlsource import ConfigError
 
@@ -42,6 +43,7 @@ class Settings:
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
+        self._closing: asyncio.Task | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -79,8 +81,31 @@ class Settings:
                 return
             raise exceptions.OptionsError(f"tokengate: {e}") from e
         tokens.preload()
+        previous = self.gate.config
+        if previous is None or previous.store != config.store:
+            try:
+                store = open_store(config.store, self.gate.clock)
+            except StoreUnavailable as e:
+                if previous is None:
+                    log.error("tokengate: refusing to start: %s: store: %s", config.path, e)
+                    return
+                raise exceptions.OptionsError(f"tokengate: store: {e}") from e
+            self._replace_store(store)
         self.gate.config = config
         log.info("tokengate: %s: %s", config.path, config.summary())
+
+    def _replace_store(self, store: Store) -> None:
+        old, self.gate.store = self.gate.store, store
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # configured outside mitmproxy's loop (scripts, some tests)
+            asyncio.run(old.close())
+            return
+        # Flows still holding the old store finish their call first; keep the task referenced.
+        self._closing = loop.create_task(old.close())
+
+    async def done(self) -> None:
+        await self.gate.store.close()
 
     def running(self) -> None:
         # With the default eager strategy a reverse proxy whose upstream is down drops the client

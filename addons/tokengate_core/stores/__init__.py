@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from ..limiter import Bucket, Decision, Demand, LimitStatus, Usage
+
+if TYPE_CHECKING:
+    from ..config import StoreSpec
 
 
 @dataclass(frozen=True)
@@ -18,15 +20,6 @@ class Reservation:
     stamp: float
     buckets: tuple[Bucket, ...]
     amounts: Usage
-
-
-@dataclass(frozen=True)
-class StoreSpec:
-    """The `store:` entry of quotas.yaml: which store, and where."""
-
-    kind: str  # memory | sqlite | redis
-    path: Path | None = None  # sqlite: the database file
-    url: str | None = field(default=None, repr=False)  # redis: may carry a password
 
 
 class StoreUnavailable(RuntimeError):
@@ -60,9 +53,9 @@ def open_store(spec: StoreSpec, clock: Callable[[], float]) -> Store:
     if spec.kind == "sqlite":
         from .sqlite import SqliteStore
 
-        return SqliteStore(spec.path, clock)
+        return SqliteStore(spec.path, clock, stale_after=spec.reservation_timeout)
     if spec.kind == "redis":
         from .redis import RedisStore
 
-        return RedisStore(spec.url)
+        return RedisStore(spec.url, stale_after=spec.reservation_timeout)
     raise ValueError(f"unknown store kind {spec.kind!r}")

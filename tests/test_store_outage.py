@@ -1,0 +1,149 @@
+"""A usage store that goes away: `fail: closed` answers 503, `fail: open` admits and says so,
+and settlements made meanwhile are written once the store is back (books stay exact)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from mitmproxy.test import taddons, tutils
+from tokengate_core import flowstate, pipeline
+from tokengate_core.metering import DEGRADED_HEADER, buckets_for
+from tokengate_core.responses import SOURCE_HEADER
+from tokengate_core.settings import Gate
+from tokengate_core.stores import StoreUnavailable
+from tokengate_core.stores.memory import MemoryStore
+
+from tests.conftest import ALICE, key_entries
+from tests.e2e import PROVIDER_KEY, write_quotas
+from tests.test_addons import reverse_flow, through
+
+NOW = 1_000_000.0
+
+
+def proxies(fail: str) -> str:
+    return (
+        f"  p:\n    context: /p\n    provider: mock\n    fail: {fail}\n"
+        "    token_limits:\n      total_tokens:\n        - {count: 1000, duration: 1m}\n"
+        "    keys:\n" + key_entries(alice=ALICE) + "store: {kind: memory}\n"
+    )
+
+
+class FlakyStore(MemoryStore):
+    """The memory store behind a switch, as a store whose server went away would behave."""
+
+    def __init__(self, clock) -> None:
+        super().__init__(clock)
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailable("connection refused")
+
+    async def reserve(self, *args):
+        self._check()
+        return await super().reserve(*args)
+
+    async def settle(self, *args):
+        self._check()
+        return await super().settle(*args)
+
+    async def release(self, *args):
+        self._check()
+        return await super().release(*args)
+
+
+def gate_with(tmp_path, monkeypatch, fail: str):
+    monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
+    quotas = write_quotas(tmp_path / "quotas.yaml", "http://upstream.test:8000", proxies(fail))
+    gate = Gate(clock=lambda: NOW)
+    addons = pipeline.build(gate)
+    return gate, addons, quotas
+
+
+@pytest.fixture(params=["closed", "open"])
+def outage(request, tmp_path, monkeypatch):
+    gate, addons, quotas = gate_with(tmp_path, monkeypatch, request.param)
+    with taddons.context(*addons) as tctx:
+        tctx.configure(addons[0], tokengate_config=str(quotas))
+        gate.store = FlakyStore(gate.clock)
+        yield request.param, gate, addons
+
+
+def answered(usage_total: int):
+    body = {"usage": {"prompt_tokens": 9, "completion_tokens": usage_total - 9}}
+    return tutils.tresp(content=json.dumps(body).encode())
+
+
+async def test_store_down_at_admission(outage, caplog):
+    fail, gate, addons = outage
+    gate.store.down = True
+    caplog.set_level(logging.WARNING, "tokengate")
+    flows = [reverse_flow() for _ in range(3)]
+    for flow in flows:
+        await through(addons, ("requestheaders", "request"), flow)
+    if fail == "closed":
+        for flow in flows:
+            assert flow.response.status_code == 503
+            assert flow.response.headers[SOURCE_HEADER] == "gateway"
+            assert flow.response.headers["Retry-After"] == "2"
+            error = json.loads(flow.response.content)["error"]
+            assert error["code"] == "quota_store_unavailable"
+            assert "not sent" in error["message"]
+    else:
+        for flow in flows:
+            assert flow.response is None  # admitted: forwarded to the provider unmetered
+            flow.response = answered(30)
+            await through(addons, ("responseheaders", "response"), flow)
+            assert flow.response.headers[DEGRADED_HEADER] == "degraded"
+            assert flow.request.headers["authorization"] != f"Bearer {ALICE}"
+    # One outage, one log line, however many requests it touched.
+    assert [r.message for r in caplog.records].count(
+        "tokengate: usage store unavailable: connection refused"
+    ) == 1
+
+
+async def test_settlement_during_outage_is_written_when_the_store_returns(outage, caplog):
+    _, gate, addons = outage
+    buckets = buckets_for(gate.proxy("p"), "alice")
+    flow = reverse_flow()
+    await through(addons, ("requestheaders", "request"), flow)
+    gate.store.down = True  # goes away while the provider is answering
+    flow.response = answered(100)
+    await through(addons, ("responseheaders", "response"), flow)
+    assert flow.response.status_code == 200
+    assert flow.response.headers["X-Tokens-Consumed"] == "100"
+    (held,) = await gate.store.status(buckets)
+    assert held.used == 0 and held.reserved > 0  # the reservation is still held meanwhile
+
+    gate.store.down = False
+    caplog.set_level(logging.WARNING, "tokengate")
+    later = reverse_flow()
+    await through(addons, ("requestheaders", "request"), later)
+    assert later.response is None
+    assert any("full accounting resumed" in r.message for r in caplog.records)
+    (status,) = await gate.store.status(buckets)
+    assert status.used == 100  # the late settlement, exactly once
+    later.response = answered(20)
+    await through(addons, ("responseheaders", "response"), later)
+    (status,) = await gate.store.status(buckets)
+    assert (status.used, status.reserved) == (120, 0)
+    assert flowstate.governed(later)["usage"]["total_tokens"] == 20
+
+
+async def test_release_during_outage_is_written_when_the_store_returns(outage):
+    _, gate, addons = outage
+    buckets = buckets_for(gate.proxy("p"), "alice")
+    failed = reverse_flow()
+    await through(addons, ("requestheaders", "request"), failed)
+    gate.store.down = True
+    failed.response = tutils.tresp(status_code=500, content=b"{}")
+    await through(addons, ("responseheaders", "response"), failed)
+    gate.store.down = False
+    flow = reverse_flow()
+    await through(addons, ("requestheaders", "request"), flow)
+    flow.response = answered(10)
+    await through(addons, ("responseheaders", "response"), flow)
+    (status,) = await gate.store.status(buckets)
+    assert (status.used, status.reserved) == (10, 0)  # the failed call cost nothing
