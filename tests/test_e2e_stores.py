@@ -1,7 +1,8 @@
-"""End to end: usage that survives a restart (SQLite) and one quota shared by two gateways (Redis)."""
+"""End to end: usage that survives a restart (SQLite); one quota shared by two gateways (Redis)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import httpx
@@ -44,12 +45,7 @@ def test_reservation_of_a_crashed_gateway_is_charged_once(tmp_path, fresh_mock):
     config = write_quotas(tmp_path / "quotas.yaml", fresh_mock.url, proxies)
     gateway = start(config, fresh_mock)
     body = {**HELLO, "max_tokens": 50}
-    slow = threading.Thread(
-        target=lambda: _ignore_errors(
-            lambda: call(gateway, ALICE, body=body, **{"X-Mock-Mode": "slow", "X-Mock-Delay": "5"})
-        ),
-        daemon=True,
-    )
+    slow = threading.Thread(target=_call_until_killed, args=(gateway, body), daemon=True)
     slow.start()
     assert wait_until(lambda: fresh_mock.stats()["requests"] == 1, timeout=10)
     gateway.process.popen.kill()  # no shutdown hooks: the process is simply gone
@@ -67,8 +63,6 @@ def test_reservation_of_a_crashed_gateway_is_charged_once(tmp_path, fresh_mock):
         restarted.stop()
 
 
-def _ignore_errors(action) -> None:
-    try:
-        action()
-    except httpx.HTTPError:
-        pass  # the gateway was killed under this request: that is the point
+def _call_until_killed(gateway: Gateway, body: dict) -> None:
+    with contextlib.suppress(httpx.HTTPError):  # the gateway is killed under this request
+        call(gateway, ALICE, body=body, **{"X-Mock-Mode": "slow", "X-Mock-Delay": "5"})
