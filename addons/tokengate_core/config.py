@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .keys import KeyRing, StoredKey
+from .keys import KeyRing, StoredKey, parse_timestamp
 from .yamlsource import Document, Where, load_document
 
 TOKEN_DIMENSIONS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -140,7 +140,7 @@ class _Reader:
         return ".".join(str(part) for part in where) or "the file"
 
 
-def _provider(reader: _Reader, name: str, raw: Any) -> Provider:
+def _provider(reader: _Reader, name: str, raw: Any, check_credentials: bool) -> Provider:
     where: Where = ("providers", name)
     reader.name(name, where)
     reader.mapping(raw, where, {"base_url", "api_key_env", "api_key_file", "hosts"}, {"base_url"})
@@ -152,7 +152,9 @@ def _provider(reader: _Reader, name: str, raw: Any) -> Provider:
         raise reader.doc.error(
             where, f"provider {name!r} needs exactly one of api_key_env, api_key_file"
         )
-    if "api_key_env" in raw:
+    if not check_credentials:
+        api_key = ""
+    elif "api_key_env" in raw:
         variable = reader.string(raw["api_key_env"], (*where, "api_key_env"))
         api_key = os.environ.get(variable, "").strip()
         if not api_key:
@@ -199,6 +201,15 @@ def _limit_list(reader: _Reader, raw: Any, where: Where, dimension: str) -> list
             raise reader.doc.error((*item_where, "duration"), str(e)) from None
         limits.append(Limit(dimension, count, seconds, str(item["duration"])))
     return limits
+
+
+def _timestamp(reader: _Reader, value: Any, where: Where) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_timestamp(value)
+    except ValueError as e:
+        raise reader.doc.error(where, str(e)) from None
 
 
 def _proxy(
@@ -253,7 +264,9 @@ def _proxy(
     version = raw.get("version")
     if version is not None:
         version = str(version)
-    keys_raw = raw.get("keys", {})
+    keys_raw = raw.get("keys")
+    if keys_raw is None:  # absent, or `keys:` left with comments only (every key revoked)
+        keys_raw = {}
     reader.mapping(
         keys_raw, (*where, "keys"), set(keys_raw) if isinstance(keys_raw, dict) else set()
     )
@@ -261,7 +274,7 @@ def _proxy(
     for key_name, entry in keys_raw.items():
         key_where = (*where, "keys", key_name)
         reader.name(key_name, key_where)
-        reader.mapping(entry, key_where, {"sha256"}, {"sha256"})
+        reader.mapping(entry, key_where, {"sha256", "created", "expires"}, {"sha256"})
         digest = entry["sha256"]
         if not isinstance(digest, str) or not _SHA256_HEX.match(digest):
             raise reader.doc.error(
@@ -276,7 +289,11 @@ def _proxy(
                 f"of proxy {other_proxy!r}",
             )
         seen_keys[digest] = (name, key_name)
-        keys.append(StoredKey(name=key_name, sha256=digest))
+        created, expires = (
+            _timestamp(reader, entry.get(field), (*key_where, field))
+            for field in ("created", "expires")
+        )
+        keys.append(StoredKey(key_name, digest, created=created, expires=expires))
     return Proxy(
         name=name,
         version=version,
@@ -289,13 +306,17 @@ def _proxy(
     )
 
 
-def load_config(path: Path | str) -> Config:
-    """Read and validate a quotas file; raises ConfigError naming file, line and reason."""
+def load_config(path: Path | str, check_credentials: bool = True) -> Config:
+    """Read and validate a quotas file; raises ConfigError naming file, line and reason.
+
+    `check_credentials=False` skips reading the provider keys: tools that edit the file (the key
+    script) validate it where the provider's environment variables need not be set.
+    """
     doc = load_document(path)
     reader = _Reader(doc)
     top = reader.mapping(doc.data, (), {"providers", "proxies"}, {"providers", "proxies"})
     providers = {
-        name: _provider(reader, name, raw)
+        name: _provider(reader, name, raw, check_credentials)
         for name, raw in reader.entries(top["providers"], ("providers",)).items()
     }
     seen_keys: dict[str, tuple[str, str]] = {}

@@ -1,14 +1,20 @@
-"""The gate's shared state and the addon that fills it from mitmproxy options and quotas.yaml."""
+"""The gate's shared state and the addon that fills it from mitmproxy options and quotas.yaml.
+
+quotas.yaml is watched while the gate runs: an edit takes effect without a restart, and an edit
+that does not validate is refused in the log while the last good configuration keeps serving.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions
-from mitmproxy.utils import human
+from mitmproxy.utils import asyncio_utils, human
 
 from . import tokens
 from .config import Config, Proxy, load_config
@@ -33,15 +39,73 @@ class Gate:
         return self.config.proxies.get(name) if self.config else None
 
 
+def summary(gate: Gate) -> str:
+    """The one line the log shows at start and after each reload."""
+    assert gate.config is not None
+    store = type(gate.store).__name__.removesuffix("Store").lower()
+    return f"{gate.config.path}: {gate.config.summary()}; store {store}"
+
+
+FileSignature = tuple[int, int, int]
+
+
+def file_signature(path: str | os.PathLike) -> FileSignature | None:
+    """Inode, size and mtime: an edit in place changes the last two, a rename-replace the first."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _read(path: str) -> tuple[FileSignature | None, Config | ConfigError]:
+    """The file's signature, then its configuration (or why it is refused); runs in a thread.
+
+    The signature is taken first, so a write that lands while the file is read shows as a
+    change on the next look.
+    """
+    signature = file_signature(path)
+    try:
+        return signature, load_config(path)
+    except ConfigError as e:
+        return signature, e
+
+
+def new_windows(old: Config, new: Config) -> list[str]:
+    """Limits of a kept proxy that the old configuration did not have, e.g. a changed duration.
+
+    Usage is kept per limit name (`total_tokens-1m`): a changed count applies to the window as
+    it stands, but a limit whose duration changed is a new window and starts empty.
+    """
+    notes = []
+    for name, proxy in new.proxies.items():
+        before = old.proxies.get(name)
+        if before is None:
+            continue
+        known = {limit.name for limit in before.limits}
+        notes += [f"{name}/{lim.name}" for lim in proxy.limits if lim.name not in known]
+    return notes
+
+
 class Settings:
-    """Declares the `tokengate_*` options and loads the quotas file they name.
+    """Declares the `tokengate_*` options and loads the quotas file they name, live.
 
     A broken file at start-up is logged as `file:line: reason`, which makes mitmdump exit with
-    status 1; a broken file later is refused with OptionsError and the last good one stays.
+    status 1; a broken file later (an edit, or `--set` in the console) is refused with that same
+    line and the last good configuration keeps serving.
+
+    The file is watched like mitmproxy watches its scripts: one look (a `stat`, off the event
+    loop) per `WATCH_INTERVAL` seconds, however busy the gate is.
     """
+
+    WATCH_INTERVAL = 1.0
+    # Editors write a file in several steps; a change is read only once it has held this long.
+    SETTLE_SECONDS = 0.1
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
+        self._signature: FileSignature | None = None  # of the file as last read
+        self._watcher: asyncio.Task | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -71,6 +135,7 @@ class Settings:
             self.gate.max_body = size
         if "tokengate_config" not in updated:
             return
+        signature = file_signature(ctx.options.tokengate_config)
         try:
             config = load_config(ctx.options.tokengate_config)
         except ConfigError as e:
@@ -79,8 +144,51 @@ class Settings:
                 return
             raise exceptions.OptionsError(f"tokengate: {e}") from e
         tokens.preload()
+        self._install(config, signature)
+
+    def _install(self, config: Config, signature: FileSignature | None) -> None:
+        previous = self.gate.config
         self.gate.config = config
-        log.info("tokengate: %s: %s", config.path, config.summary())
+        self._signature = signature
+        log.info("tokengate: %s", summary(self.gate))
+        if previous is not None:
+            for note in new_windows(previous, config):
+                log.info("tokengate: %s is a new limit: its window starts empty", note)
+
+    async def reload(self, why: str) -> bool:
+        """Read the quotas file again; on a refusal the last good configuration keeps serving."""
+        path = ctx.options.tokengate_config
+        signature, loaded = await asyncio.to_thread(_read, path)
+        if path != ctx.options.tokengate_config:
+            return False  # the option moved to another file meanwhile; that load wins
+        if isinstance(loaded, ConfigError):
+            self._signature = signature  # refused once, not again every second
+            log.error(
+                "tokengate: %s: refused, the last good configuration keeps serving: %s",
+                why,
+                loaded,
+            )
+            return False
+        log.info("tokengate: %s: reloaded", why)
+        self._install(loaded, signature)
+        return True
+
+    async def watch(self) -> None:
+        """Reload whenever the file's signature changes; a file that vanished is waited for."""
+        while True:
+            await asyncio.sleep(self.WATCH_INTERVAL)
+            path = ctx.options.tokengate_config
+            signature = await asyncio.to_thread(file_signature, path)
+            if signature == self._signature:
+                continue
+            if signature is None:
+                # Some editors delete and re-create; the config in memory keeps serving.
+                log.warning("tokengate: %s is gone; the last good configuration serves", path)
+                self._signature = None
+                continue
+            await asyncio.sleep(self.SETTLE_SECONDS)
+            if await asyncio.to_thread(file_signature, path) == signature:
+                await self.reload(f"{path} changed")
 
     def running(self) -> None:
         # With the default eager strategy a reverse proxy whose upstream is down drops the client
@@ -88,3 +196,12 @@ class Settings:
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
             log.info("tokengate: connection_strategy set to lazy")
+        if self._watcher is None:
+            self._watcher = asyncio_utils.create_task(
+                self.watch(), name="tokengate quotas watcher", keep_ref=True
+            )
+
+    def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
