@@ -196,6 +196,9 @@ class Settings:
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
             log.info("tokengate: connection_strategy set to lazy")
+        self.start_watching()
+
+    def start_watching(self) -> None:
         if self._watcher is None:
             self._watcher = asyncio_utils.create_task(
                 self.watch(), name="tokengate quotas watcher", keep_ref=True
