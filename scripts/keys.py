@@ -261,11 +261,13 @@ def rotate(quotas: QuotasFile, proxy: str, name: str, grace: int, now: float) ->
     caller has switched.
     """
     entry = quotas.key(proxy, name)
-    old_name = rotated_name(name, now)
-    _check_name(old_name)
     keys = quotas.keys(proxy)
-    if old_name in keys:
-        raise Refusal(f"error: {name!r} was rotated this very second already; try again")
+    old_name = rotated_name(name, now)
+    suffix = 1
+    while old_name in keys:  # rotated twice within one second
+        suffix += 1
+        old_name = f"{rotated_name(name, now)}-{suffix}"
+    _check_name(old_name)
     old_entry = CommentedMap(entry)
     old_entry.fa.set_flow_style()
     grace_end = now + grace
@@ -326,7 +328,7 @@ def _span(seconds: float) -> str:
     if minutes < 60:
         return f"{minutes}m" if minutes else f"{int(seconds)}s"
     hours = minutes // 60
-    return f"{hours}h{minutes % 60:02d}m" if hours < 48 else f"{hours // 24}d"
+    return f"{hours}h{minutes % 60:02d}m" if hours < 48 else f"{hours // 24}d{hours % 24}h"
 
 
 def listing(quotas: QuotasFile, proxy: str | None, ledger: Path, now: float) -> str:
