@@ -49,7 +49,7 @@ def call(gateway: Gateway, key: str) -> httpx.Response:
 
 def outcomes(gateway: Gateway) -> int:
     """How many reloads the gate has logged, taken or refused."""
-    return sum(("reloaded" in line or "refused," in line) for line in gateway.process.lines)
+    return sum(("reloaded (" in line or ") refused," in line) for line in gateway.process.lines)
 
 
 def edit(gateway: Gateway, change) -> None:

@@ -13,10 +13,11 @@ import pytest
 from mitmproxy.test import taddons
 from tokengate_core import flowstate, pipeline
 from tokengate_core.commands import Commands, status_report
+from tokengate_core.config import load_config
 from tokengate_core.keys import format_timestamp
 from tokengate_core.limiter import Demand, Usage
 from tokengate_core.metering import buckets_for
-from tokengate_core.settings import Gate, Settings
+from tokengate_core.settings import Gate, Settings, keep_windows
 from tokengate_core.stores.memory import MemoryStore
 
 from tests.conftest import ALICE, BOB, key_entries
@@ -162,14 +163,61 @@ async def test_spent_usage_survives_a_reload_and_a_lower_count_applies_to_it(liv
     assert not flowstate.answered_by_gate(again)
 
 
-async def test_a_changed_duration_is_a_new_window_and_the_log_says_so(live, quotas, caplog):
+async def test_a_changed_duration_keeps_the_window_and_the_log_says_so(live, quotas, caplog):
     _, gate, addons, _ = live
     await spend(gate, 900)
     rewrite(quotas, quotas.read_text().replace("duration: 1m", "duration: 2m"))
     await settings_of(addons).reload("test")
-    assert "p/total_tokens-2m is a new limit: its window starts empty" in caplog.text
+    assert "p/total_tokens-2m keeps the usage of total_tokens-1m" in caplog.text
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
-    assert status.used == 0
+    assert (status.limit.name, status.used, status.remaining) == ("total_tokens-2m", 900, 100)
+    refused = reverse_flow(
+        body={"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 2000}]}
+    )
+    await through(addons, REQUEST_HOOKS, refused)
+    assert refused.response.status_code == 429  # the prompt alone no longer fits what is left
+
+
+def limits_after(tmp_path, before: str, after: str):
+    """The windows of proxy p's limits after a reload from limit list `before` to `after`."""
+    old = load_config(write_quotas(tmp_path / "old.yaml", "http://u.test", _limits(before)))
+    new = load_config(write_quotas(tmp_path / "new.yaml", "http://u.test", _limits(after)))
+    kept, notes = keep_windows(old, new)
+    return [(lim.name, lim.window) for lim in kept.proxies["p"].limits], notes, kept
+
+
+def _limits(durations: str) -> str:
+    items = "".join(f"        - {{count: 10, duration: {d}}}\n" for d in durations.split())
+    return (
+        "  p:\n    context: /p\n    provider: mock\n    token_limits:\n      total_tokens:\n"
+        + items
+    )
+
+
+def test_reload_pairs_changed_durations_shortest_with_shortest(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
+    windows, notes, kept = limits_after(tmp_path, "1m 1d", "2m 1d 1h")
+    assert windows == [
+        ("total_tokens-2m", "total_tokens-1m"),
+        ("total_tokens-1d", "total_tokens-1d"),
+        ("total_tokens-1h", "total_tokens-1h"),
+    ]
+    assert notes == [
+        "p/total_tokens-2m keeps the usage of total_tokens-1m",
+        "p/total_tokens-1h is a new limit: its window starts empty",
+    ]
+    # A limit named like a window already carried by another gets a window of its own.
+    again, _ = keep_windows(
+        kept,
+        load_config(write_quotas(tmp_path / "third.yaml", "http://u.test", _limits("2m 1d 1h 1m"))),
+    )
+    assert [lim.window for lim in again.proxies["p"].limits] == [
+        "total_tokens-1m",
+        "total_tokens-1d",
+        "total_tokens-1h",
+        "total_tokens-1m.2",
+    ]
+    assert limits_after(tmp_path, "60s", "1m")[0] == [("total_tokens-1m", "total_tokens-60s")]
 
 
 async def test_status_logs_summary_and_live_usage_per_key(live, quotas, caplog):

@@ -34,10 +34,16 @@ class Limit:
     count: int
     seconds: int
     label: str  # as written, e.g. "1m"
+    carried_window: str | None = None  # set by a live reload that changed this limit's duration
 
     @property
     def name(self) -> str:
         return f"{self.dimension}-{self.label}"
+
+    @property
+    def window(self) -> str:
+        """What the store calls this limit's window: its name, unless a reload kept an older one."""
+        return self.carried_window or self.name
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.utils import asyncio_utils, human
 
 from . import tokens
-from .config import Config, Proxy, load_config
+from .config import Config, Limit, Proxy, load_config
 from .stores import Store
 from .stores.memory import MemoryStore
 from .yamlsource import ConfigError
@@ -71,20 +71,53 @@ def _read(path: str) -> tuple[FileSignature | None, Config | ConfigError]:
         return signature, e
 
 
-def new_windows(old: Config, new: Config) -> list[str]:
-    """Limits of a kept proxy that the old configuration did not have, e.g. a changed duration.
+def keep_windows(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new`, with each limit of a kept proxy pointed at the window it had before the edit.
 
-    Usage is kept per limit name (`total_tokens-1m`): a changed count applies to the window as
-    it stands, but a limit whose duration changed is a new window and starts empty.
+    The store keeps usage per window, named after the limit (`total_tokens-1m`). A limit whose
+    count changed keeps its name, so the new count applies to the window as it stands. A limit
+    whose duration changed has a new name: it is paired with the limit of its dimension that
+    disappeared (shortest with shortest) and keeps that window, which the store then reads with
+    the new duration. A limit with nothing to pair with starts empty. Returns the notes to log.
     """
-    notes = []
+    proxies, notes = {}, []
     for name, proxy in new.proxies.items():
         before = old.proxies.get(name)
         if before is None:
+            proxies[name] = proxy
             continue
-        known = {limit.name for limit in before.limits}
-        notes += [f"{name}/{lim.name}" for lim in proxy.limits if lim.name not in known]
-    return notes
+        if before.scope != proxy.scope:
+            notes.append(f"{name}: scope changed to {proxy.scope}: every window starts empty")
+        limits = _paired(before.limits, proxy.limits, notes, name)
+        proxies[name] = replace(proxy, limits=limits)
+    return replace(new, proxies=proxies), notes
+
+
+def _paired(old: tuple[Limit, ...], new: tuple[Limit, ...], notes: list[str], proxy: str):
+    by_name = {limit.name: limit for limit in old}
+    kept = {limit.name: by_name[limit.name].window for limit in new if limit.name in by_name}
+    taken = set(kept.values())
+    for dimension in dict.fromkeys(limit.dimension for limit in new):
+        gone = [lim for lim in old if lim.dimension == dimension and lim.window not in taken]
+        came = [lim for lim in new if lim.dimension == dimension and lim.name not in kept]
+        gone.sort(key=lambda limit: limit.seconds)
+        came.sort(key=lambda limit: limit.seconds)
+        for index, limit in enumerate(came):
+            if index < len(gone):
+                kept[limit.name] = gone[index].window
+                notes.append(f"{proxy}/{limit.name} keeps the usage of {gone[index].name}")
+            else:
+                window, suffix = limit.name, 1
+                while window in taken:  # a carried window may already use this name
+                    suffix += 1
+                    window = f"{limit.name}.{suffix}"
+                kept[limit.name] = window
+                notes.append(f"{proxy}/{limit.name} is a new limit: its window starts empty")
+            taken.add(kept[limit.name])
+    return tuple(
+        replace(lim, carried_window=None if kept[lim.name] == lim.name else kept[lim.name])
+        for lim in new
+    )
 
 
 class Settings:
@@ -146,14 +179,15 @@ class Settings:
         tokens.preload()
         self._install(config, signature)
 
-    def _install(self, config: Config, signature: FileSignature | None) -> None:
-        previous = self.gate.config
+    def _install(self, config: Config, signature: FileSignature | None, why: str = "") -> None:
+        notes: list[str] = []
+        if self.gate.config is not None:
+            config, notes = keep_windows(self.gate.config, config)
         self.gate.config = config
         self._signature = signature
-        log.info("tokengate: %s", summary(self.gate))
-        if previous is not None:
-            for note in new_windows(previous, config):
-                log.info("tokengate: %s is a new limit: its window starts empty", note)
+        log.info("tokengate: %s%s", f"reloaded ({why}): " if why else "", summary(self.gate))
+        for note in notes:
+            log.info("tokengate: %s", note)
 
     async def reload(self, why: str) -> bool:
         """Read the quotas file again; on a refusal the last good configuration keeps serving."""
@@ -164,13 +198,12 @@ class Settings:
         if isinstance(loaded, ConfigError):
             self._signature = signature  # refused once, not again every second
             log.error(
-                "tokengate: %s: refused, the last good configuration keeps serving: %s",
+                "tokengate: reload (%s) refused, the last good configuration keeps serving: %s",
                 why,
                 loaded,
             )
             return False
-        log.info("tokengate: %s: reloaded", why)
-        self._install(loaded, signature)
+        self._install(loaded, signature, why)
         return True
 
     async def watch(self) -> None:
@@ -188,7 +221,7 @@ class Settings:
                 continue
             await asyncio.sleep(self.SETTLE_SECONDS)
             if await asyncio.to_thread(file_signature, path) == signature:
-                await self.reload(f"{path} changed")
+                await self.reload("file changed")
 
     def running(self) -> None:
         # With the default eager strategy a reverse proxy whose upstream is down drops the client
