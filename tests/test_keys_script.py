@@ -208,3 +208,11 @@ def test_list_shows_dates_and_last_use_from_the_ledger_never_secrets(config):
     assert only.returncode == 0 and "app" not in only.stdout
     elsewhere = run(config, "list", "--ledger", str(config.parent / "none.jsonl"))
     assert "2026-11-29T11" not in elsewhere.stdout
+
+
+def test_bad_names_and_grace_periods_are_refused_without_touching_the_file(config):
+    bad = run(config, "create", "with-keys", "no spaces")
+    assert bad.returncode != 0 and "bad name 'no spaces'" in bad.stderr
+    grace = run(config, "rotate", "with-keys", "old", "--grace", "2030-01-01T00:00:00Z")
+    assert grace.returncode != 0 and "--grace: bad duration" in grace.stderr
+    assert config.read_text() == QUOTAS

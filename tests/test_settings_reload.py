@@ -238,13 +238,14 @@ async def test_status_logs_summary_and_live_usage_per_key(live, quotas, caplog):
     assert ALICE not in report and "b" * 64 not in report
 
 
-async def test_shared_scope_status_is_one_line_for_the_proxy(live, quotas):
+async def test_shared_scope_status_is_one_line_for_the_proxy(live, quotas, caplog):
     _, gate, addons, _ = live
     rewrite(
         quotas,
         quotas.read_text().replace("    token_limits:", "    scope: proxy\n    token_limits:"),
     )
     await settings_of(addons).reload("test")
+    assert "p: scope changed to proxy: every window starts empty" in caplog.text
     report = await status_report(gate)
     assert "  p (shared by all keys): total_tokens-1m 0 used + 0 reserved of 1000" in report
     assert "  p/alice\n" in report + "\n"

@@ -83,17 +83,18 @@ def keep_windows(old: Config, new: Config) -> tuple[Config, list[str]]:
     proxies, notes = {}, []
     for name, proxy in new.proxies.items():
         before = old.proxies.get(name)
-        if before is None:
+        if before is None or before.scope != proxy.scope:
             proxies[name] = proxy
+            if before is not None:
+                notes.append(f"{name}: scope changed to {proxy.scope}: every window starts empty")
             continue
-        if before.scope != proxy.scope:
-            notes.append(f"{name}: scope changed to {proxy.scope}: every window starts empty")
-        limits = _paired(before.limits, proxy.limits, notes, name)
-        proxies[name] = replace(proxy, limits=limits)
+        proxies[name] = replace(proxy, limits=_paired(before.limits, proxy.limits, notes, name))
     return replace(new, proxies=proxies), notes
 
 
-def _paired(old: tuple[Limit, ...], new: tuple[Limit, ...], notes: list[str], proxy: str):
+def _paired(
+    old: tuple[Limit, ...], new: tuple[Limit, ...], notes: list[str], proxy: str
+) -> tuple[Limit, ...]:
     by_name = {limit.name: limit for limit in old}
     kept = {limit.name: by_name[limit.name].window for limit in new if limit.name in by_name}
     taken = set(kept.values())
