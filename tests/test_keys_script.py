@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 from tokengate_core.config import load_config
+from tokengate_core.keys import hash_key
 
 from tests.e2e import ROOT
 
@@ -68,4 +71,148 @@ def test_refuses_duplicates_and_unknown_proxies(tmp_path):
     assert create(config, "with-keys", "old").returncode != 0
     missing = create(config, "nope", "x")
     assert missing.returncode != 0 and "no proxy 'nope'" in missing.stderr
+    assert config.read_text() == QUOTAS
+
+
+def run(config, *args):
+    return subprocess.run(
+        [sys.executable, "scripts/keys.py", *args, "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def secret_of(result) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "quotas.yaml"
+    path.write_text(QUOTAS)
+    return path
+
+
+def keys_of(config, proxy="with-keys"):
+    # The script validates without provider credentials; so do these checks.
+    return load_config(config, check_credentials=False).proxies[proxy].keys
+
+
+def named(config, name, proxy="with-keys"):
+    return {key.name: key for key in keys_of(config, proxy)}[name]
+
+
+def test_create_writes_created_and_expiry_and_replaces_the_file_by_rename(config):
+    inode = config.stat().st_ino
+    before = time.time()
+    secret = secret_of(run(config, "create", "with-keys", "temp", "--expires", "2h"))
+    key = keys_of(config).find(secret)
+    assert key.name == "temp"
+    assert before - 1 <= key.created <= time.time()
+    assert key.expires == pytest.approx(key.created + 7200, abs=1)
+    assert config.stat().st_ino != inode  # a new file took the old one's place in one rename
+    assert sorted(p.name for p in config.parent.iterdir()) == ["quotas.yaml"]  # no temp left
+    line = next(line for line in config.read_text().splitlines() if "temp:" in line)
+    assert re.fullmatch(
+        r'      temp: \{sha256: "[0-9a-f]{64}", created: "[0-9T:-]+Z", expires: "[0-9T:-]+Z"\}',
+        line,
+    )
+
+
+def test_revoke_leaves_a_marker_and_every_other_line(config):
+    secret = secret_of(run(config, "create", "with-keys", "gone"))
+    result = run(config, "revoke", "with-keys", "gone")
+    assert result.returncode == 0, result.stderr
+    text = config.read_text()
+    assert keys_of(config).find(secret) is None
+    assert re.search(r"^      # revoked gone \d{4}-\d\d-\d\dT[\d:]+Z$", text, re.M)
+    assert text.replace(re.search(r"      # revoked gone .*\n", text).group(0), "") == QUOTAS
+    # The last key of a proxy too: `keys:` is left with the marker only, and still loads.
+    assert run(config, "revoke", "with-keys", "old").returncode == 0
+    assert len(keys_of(config)) == 0
+    assert run(config, "revoke", "with-keys", "old").returncode != 0  # already gone
+
+
+def test_rotate_keeps_the_name_and_the_old_secret_for_the_grace_period(config):
+    old = secret_of(run(config, "create", "with-keys", "app"))
+    result = run(config, "rotate", "with-keys", "app", "--grace", "1h")
+    new = secret_of(result)
+    assert new != old
+    keys = keys_of(config)
+    fresh, previous = keys.find(new), keys.find(old)
+    assert fresh.name == "app" and fresh.expires is None
+    assert previous.name.startswith("app.rotated-")
+    assert previous.expires == pytest.approx(time.time() + 3600, abs=5)
+    assert "works until" in result.stdout and previous.name in result.stdout
+    # An old secret that expires before the grace ends keeps its earlier expiry.
+    assert run(config, "expire", "with-keys", "app", "10m").returncode == 0
+    once = secret_of(run(config, "rotate", "with-keys", "app", "--grace", "1d"))
+    earlier = keys_of(config).find(new)
+    assert earlier.expires == pytest.approx(time.time() + 600, abs=5)
+    assert keys_of(config).find(once).expires is None
+
+
+def test_expire_sets_and_clears(config):
+    assert run(config, "expire", "with-keys", "old", "2030-01-02T03:04:05Z").returncode == 0
+    assert named(config, "old").expires == 1893553445.0
+    assert 'expires: "2030-01-02T03:04:05Z"' in config.read_text()
+    assert run(config, "expire", "with-keys", "old", "now").returncode == 0
+    assert named(config, "old").expired(time.time())
+    assert run(config, "expire", "with-keys", "old", "never").returncode == 0
+    assert named(config, "old").expires is None
+    assert config.read_text() == QUOTAS  # the entry is back as it was written
+    bad = run(config, "expire", "with-keys", "old", "next tuesday")
+    assert bad.returncode != 0 and "is not a time" in bad.stderr
+
+
+def test_an_edit_that_would_not_validate_leaves_the_file_alone(config):
+    broken = QUOTAS.replace("provider: mock\n    token_limits", "provider: nope\n    token_limits")
+    config.write_text(broken)
+    result = run(config, "create", "with-keys", "x")
+    assert result.returncode != 0
+    assert "left as it was" in result.stderr and "provider 'nope' is not defined" in result.stderr
+    assert config.read_text() == broken
+    assert sorted(p.name for p in config.parent.iterdir()) == ["quotas.yaml"]
+
+
+def test_list_shows_dates_and_last_use_from_the_ledger_never_secrets(config):
+    secret = secret_of(run(config, "create", "with-keys", "app", "--expires", "3d"))
+    assert run(config, "expire", "with-keys", "old", "now").returncode == 0
+    ledger = config.parent / ".state" / "ledger.jsonl"
+    ledger.parent.mkdir()
+    line = '{{"time": "{}", "proxy": "with-keys", "key": "{}", "status": 200}}\n'
+    ledger.write_text(
+        line.format("2026-11-29T10:00:00.000Z", "app")
+        + "not json, a line cut short\n"
+        + '{"time": "2026-11-29T23:00:00.000Z", "proxy": "with-keys", "key": "app", '
+        '"status": 200, "replay": true}\n'  # a replayed capture is not a use of the key
+         + line.format("2026-11-29T09:00:00.000Z", "old")
+    )
+    ledger.with_name("ledger.jsonl.1").write_text(
+        line.format("2026-11-29T11:00:00.000Z", "app")  # rotated files count too
+        + '{"time": "2026-11-30T00:00:00.000Z", "proxy": "other", "key": "app", "status": 200}\n'
+    )
+    result = run(config, "list")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[1]: line.split() for line in result.stdout.splitlines()[1:]}
+    assert result.stdout.split()[:5] == ["proxy", "key", "created", "last", "used"]
+    assert rows["app"][3] == "2026-11-29T11:00:00.000Z"
+    assert rows["app"][5] == "(in" and rows["app"][6] in ("2d23h)", "3d0h)")
+    assert rows["old"][2:4] == ["-", "2026-11-29T09:00:00.000Z"] and rows["old"][5] == "(expired)"
+    assert secret not in result.stdout and hash_key(secret) not in result.stdout
+    assert "0" * 64 not in result.stdout
+    only = run(config, "list", "without-keys")
+    assert only.returncode == 0 and "app" not in only.stdout
+    elsewhere = run(config, "list", "--ledger", str(config.parent / "none.jsonl"))
+    assert "2026-11-29T11" not in elsewhere.stdout
+
+
+def test_bad_names_and_grace_periods_are_refused_without_touching_the_file(config):
+    bad = run(config, "create", "with-keys", "no spaces")
+    assert bad.returncode != 0 and "bad name 'no spaces'" in bad.stderr
+    grace = run(config, "rotate", "with-keys", "old", "--grace", "2030-01-01T00:00:00Z")
+    assert grace.returncode != 0 and "--grace: bad duration" in grace.stderr
     assert config.read_text() == QUOTAS

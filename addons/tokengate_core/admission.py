@@ -5,7 +5,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from . import flowstate, responses
-from .keys import caller_key
+from .keys import caller_key, format_timestamp
 from .routing import is_reverse, route
 from .settings import Gate
 
@@ -35,7 +35,11 @@ class Router:
 
 
 class Authenticator:
-    """Finds the caller's key among the routed proxies' keys; 401 from the gate otherwise."""
+    """Finds the caller's key among the routed proxies' keys; 401 from the gate otherwise.
+
+    An expired key is named in its 401, so its holder knows to ask for a new one rather than
+    suspect a typo.
+    """
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
@@ -60,6 +64,15 @@ class Authenticator:
             if key is not None:
                 state["proxy"] = proxy.name
                 state["key"] = key.name
+                if key.expired(self.gate.clock()):
+                    flowstate.answer(
+                        flow,
+                        responses.unauthorized(
+                            f"This API key ({key.name!r}) expired at "
+                            f"{format_timestamp(key.expires)}. Ask the gateway's operator for "
+                            "a new one."
+                        ),
+                    )
                 return
         flowstate.answer(flow, responses.unauthorized("Incorrect API key provided."))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .keys import KeyRing, StoredKey
+from .keys import KeyRing, StoredKey, parse_timestamp
 from .yamlsource import Document, Where, load_document
 
 TOKEN_DIMENSIONS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -38,10 +38,16 @@ class Limit:
     count: int
     seconds: int
     label: str  # as written, e.g. "1m"
+    carried_window: str | None = None  # set by a live reload that changed this limit's duration
 
     @property
     def name(self) -> str:
         return f"{self.dimension}-{self.label}"
+
+    @property
+    def window(self) -> str:
+        """What the store calls this limit's window: its name, unless a reload kept an older one."""
+        return self.carried_window or self.name
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,9 @@ def parse_duration(text: Any) -> int:
 class _Reader:
     """Walks a Document, checking shapes and turning mistakes into ConfigErrors."""
 
-    def __init__(self, doc: Document) -> None:
+    def __init__(self, doc: Document, check_credentials: bool = True) -> None:
         self.doc = doc
+        self.check_credentials = check_credentials  # read the secrets the file points to
 
     def mapping(
         self, value: Any, where: Where, allowed: set[str], required: set[str] = frozenset()
@@ -176,7 +183,9 @@ def _provider(reader: _Reader, name: str, raw: Any) -> Provider:
         raise reader.doc.error(
             where, f"provider {name!r} needs exactly one of api_key_env, api_key_file"
         )
-    if "api_key_env" in raw:
+    if not reader.check_credentials:
+        api_key = ""
+    elif "api_key_env" in raw:
         api_key = reader.environment(raw["api_key_env"], (*where, "api_key_env"))
     else:
         key_path = Path(reader.string(raw["api_key_file"], (*where, "api_key_file")))
@@ -218,6 +227,15 @@ def _limit_list(reader: _Reader, raw: Any, where: Where, dimension: str) -> list
             raise reader.doc.error((*item_where, "duration"), str(e)) from None
         limits.append(Limit(dimension, count, seconds, str(item["duration"])))
     return limits
+
+
+def _timestamp(reader: _Reader, value: Any, where: Where) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_timestamp(value)
+    except ValueError as e:
+        raise reader.doc.error(where, str(e)) from None
 
 
 def _proxy(
@@ -278,7 +296,9 @@ def _proxy(
     version = raw.get("version")
     if version is not None:
         version = str(version)
-    keys_raw = raw.get("keys", {})
+    keys_raw = raw.get("keys")
+    if keys_raw is None:  # absent, or `keys:` left with comments only (every key revoked)
+        keys_raw = {}
     reader.mapping(
         keys_raw, (*where, "keys"), set(keys_raw) if isinstance(keys_raw, dict) else set()
     )
@@ -286,7 +306,7 @@ def _proxy(
     for key_name, entry in keys_raw.items():
         key_where = (*where, "keys", key_name)
         reader.name(key_name, key_where)
-        reader.mapping(entry, key_where, {"sha256"}, {"sha256"})
+        reader.mapping(entry, key_where, {"sha256", "created", "expires"}, {"sha256"})
         digest = entry["sha256"]
         if not isinstance(digest, str) or not _SHA256_HEX.match(digest):
             raise reader.doc.error(
@@ -301,7 +321,11 @@ def _proxy(
                 f"of proxy {other_proxy!r}",
             )
         seen_keys[digest] = (name, key_name)
-        keys.append(StoredKey(name=key_name, sha256=digest))
+        created, expires = (
+            _timestamp(reader, entry.get(field), (*key_where, field))
+            for field in ("created", "expires")
+        )
+        keys.append(StoredKey(key_name, digest, created=created, expires=expires))
     return Proxy(
         name=name,
         version=version,
@@ -346,6 +370,9 @@ def _store(reader: _Reader, raw: Any) -> StoreSpec:
     if ("url" in raw) == ("url_env" in raw):
         raise reader.doc.error(where, "a redis store needs exactly one of url, url_env")
     if "url_env" in raw:
+        if not reader.check_credentials:
+            reader.string(raw["url_env"], (*where, "url_env"))
+            return StoreSpec("redis", reservation_timeout=timeout)
         url = reader.environment(raw["url_env"], (*where, "url_env"))
     else:
         url = reader.string(raw["url"], (*where, "url"))
@@ -357,10 +384,15 @@ def _store(reader: _Reader, raw: Any) -> StoreSpec:
     return StoreSpec("redis", url=url, reservation_timeout=timeout)
 
 
-def load_config(path: Path | str) -> Config:
-    """Read and validate a quotas file; raises ConfigError naming file, line and reason."""
+def load_config(path: Path | str, check_credentials: bool = True) -> Config:
+    """Read and validate a quotas file; raises ConfigError naming file, line and reason.
+
+    `check_credentials=False` skips reading secrets (provider keys, a Redis URL from the
+    environment): tools that edit the file (the key script) validate it where the gate's
+    environment variables need not be set.
+    """
     doc = load_document(path)
-    reader = _Reader(doc)
+    reader = _Reader(doc, check_credentials)
     top = reader.mapping(doc.data, (), {"providers", "proxies", "store"}, {"providers", "proxies"})
     providers = {
         name: _provider(reader, name, raw)

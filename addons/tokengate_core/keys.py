@@ -8,6 +8,7 @@ nothing useful about a digest of a high-entropy key.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import secrets
@@ -21,6 +22,38 @@ KEY_PREFIX = "tg-"
 class StoredKey:
     name: str
     sha256: str
+    created: float | None = None  # epoch seconds, as written by scripts/keys.py
+    expires: float | None = None  # epoch seconds; from then on the key gets 401
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
+
+
+def parse_timestamp(value: object) -> float:
+    """An ISO 8601 timestamp (a string, or the datetime YAML makes of an unquoted one) -> epoch.
+
+    A timestamp without a zone is taken as UTC, so a file means the same on every machine.
+    """
+    if isinstance(value, datetime.datetime):
+        moment = value
+    elif isinstance(value, str):
+        try:
+            moment = datetime.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(
+                f"bad timestamp {value!r}: use ISO 8601, e.g. 2026-12-31T23:59:00Z"
+            ) from None
+    else:
+        raise ValueError(f"bad timestamp {value!r}: use ISO 8601, e.g. 2026-12-31T23:59:00Z")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
+def format_timestamp(epoch: float) -> str:
+    """Epoch seconds as the ISO 8601 UTC text the key script writes (second precision)."""
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def hash_key(secret: str) -> str:

@@ -45,7 +45,7 @@ class InFlight:
 
 def buckets_for(proxy, key_name: str) -> tuple[Bucket, ...]:
     scope = key_name if proxy.scope == "key" else "*"
-    return tuple(Bucket(f"{proxy.name}:{scope}:{limit.name}", limit) for limit in proxy.limits)
+    return tuple(Bucket(f"{proxy.name}:{scope}:{limit.window}", limit) for limit in proxy.limits)
 
 
 def completion_reserve(body: dict[str, Any], endpoint: str, default: int) -> int:

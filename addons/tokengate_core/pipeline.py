@@ -9,18 +9,21 @@ from __future__ import annotations
 
 from .admission import Authenticator, EndpointPolicy, Router
 from .annotate import Annotator
+from .commands import Commands
 from .credentials import CredentialSwap
 from .metering import Metering
 from .settings import Gate, Settings
 
 
 def build(gate: Gate) -> list:
+    settings = Settings(gate)
     return [
-        Settings(gate),
+        settings,
         Router(gate),
         Authenticator(gate),
         EndpointPolicy(),
         Metering(gate),
         CredentialSwap(gate),
         Annotator(),
+        Commands(gate, settings),
     ]

@@ -1,18 +1,23 @@
-"""The gate's shared state and the addon that fills it from mitmproxy options and quotas.yaml."""
+"""The gate's shared state and the addon that fills it from mitmproxy options and quotas.yaml.
+
+quotas.yaml is watched while the gate runs: an edit takes effect without a restart, and an edit
+that does not validate is refused in the log while the last good configuration keeps serving.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mitmproxy import ctx, exceptions
-from mitmproxy.utils import human
+from mitmproxy.utils import asyncio_utils, human
 
 from . import tokens
-from .config import Config, Proxy, load_config
+from .config import Config, Limit, Proxy, load_config
 from .stores import Store, StoreUnavailable, open_store
 from .stores.memory import MemoryStore
 from .yamlsource import ConfigError
@@ -34,16 +39,107 @@ class Gate:
         return self.config.proxies.get(name) if self.config else None
 
 
+def summary(gate: Gate) -> str:
+    """The one line the log shows at start and after each reload."""
+    assert gate.config is not None
+    return f"{gate.config.path}: {gate.config.summary()}"
+
+
+FileSignature = tuple[int, int, int]
+
+
+def file_signature(path: str | os.PathLike) -> FileSignature | None:
+    """Inode, size and mtime: an edit in place changes the last two, a rename-replace the first."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _read(path: str) -> tuple[FileSignature | None, Config | ConfigError]:
+    """The file's signature, then its configuration (or why it is refused); runs in a thread.
+
+    The signature is taken first, so a write that lands while the file is read shows as a
+    change on the next look.
+    """
+    signature = file_signature(path)
+    try:
+        return signature, load_config(path)
+    except ConfigError as e:
+        return signature, e
+
+
+def keep_windows(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new`, with each limit of a kept proxy pointed at the window it had before the edit.
+
+    The store keeps usage per window, named after the limit (`total_tokens-1m`). A limit whose
+    count changed keeps its name, so the new count applies to the window as it stands. A limit
+    whose duration changed has a new name: it is paired with the limit of its dimension that
+    disappeared (shortest with shortest) and keeps that window, which the store then reads with
+    the new duration. A limit with nothing to pair with starts empty. Returns the notes to log.
+    """
+    proxies, notes = {}, []
+    for name, proxy in new.proxies.items():
+        before = old.proxies.get(name)
+        if before is None or before.scope != proxy.scope:
+            proxies[name] = proxy
+            if before is not None:
+                notes.append(f"{name}: scope changed to {proxy.scope}: every window starts empty")
+            continue
+        proxies[name] = replace(proxy, limits=_paired(before.limits, proxy.limits, notes, name))
+    return replace(new, proxies=proxies), notes
+
+
+def _paired(
+    old: tuple[Limit, ...], new: tuple[Limit, ...], notes: list[str], proxy: str
+) -> tuple[Limit, ...]:
+    by_name = {limit.name: limit for limit in old}
+    kept = {limit.name: by_name[limit.name].window for limit in new if limit.name in by_name}
+    taken = set(kept.values())
+    for dimension in dict.fromkeys(limit.dimension for limit in new):
+        gone = [lim for lim in old if lim.dimension == dimension and lim.window not in taken]
+        came = [lim for lim in new if lim.dimension == dimension and lim.name not in kept]
+        gone.sort(key=lambda limit: limit.seconds)
+        came.sort(key=lambda limit: limit.seconds)
+        for index, limit in enumerate(came):
+            if index < len(gone):
+                kept[limit.name] = gone[index].window
+                notes.append(f"{proxy}/{limit.name} keeps the usage of {gone[index].name}")
+            else:
+                window, suffix = limit.name, 1
+                while window in taken:  # a carried window may already use this name
+                    suffix += 1
+                    window = f"{limit.name}.{suffix}"
+                kept[limit.name] = window
+                notes.append(f"{proxy}/{limit.name} is a new limit: its window starts empty")
+            taken.add(kept[limit.name])
+    return tuple(
+        replace(lim, carried_window=None if kept[lim.name] == lim.name else kept[lim.name])
+        for lim in new
+    )
+
+
 class Settings:
-    """Declares the `tokengate_*` options and loads the quotas file they name.
+    """Declares the `tokengate_*` options and loads the quotas file they name, live.
 
     A broken file at start-up is logged as `file:line: reason`, which makes mitmdump exit with
-    status 1; a broken file later is refused with OptionsError and the last good one stays.
+    status 1; a broken file later (an edit, or `--set` in the console) is refused with that same
+    line and the last good configuration keeps serving.
+
+    The file is watched like mitmproxy watches its scripts: one look (a `stat`, off the event
+    loop) per `WATCH_INTERVAL` seconds, however busy the gate is.
     """
+
+    WATCH_INTERVAL = 1.0
+    # Editors write a file in several steps; a change is read only once it has held this long.
+    SETTLE_SECONDS = 0.1
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self._closing: asyncio.Task | None = None
+        self._signature: FileSignature | None = None  # of the file as last read
+        self._watcher: asyncio.Task | None = None
+        self._closing: asyncio.Task | None = None  # the replaced store, closing
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -73,6 +169,7 @@ class Settings:
             self.gate.max_body = size
         if "tokengate_config" not in updated:
             return
+        signature = file_signature(ctx.options.tokengate_config)
         try:
             config = load_config(ctx.options.tokengate_config)
         except ConfigError as e:
@@ -81,18 +178,66 @@ class Settings:
                 return
             raise exceptions.OptionsError(f"tokengate: {e}") from e
         tokens.preload()
+        try:
+            self._install(config, signature)
+        except StoreUnavailable as e:
+            if self.gate.config is None:
+                log.error("tokengate: refusing to start: %s: store: %s", config.path, e)
+                return
+            raise exceptions.OptionsError(f"tokengate: store: {e}") from e
+
+    def _install(self, config: Config, signature: FileSignature | None, why: str = "") -> None:
+        """Serve `config`; raises StoreUnavailable (nothing changed) if its store cannot open."""
         previous = self.gate.config
         if previous is None or previous.store != config.store:
-            try:
-                store = open_store(config.store, self.gate.clock)
-            except StoreUnavailable as e:
-                if previous is None:
-                    log.error("tokengate: refusing to start: %s: store: %s", config.path, e)
-                    return
-                raise exceptions.OptionsError(f"tokengate: store: {e}") from e
-            self._replace_store(store)
+            self._replace_store(open_store(config.store, self.gate.clock))
+        notes: list[str] = []
+        if previous is not None:
+            config, notes = keep_windows(previous, config)
         self.gate.config = config
-        log.info("tokengate: %s: %s", config.path, config.summary())
+        self._signature = signature
+        log.info("tokengate: %s%s", f"reloaded ({why}): " if why else "", summary(self.gate))
+        for note in notes:
+            log.info("tokengate: %s", note)
+
+    async def reload(self, why: str) -> bool:
+        """Read the quotas file again; on a refusal the last good configuration keeps serving."""
+        path = ctx.options.tokengate_config
+        signature, loaded = await asyncio.to_thread(_read, path)
+        if path != ctx.options.tokengate_config:
+            return False  # the option moved to another file meanwhile; that load wins
+        if isinstance(loaded, ConfigError):
+            self._signature = signature  # refused once, not again every second
+            log.error(
+                "tokengate: reload (%s) refused, the last good configuration keeps serving: %s",
+                why,
+                loaded,
+            )
+            return False
+        try:
+            self._install(loaded, signature, why)
+        except StoreUnavailable as e:
+            self._signature = signature
+            log.error("tokengate: reload (%s) refused: %s: store: %s", why, loaded.path, e)
+            return False
+        return True
+
+    async def watch(self) -> None:
+        """Reload whenever the file's signature changes; a file that vanished is waited for."""
+        while True:
+            await asyncio.sleep(self.WATCH_INTERVAL)
+            path = ctx.options.tokengate_config
+            signature = await asyncio.to_thread(file_signature, path)
+            if signature == self._signature:
+                continue
+            if signature is None:
+                # Some editors delete and re-create; the config in memory keeps serving.
+                log.warning("tokengate: %s is gone; the last good configuration serves", path)
+                self._signature = None
+                continue
+            await asyncio.sleep(self.SETTLE_SECONDS)
+            if await asyncio.to_thread(file_signature, path) == signature:
+                await self.reload("file changed")
 
     def _replace_store(self, store: Store) -> None:
         old, self.gate.store = self.gate.store, store
@@ -104,12 +249,22 @@ class Settings:
         # Flows still holding the old store finish their call first; keep the task referenced.
         self._closing = loop.create_task(old.close())
 
-    async def done(self) -> None:
-        await self.gate.store.close()
-
     def running(self) -> None:
         # With the default eager strategy a reverse proxy whose upstream is down drops the client
         # before any HTTP hook runs, so the gate could not even answer 401 or 429.
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
             log.info("tokengate: connection_strategy set to lazy")
+        self.start_watching()
+
+    def start_watching(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio_utils.create_task(
+                self.watch(), name="tokengate quotas watcher", keep_ref=True
+            )
+
+    async def done(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        await self.gate.store.close()
