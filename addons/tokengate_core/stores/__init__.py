@@ -9,6 +9,10 @@ from typing import Protocol
 
 from ..limiter import Bucket, Decision, Demand, LimitStatus, Usage
 
+# Seconds after which an unsettled reservation counts as settled at its reserved amount: how the
+# reservations of a crashed process end (longer than any request should take).
+STALE_AFTER = 600.0
+
 
 @dataclass(frozen=True)
 class Reservation:
