@@ -219,7 +219,7 @@ for i = 1, #KEYS / 4 do
     prune(k, seconds, stale, now)
     if mode ~= 'status' and redis.call('ZREM', k.pending, id) == 1 then
         local held = tonumber(redis.call('HGET', k.amounts, id))
-        redis.call('HINCRBY', k.totals, 'reserved', -held)
+        redis.call('HINCRBY', k.totals, 'reserved', 0 - held)  -- -0 is no integer
         if mode == 'release' then
             redis.call('ZREM', k.charges, id)
             redis.call('HDEL', k.amounts, id)
