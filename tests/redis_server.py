@@ -8,8 +8,10 @@ back. Where `redis-server` is not installed, tests skip with a loud reason, exce
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
+import subprocess
 import time
 
 import pytest
@@ -72,6 +74,11 @@ class RedisServer:
                 return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
+
+    def version(self) -> str:
+        run = subprocess.run([self.executable, "--version"], capture_output=True, text=True)
+        match = re.search(r"v=(\S+)", run.stdout)
+        return match.group(1) if match else run.stdout.strip()
 
     def stop(self) -> None:
         if self.process is not None:
