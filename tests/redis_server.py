@@ -11,8 +11,10 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -39,22 +41,36 @@ def require_redis_server() -> str:
 
 
 class RedisServer:
-    """One redis-server process without persistence; `password` makes it require AUTH."""
+    """One redis-server process without persistence; `password` makes it require AUTH, `tls`
+    (a PEM file with a self-signed certificate and its key) makes it speak TLS only."""
 
-    def __init__(self, executable: str = "redis-server", password: str | None = None) -> None:
+    def __init__(
+        self,
+        executable: str = "redis-server",
+        password: str | None = None,
+        tls: Path | None = None,
+    ) -> None:
         self.executable = executable
         self.password = password
+        self.tls = tls
         self.port = free_port()
         self.process: Child | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        argv = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no"]
+        argv = [self.executable, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.tls:
+            argv += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            for option in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file"):
+                argv += [option, str(self.tls)]
+        else:
+            argv += ["--port", str(self.port)]
         if self.password:
             argv += ["--requirepass", self.password]
         self.process = Child(argv)
@@ -69,7 +85,11 @@ class RedisServer:
     def ping(self) -> bool:
         """True once the server answers (an AUTH error is an answer too)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                sock = raw
+                if self.tls:
+                    tls = ssl.create_default_context(cafile=self.tls)
+                    sock = tls.wrap_socket(raw, server_hostname="127.0.0.1")
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:

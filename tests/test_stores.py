@@ -33,6 +33,7 @@ from tokengate_core.stores.memory import MemoryStore
 from tokengate_core.stores.redis import RedisStore, redacted
 from tokengate_core.stores.sqlite import SqliteStore
 
+from tests.e2e import self_signed
 from tests.redis_server import RedisServer, require_redis_server
 from tests.test_limiter import T0, FakeClock, buckets, limit, total
 
@@ -493,10 +494,26 @@ async def test_redis_password_in_url(tmp_path):
         server.stop()
 
 
+async def test_redis_over_tls_with_a_password(tmp_path):
+    pem = self_signed(tmp_path)
+    server = RedisServer(require_redis_server(), password="tls-pass", tls=pem).start()
+    store = RedisStore(server.url, FakeClock())
+    try:
+        assert server.url.startswith("rediss://")
+        decision, reservation = await store.reserve("a", buckets(total(10)), Demand(1, 1))
+        assert decision.admitted
+        (s,) = await store.settle(reservation, Usage(2, 3))
+        assert s.used == 5
+    finally:
+        await store.close()
+        server.stop()
+
+
 def test_redacted_url():
     assert redacted("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
     assert redacted("rediss://user:pw@host/1") == "rediss://user:***@host/1"
     assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redacted("redis://h/0?db=1&password=pw") == "redis://h/0?db=1&password=***"
 
 
 async def test_redis_down_then_back(tmp_path):

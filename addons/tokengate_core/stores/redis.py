@@ -10,12 +10,14 @@ Per bucket, four keys: `charges` (reservation id -> stamp, sorted), `amounts` (i
 `pending` (the unsettled ids, by stamp, so stale ones are found from the front) and `totals`
 (running `used` and `reserved`, so a decision does not sum the window). Every key is hash-tagged
 with the bucket's `proxy:scope` (`tokengate:{proxy:alice}:total_tokens-1m:charges`): all the
-buckets of one request, which share that scope, live in one slot, so the scripts also run on
-Redis Cluster. Every key gets a TTL of its window plus `stale_after`, refreshed on each write.
+buckets of one request, which share that scope, live in one slot, so the scripts could run on
+Redis Cluster unchanged (the client here is the single-node one; a Cluster client is not wired).
+Every key gets a TTL of its window plus `stale_after`, refreshed on each write.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -241,15 +243,16 @@ return out
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password (in the user part or a `password=` query), for messages."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        netloc = f"{parts.username or ''}:***@{host}"
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class RedisStore:
