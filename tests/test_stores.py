@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import sqlite3
 import time
 import uuid
@@ -534,6 +535,40 @@ async def test_redis_down_then_back(tmp_path):
         decision, _ = await store.reserve("c", bs, Demand(1, 1))
         assert decision.admitted and decision.statuses[0].reserved == 2
     finally:
+        await store.close()
+        server.stop()
+
+
+async def test_redis_frozen_raises_without_stalling_the_loop_then_recovers():
+    server = RedisServer(require_redis_server()).start()
+    store = RedisStore(server.url, FakeClock(), timeout=0.3)
+    bs = buckets(total(100))
+    ticks = 0
+
+    async def other_flow() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    try:
+        await store.status(bs)  # connected
+        server.process.popen.send_signal(signal.SIGSTOP)  # a Redis that stops answering
+        ticker = asyncio.create_task(other_flow())
+        try:
+            with pytest.raises(StoreUnavailable, match="Timeout"):
+                await store.reserve("frozen", bs, Demand(1, 1))
+        finally:
+            ticker.cancel()
+        assert ticks > 3  # the event loop kept serving other work meanwhile
+        server.process.popen.send_signal(signal.SIGCONT)
+        decision, _ = await store.reserve("after", bs, Demand(1, 1))
+        assert decision.admitted
+        # Whether the frozen reserve ran on the server once it woke is not known to the caller.
+        statuses = await store.status(bs)
+        assert statuses[0].reserved in (2, 4)
+    finally:
+        server.process.popen.send_signal(signal.SIGCONT)
         await store.close()
         server.stop()
 
