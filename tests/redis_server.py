@@ -73,13 +73,16 @@ class RedisServer:
             argv += ["--port", str(self.port)]
         if self.password:
             argv += ["--requirepass", self.password]
-        self.process = Child(argv)
+        self.process = process = Child(argv)
         deadline = time.monotonic() + READY
-        while not self.ping():
-            if self.process.popen.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server did not start:\n{self.process.output}")
-            time.sleep(0.02)
+        try:
+            while not self.ping():
+                if process.popen.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start:\n{process.output}")
+                time.sleep(0.02)
+        except BaseException:
+            self.stop()  # never leave a server behind
+            raise
         return self
 
     def ping(self) -> bool:
