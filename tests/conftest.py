@@ -1,4 +1,4 @@
-"""Shared fixtures: the real mock provider process, and caller keys for quotas files."""
+"""Shared fixtures: the real mock provider and Redis processes, and caller keys for quotas files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 from tokengate_core.keys import hash_key
 
 from tests.e2e import Mock
+from tests.redis_server import RedisServer, require_redis_server
 
 ALICE = "tg-alice-secret-key"
 BOB = "tg-bob-secret-key"
@@ -30,3 +31,11 @@ def mock():
 def fresh_mock(mock):
     mock.reset()
     return mock
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One redis-server for the session; tests keep apart by key prefix."""
+    server = RedisServer(require_redis_server()).start()
+    yield server
+    server.stop()

@@ -6,10 +6,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from ..config import DEFAULT_RESERVATION_TIMEOUT
 from ..limiter import Bucket, Decision, Demand, LimitStatus, Usage
 
 if TYPE_CHECKING:
     from ..config import StoreSpec
+
+# Seconds after which an unsettled reservation counts as settled at its reserved amount: how the
+# reservations of a crashed process end (longer than any request should take).
+STALE_AFTER = float(DEFAULT_RESERVATION_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ def open_store(spec: StoreSpec, clock: Callable[[], float]) -> Store:
     if spec.kind == "memory":
         from .memory import MemoryStore
 
-        return MemoryStore(clock)
+        return MemoryStore(clock, stale_after=spec.reservation_timeout)
     if spec.kind == "sqlite":
         from .sqlite import SqliteStore
 
@@ -57,5 +62,5 @@ def open_store(spec: StoreSpec, clock: Callable[[], float]) -> Store:
     if spec.kind == "redis":
         from .redis import RedisStore
 
-        return RedisStore(spec.url, stale_after=spec.reservation_timeout)
+        return RedisStore(spec.url, clock=None, stale_after=spec.reservation_timeout)
     raise ValueError(f"unknown store kind {spec.kind!r}")

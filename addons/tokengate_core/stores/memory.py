@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from ..config import Limit
 from ..limiter import Bucket, Charge, Decision, Demand, LimitStatus, Usage, decide_on
-from . import Reservation
+from . import STALE_AFTER, Reservation
 
 Clock = Callable[[], float]
 
@@ -18,24 +18,36 @@ class Window:
 
     Charges are keyed by reservation id; a dict keeps insertion order, which is stamp order
     because stamps never go backwards (a clock that does is clamped to the last stamp).
+    `pending` holds the unsettled ones in the same order, so stale ones are found from the front.
     """
 
-    __slots__ = ("charges", "last_stamp", "reserved", "used")
+    __slots__ = ("charges", "pending", "reserved", "used")
 
     def __init__(self) -> None:
         self.charges: dict[str, Charge] = {}
+        self.pending: dict[str, Charge] = {}
         self.used = 0
         self.reserved = 0
-        self.last_stamp = float("-inf")
 
-    def prune(self, seconds: int, now: float) -> None:
+    @property
+    def last_stamp(self) -> float:
+        return next(reversed(self.charges.values())).stamp if self.charges else float("-inf")
+
+    def prune(self, seconds: int, now: float, stale_after: float) -> None:
+        """Drop expired charges; count reservations older than `stale_after` as settled."""
         while self.charges:
             oldest_id = next(iter(self.charges))
             oldest = self.charges[oldest_id]
             if oldest.stamp + seconds > now:
-                return
+                break
             del self.charges[oldest_id]
+            self.pending.pop(oldest_id, None)
             self._count(oldest, -1)
+        while self.pending:
+            oldest_id = next(iter(self.pending))
+            if self.pending[oldest_id].stamp + stale_after > now:
+                break
+            self._replace(oldest_id, self.pending.pop(oldest_id).amount)
 
     def _count(self, charge: Charge, sign: int) -> None:
         if charge.settled:
@@ -44,15 +56,16 @@ class Window:
             self.reserved += sign * charge.amount
 
     def hold(self, reservation_id: str, charge: Charge) -> None:
-        self.charges[reservation_id] = charge
-        self.last_stamp = charge.stamp
+        self.charges[reservation_id] = self.pending[reservation_id] = charge
         self._count(charge, +1)
 
     def settle(self, reservation_id: str, amount: int | None) -> None:
         """Replace an unsettled charge by `amount`, or drop it when `amount` is None."""
-        held = self.charges.get(reservation_id)
-        if held is None or held.settled:
-            return
+        if self.pending.pop(reservation_id, None) is not None:
+            self._replace(reservation_id, amount)
+
+    def _replace(self, reservation_id: str, amount: int | None) -> None:
+        held = self.charges[reservation_id]
         self._count(held, -1)
         if amount is None:
             del self.charges[reservation_id]
@@ -67,17 +80,23 @@ class Window:
 
 
 class MemoryStore:
-    """Windows keyed by bucket; a window that empties is dropped, so idle keys cost nothing."""
+    """Windows keyed by bucket; a window that empties is dropped, so idle keys cost nothing.
 
-    def __init__(self, clock: Clock = time.time) -> None:
+    A reservation still unsettled `stale_after` seconds after its stamp counts as settled at its
+    reserved amount (a late settle changes nothing), as in the SQLite and Redis stores, where
+    that is how a crashed process's reservations end; here it bounds a settle that never comes.
+    """
+
+    def __init__(self, clock: Clock = time.time, stale_after: float = STALE_AFTER) -> None:
         self.clock = clock
+        self.stale_after = stale_after
         self._windows: dict[str, Window] = {}
 
     def _window(self, bucket: Bucket, now: float) -> Window:
         window = self._windows.get(bucket.key)
         if window is None:
             window = self._windows[bucket.key] = Window()
-        window.prune(bucket.limit.seconds, now)
+        window.prune(bucket.limit.seconds, now, self.stale_after)
         return window
 
     def _statuses(self, buckets: tuple[Bucket, ...], now: float) -> tuple[LimitStatus, ...]:

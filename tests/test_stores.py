@@ -1,0 +1,649 @@
+"""One conformance suite for every store (G5): the same trace gives the same answers.
+
+Each scenario drives a store through a `Recorder`, which logs every decision, reservation,
+status and the headers (and 429) a caller would get, and checks figures worked out by hand.
+Every scenario runs against memory, SQLite (a file under tmp_path) and Redis (a real
+redis-server), and each log must equal the memory store's log for the same trace. A hypothesis
+test does the same with random traces. Store-specific tests follow: Redis (server clock, TTLs,
+hash slots, passwords, outages) and SQLite (restarts, WAL, two stores on one file, failures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import redis as redis_sync
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.crc import key_slot
+from tokengate_core import responses
+from tokengate_core.config import REQUESTS
+from tokengate_core.limiter import Bucket, Decision, Demand, Usage
+from tokengate_core.metering import buckets_for
+from tokengate_core.stores import STALE_AFTER, Reservation, Store, StoreUnavailable
+from tokengate_core.stores.memory import MemoryStore
+from tokengate_core.stores.redis import RedisStore, redacted
+from tokengate_core.stores.sqlite import SqliteStore
+
+from tests.e2e import self_signed
+from tests.redis_server import RedisServer, require_redis_server
+from tests.test_limiter import T0, FakeClock, buckets, limit, total
+
+KINDS = ("memory", "sqlite", "redis")
+Opener = Callable[..., Store]
+
+PROMPT_50 = limit("prompt_tokens", 50, 60, "1m")
+TOTAL_100 = limit("total_tokens", 100, 60, "1m")
+TOTAL_1000_1H = limit("total_tokens", 1000, 3600, "1h")
+ALL_DIMENSIONS = (
+    limit("prompt_tokens", 1000, 60, "1m"),
+    limit("completion_tokens", 1000, 60, "1m"),
+    limit("total_tokens", 1000, 60, "1m"),
+    limit(REQUESTS, 10, 60, "1m"),
+)
+
+
+def opener(kind: str, folder: Path, redis_url: str | None) -> Opener:
+    """A function making fresh, empty stores of `kind` (each Redis store gets its own prefix)."""
+    files = itertools.count()
+
+    def open_store(clock, stale_after: float = STALE_AFTER) -> Store:
+        if kind == "memory":
+            return MemoryStore(clock, stale_after)
+        if kind == "sqlite":
+            return SqliteStore(folder / f"usage-{next(files)}.sqlite", clock, stale_after)
+        return RedisStore(redis_url, clock, stale_after, prefix=f"t-{uuid.uuid4().hex[:12]}")
+
+    return open_store
+
+
+@pytest.fixture(params=KINDS)
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def open_store(kind, tmp_path, request):
+    """Stores of the parametrized kind, closed after the test."""
+    url = request.getfixturevalue("redis_server").url if kind == "redis" else None
+    make = opener(kind, tmp_path, url)
+    opened: list[Store] = []
+
+    def open_and_track(clock, stale_after: float = STALE_AFTER) -> Store:
+        opened.append(store := make(clock, stale_after))
+        return store
+
+    yield open_and_track
+    for store in opened:
+        await store.close()
+
+
+class Recorder:
+    """Drives one store with a fake clock and logs every answer a caller could see."""
+
+    def __init__(self, store: Store, clock: FakeClock) -> None:
+        self.store = store
+        self.clock = clock
+        self.log: list = []
+        self.held: dict[str, Reservation] = {}
+
+    async def reserve(
+        self, name: str, bs: tuple[Bucket, ...], demand: Demand
+    ) -> tuple[Decision, Reservation | None]:
+        decision, reservation = await self.store.reserve(name, bs, demand)
+        now = self.clock.now
+        if reservation is None:
+            answer = responses.rate_limited(decision, now, "p", demand.prompt)
+            seen = (dict(answer.headers), answer.content)
+        else:
+            self.held[name] = reservation
+            seen = responses.ratelimit_headers(decision.statuses, now)
+        self.log.append(("reserve", name, now, decision, reservation, seen))
+        return decision, reservation
+
+    async def finish(self, name: str, usage: Usage | None):
+        """Settle `name` with `usage`, or release it when `usage` is None."""
+        reservation = self.held[name]
+        if usage is None:
+            statuses = await self.store.release(reservation)
+        else:
+            statuses = await self.store.settle(reservation, usage)
+        now = self.clock.now
+        self.log.append(("finish", name, now, usage, statuses, self.headers(statuses)))
+        return statuses
+
+    async def status(self, bs: tuple[Bucket, ...]):
+        statuses = await self.store.status(bs)
+        self.log.append(("status", self.clock.now, statuses, self.headers(statuses)))
+        return statuses
+
+    def headers(self, statuses) -> dict[str, str]:
+        return responses.ratelimit_headers(statuses, self.clock.now)
+
+
+Scenario = Callable[[Recorder, FakeClock], Awaitable[None]]
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def scenario(function: Scenario) -> Scenario:
+    SCENARIOS[function.__name__] = function
+    return function
+
+
+@scenario
+async def admits_caps_and_refuses(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(total(100))
+    decision, _ = await r.reserve("a", bs, Demand(10, 256))
+    assert decision.admitted and decision.reserved == Usage(10, 90)  # capped by what is left
+    decision, _ = await r.reserve("b", bs, Demand(1, 0))
+    assert not decision.admitted and decision.retry_at == T0 + 60
+    clock.advance(1)
+    (s,) = await r.finish("a", Usage(10, 20))
+    assert (s.used, s.reserved, s.remaining) == (30, 0, 70)
+    decision, _ = await r.reserve("c", bs, Demand(70, 256))
+    assert decision.admitted and decision.reserved == Usage(70, 0)
+    await r.finish("c", None)
+    decision, _ = await r.reserve("d", bs, Demand(71, 0))
+    assert not decision.admitted and decision.retry_at == T0 + 60
+
+
+@scenario
+async def debt_stays_until_its_window_ends(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(total(100))
+    await r.reserve("a", bs, Demand(10, 20))
+    (s,) = await r.finish("a", Usage(10, 190))
+    assert (s.used, s.remaining) == (200, 0)
+    for when in (T0 + 30, T0 + 59.999):
+        clock.at(when)
+        decision, _ = await r.reserve(f"x{when}", bs, Demand(1, 0))
+        assert not decision.admitted and decision.retry_at == T0 + 60
+    clock.at(T0 + 60)
+    (s,) = await r.status(bs)
+    assert (s.used, s.reserved, s.remaining) == (0, 0, 100)
+
+
+@scenario
+async def several_limits_retry_at_the_latest(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(PROMPT_50, TOTAL_100, TOTAL_1000_1H)
+    await r.reserve("a", bs, Demand(45, 0))
+    await r.finish("a", Usage(45, 0))
+    clock.at(T0 + 30)
+    await r.reserve("b", bs, Demand(0, 50))
+    await r.finish("b", Usage(0, 100))  # debt on total-1m
+    clock.at(T0 + 31)
+    decision, _ = await r.reserve("c", bs, Demand(10, 0))
+    assert not decision.admitted and decision.retry_at == T0 + 90
+    assert decision.blocking.limit == TOTAL_100
+    clock.at(T0 + 89.999)
+    assert not (await r.reserve("d", bs, Demand(10, 0)))[0].admitted
+    clock.at(T0 + 90)
+    decision, _ = await r.reserve("e", bs, Demand(10, 500))
+    assert decision.admitted and decision.reserved == Usage(10, 90)  # total-1m whole again
+    decision, _ = await r.reserve("f", bs, Demand(60, 0))  # above the prompt count: never
+    assert not decision.admitted and decision.retry_at is None
+    assert decision.blocking.limit == PROMPT_50
+
+
+@scenario
+async def every_dimension_settles_once(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(*ALL_DIMENSIONS)
+    await r.reserve("keep", bs, Demand(5, 5))
+    decision, _ = await r.reserve("a", bs, Demand(30, 50))
+    assert {s.limit.dimension: s.reserved for s in decision.statuses} == {
+        "prompt_tokens": 35,
+        "completion_tokens": 55,
+        "total_tokens": 90,
+        REQUESTS: 2,
+    }
+    clock.advance(2)
+    first = await r.finish("a", Usage(25, 70))
+    assert await r.finish("a", Usage(500, 500)) == first  # a second settle changes nothing
+    assert await r.finish("a", None) == first  # nor does a release after it
+    assert {s.limit.dimension: (s.used, s.reserved) for s in first} == {
+        "prompt_tokens": (25, 5),
+        "completion_tokens": (70, 5),
+        "total_tokens": (95, 10),
+        REQUESTS: (1, 1),
+    }
+    released = await r.finish("keep", None)
+    assert await r.finish("keep", Usage(9, 9)) == released  # settle after release: nothing
+    assert [s.reserved for s in released] == [0, 0, 0, 0]
+    await r.reserve("zero", bs, Demand(3, 3))
+    await r.finish("zero", Usage(0, 0))
+    clock.advance(1)
+    await r.status(bs)
+
+
+@scenario
+async def scopes_keep_their_own_books(r: Recorder, clock: FakeClock) -> None:
+    by_key = SimpleNamespace(name="one", scope="key", limits=(TOTAL_100,))
+    shared = SimpleNamespace(name="two", scope="proxy", limits=(TOTAL_100, PROMPT_50))
+    await r.reserve("a", buckets_for(by_key, "alice"), Demand(50, 50))
+    assert not (await r.reserve("b", buckets_for(by_key, "alice"), Demand(1, 0)))[0].admitted
+    assert (await r.reserve("c", buckets_for(by_key, "bob"), Demand(10, 10)))[0].admitted
+    await r.reserve("d", buckets_for(shared, "alice"), Demand(20, 50))
+    await r.finish("d", Usage(20, 60))
+    total_, prompt = await r.status(buckets_for(shared, "bob"))
+    assert (total_.used, prompt.used) == (80, 20)
+    assert not (await r.reserve("e", buckets_for(shared, "bob"), Demand(21, 0)))[0].admitted
+
+
+@scenario
+async def windows_expire_one_charge_at_a_time(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(total(100))
+    for step, used in enumerate((20, 30, 40)):
+        clock.at(T0 + 10 * step)
+        await r.reserve(f"s{step}", bs, Demand(1, 1))
+        await r.finish(f"s{step}", Usage(used, 0))
+    clock.at(T0 + 30)
+    decision, _ = await r.reserve("big", bs, Demand(55, 0))  # fits once 45 more are free
+    assert not decision.admitted and decision.retry_at == T0 + 70
+    assert decision.blocking.reset_at == T0 + 80
+    for when, used in ((T0 + 60, 70), (T0 + 70, 40), (T0 + 80, 0)):
+        clock.at(when)
+        (s,) = await r.status(bs)
+        assert s.used == used, when
+    clock.at(T0 + 200)
+    decision, _ = await r.reserve("wait", bs, Demand(20, 200))  # a 429 past the SDK's wait
+    await r.finish("wait", Usage(20, 180))
+    clock.advance(1)
+    assert not (await r.reserve("late", bs, Demand(1, 0)))[0].admitted
+
+
+@scenario
+async def waiting_until_retry_at_is_enough(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(limit(REQUESTS, 2, 30, "30s"), total(1000, 3600))
+    await r.reserve("a", bs, Demand(400, 0))
+    clock.advance(5)
+    await r.reserve("b", bs, Demand(400, 0))
+    decision, _ = await r.reserve("c", bs, Demand(100, 0))
+    assert not decision.admitted and decision.retry_at == T0 + 30  # requests-30s refuses
+    clock.at(decision.retry_at - 0.001)
+    assert not (await r.reserve("d", bs, Demand(100, 0)))[0].admitted
+    clock.at(decision.retry_at)
+    decision, _ = await r.reserve("e", bs, Demand(100, 500))
+    assert decision.admitted and decision.reserved == Usage(100, 100)
+
+
+@scenario
+async def stale_reservations_count_as_settled(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(TOTAL_1000_1H)
+    await r.reserve("old", bs, Demand(100, 100))
+    clock.advance(10)
+    await r.reserve("young", bs, Demand(50, 50))
+    clock.at(T0 + STALE_AFTER - 0.001)
+    (s,) = await r.status(bs)
+    assert (s.used, s.reserved) == (0, 300)
+    clock.at(T0 + STALE_AFTER)  # "old" is stale: charged what it reserved
+    (s,) = await r.status(bs)
+    assert (s.used, s.reserved) == (200, 100)
+    (s,) = await r.finish("old", Usage(1, 1))  # too late: changes nothing
+    assert (s.used, s.reserved) == (200, 100)
+    (s,) = await r.finish("young", Usage(10, 10))
+    assert (s.used, s.reserved) == (220, 0)
+    clock.at(T0 + 3600)
+    (s,) = await r.status(bs)
+    assert (s.used, s.reserved) == (20, 0)
+
+
+@scenario
+async def release_of_the_newest_moves_the_reset_back(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(total(100))
+    await r.reserve("a", bs, Demand(10, 10))
+    clock.advance(10)
+    decision, _ = await r.reserve("b", bs, Demand(10, 10))
+    assert decision.statuses[0].reset_at == T0 + 70
+    (s,) = await r.finish("b", None)
+    assert s.reset_at == T0 + 60
+    (s,) = await r.finish("a", None)
+    assert (s.used, s.reserved, s.reset_at) == (0, 0, clock.now)
+
+
+@scenario
+async def a_clock_going_back_never_stamps_earlier(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(total(100))
+    clock.at(T0 + 10)
+    await r.reserve("a", bs, Demand(10, 10))
+    clock.at(T0)  # e.g. an NTP step
+    _, reservation = await r.reserve("b", bs, Demand(10, 10))
+    assert reservation.stamp == T0 + 10
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+async def test_same_trace_same_answers(name, kind, open_store):
+    clock, reference_clock = FakeClock(), FakeClock()
+    recorder = Recorder(open_store(clock), clock)
+    await SCENARIOS[name](recorder, clock)
+    reference = Recorder(MemoryStore(reference_clock), reference_clock)
+    await SCENARIOS[name](reference, reference_clock)
+    assert recorder.log == reference.log
+
+
+# --------------------------------------------------------------------------------------------
+# Random traces (hypothesis): every store against the memory store, step by step
+
+RANDOM_LIMITS = (
+    limit("total_tokens", 100, 60, "1m"),
+    limit("completion_tokens", 40, 30, "30s"),
+    limit(REQUESTS, 4, 20, "20s"),
+    limit("prompt_tokens", 300, 3600, "1h"),
+)
+RANDOM_STALE_AFTER = 45.0
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("reserve"), st.integers(0, 110), st.integers(0, 80), st.booleans()),
+        st.tuples(st.just("settle"), st.integers(0, 50), st.integers(0, 120), st.integers(0, 90)),
+        st.tuples(st.just("release"), st.integers(0, 50)),
+        st.tuples(st.just("advance"), st.integers(1, 60)),
+        st.tuples(st.just("status"), st.booleans()),
+    ),
+    max_size=30,
+)
+
+
+async def play(store: Store, clock: FakeClock, trace: list) -> list:
+    """Runs a random trace on two scopes; returns the Recorder's log."""
+    scopes = (buckets(*RANDOM_LIMITS, scope="a"), buckets(*RANDOM_LIMITS[:2], scope="b"))
+    r = Recorder(store, clock)
+    names: list[str] = []
+    try:
+        for index, (op, *args) in enumerate(trace):
+            if op == "reserve":
+                prompt, completion, second = args
+                names.append(name := f"r{index}")
+                await r.reserve(name, scopes[second], Demand(prompt, completion))
+                if name not in r.held:
+                    names.pop()
+            elif op in ("settle", "release") and names:
+                name = names[args[0] % len(names)]
+                await r.finish(name, Usage(args[1], args[2]) if op == "settle" else None)
+            elif op == "advance":
+                clock.advance(args[0] * 0.5)
+            elif op == "status":
+                await r.status(scopes[args[0]])
+    finally:
+        await store.close()
+    return r.log
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=steps)
+def test_random_traces_agree_across_stores(trace, tmp_path_factory, redis_server):
+    folder = tmp_path_factory.mktemp("random")
+
+    async def run_all() -> dict[str, list]:
+        logs = {}
+        for kind_ in KINDS:
+            clock = FakeClock()
+            store = opener(kind_, folder, redis_server.url)(clock, RANDOM_STALE_AFTER)
+            logs[kind_] = await play(store, clock, trace)
+        return logs
+
+    logs = asyncio.run(run_all())
+    assert logs["sqlite"] == logs["memory"]
+    assert logs["redis"] == logs["memory"]
+
+
+# --------------------------------------------------------------------------------------------
+# Concurrency: one atomic step per reservation, whatever the interleaving
+
+
+async def test_concurrent_reserves_never_exceed_the_count(open_store):
+    store = open_store(FakeClock())
+    bs = buckets(total(1000), limit(REQUESTS, 20, 60))
+    results = await asyncio.gather(
+        *(store.reserve(f"g{i}", bs, Demand(40, 150)) for i in range(12))
+    )
+    admitted = sorted((d.reserved for d, _ in results if d.admitted), key=lambda u: u.completion)
+    # 5 x 190 = 950, then 40 + 10: the sixth is admitted with the cap, the rest refused
+    assert admitted == [Usage(40, 10)] + [Usage(40, 150)] * 5
+    total_status, requests = await store.status(bs)
+    assert (total_status.reserved, total_status.remaining) == (1000, 0)
+    assert requests.reserved == 6
+
+
+async def test_many_concurrent_requests_each_count_once(open_store):
+    store = open_store(FakeClock())
+    bs = buckets(limit(REQUESTS, 25, 60))
+    results = await asyncio.gather(*(store.reserve(f"n{i}", bs, Demand(1, 1)) for i in range(60)))
+    held = [reservation for _, reservation in results if reservation is not None]
+    assert len(held) == 25
+    await asyncio.gather(*(store.settle(reservation, Usage(1, 1)) for reservation in held))
+    await asyncio.gather(*(store.settle(reservation, Usage(9, 9)) for reservation in held))
+    (s,) = await store.status(bs)
+    assert (s.used, s.reserved) == (25, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Redis
+
+
+def redis_keys(server: RedisServer, prefix: str) -> list[str]:
+    client = redis_sync.Redis.from_url(server.url, decode_responses=True)
+    try:
+        return sorted(client.scan_iter(f"{prefix}:*"))
+    finally:
+        client.close()
+
+
+async def test_redis_decides_on_the_server_clock(redis_server, monkeypatch):
+    client = redis_sync.Redis.from_url(redis_server.url)
+    seconds, micros = client.time()
+    client.close()
+    server_now = seconds + micros / 1e6
+    monkeypatch.setattr(time, "time", lambda: 1_000_000_000.0)  # this process's clock is off
+    store = RedisStore(redis_server.url, prefix=f"t-{uuid.uuid4().hex[:12]}")
+    try:
+        decision, reservation = await store.reserve("a", buckets(total(100)), Demand(1, 1))
+    finally:
+        await store.close()
+    assert server_now <= reservation.stamp < server_now + 30
+    assert decision.statuses[0].reset_at == reservation.stamp + 60
+
+
+async def test_redis_keys_have_ttls_and_one_slot_per_scope(redis_server):
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
+    store = RedisStore(redis_server.url, FakeClock(), stale_after=30, prefix=prefix)
+    proxy = SimpleNamespace(name="p", scope="key", limits=(TOTAL_100, TOTAL_1000_1H, PROMPT_50))
+    try:
+        for caller in ("alice", "bob"):
+            bs = buckets_for(proxy, caller)
+            await store.reserve(f"{caller}-1", bs, Demand(5, 5))
+            _, reservation = await store.reserve(f"{caller}-2", bs, Demand(5, 5))
+            await store.settle(reservation, Usage(5, 6))
+    finally:
+        await store.close()
+    keys = redis_keys(redis_server, prefix)
+    assert len(keys) == 2 * 3 * 4  # two callers, three limits, four keys each
+    client = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        for key in keys:
+            longest = 3600 if "-1h:" in key else 60
+            assert 0 < client.ttl(key) <= longest + 30, key
+    finally:
+        client.close()
+    for caller in ("alice", "bob"):
+        mine = [key for key in keys if f"{{p:{caller}}}" in key]
+        assert len(mine) == 12
+        assert len({key_slot(key.encode()) for key in mine}) == 1
+
+
+async def test_redis_password_in_url(tmp_path):
+    server = RedisServer(require_redis_server(), password="s3cret-pass").start()
+    try:
+        store = RedisStore(server.url, FakeClock())
+        assert "s3cret-pass" not in repr(store) and ":***@" in store.where
+        decision, _ = await store.reserve("a", buckets(total(10)), Demand(1, 1))
+        assert decision.admitted
+        await store.close()
+        wrong = RedisStore(server.url.replace("s3cret-pass", "wrong-pass"), FakeClock())
+        with pytest.raises(StoreUnavailable) as refused:
+            await wrong.reserve("b", buckets(total(10)), Demand(1, 1))
+        assert "wrong-pass" not in str(refused.value)
+        await wrong.close()
+    finally:
+        server.stop()
+
+
+async def test_redis_over_tls_with_a_password(tmp_path):
+    pem = self_signed(tmp_path)
+    server = RedisServer(require_redis_server(), password="tls-pass", tls=pem).start()
+    store = RedisStore(server.url, FakeClock())
+    try:
+        assert server.url.startswith("rediss://")
+        decision, reservation = await store.reserve("a", buckets(total(10)), Demand(1, 1))
+        assert decision.admitted
+        (s,) = await store.settle(reservation, Usage(2, 3))
+        assert s.used == 5
+    finally:
+        await store.close()
+        server.stop()
+
+
+def test_redacted_url():
+    assert redacted("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redacted("rediss://user:pw@host/1") == "rediss://user:***@host/1"
+    assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redacted("redis://h/0?db=1&password=pw") == "redis://h/0?db=1&password=***"
+
+
+async def test_redis_down_then_back(tmp_path):
+    server = RedisServer(require_redis_server()).start()
+    store = RedisStore(server.url, FakeClock())
+    bs = buckets(total(100))
+    try:
+        _, reservation = await store.reserve("a", bs, Demand(1, 1))
+        server.stop()
+        for call in (
+            store.reserve("b", bs, Demand(1, 1)),
+            store.settle(reservation, Usage(1, 1)),
+            store.status(bs),
+        ):
+            with pytest.raises(StoreUnavailable, match="redis store"):
+                await call
+        server.start()  # same port, empty (no persistence): the scripts are loaded again
+        decision, _ = await store.reserve("c", bs, Demand(1, 1))
+        assert decision.admitted and decision.statuses[0].reserved == 2
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_redis_frozen_raises_without_stalling_the_loop_then_recovers():
+    server = RedisServer(require_redis_server()).start()
+    store = RedisStore(server.url, FakeClock(), timeout=0.3)
+    bs = buckets(total(100))
+    ticks = 0
+
+    async def other_flow() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    try:
+        await store.status(bs)  # connected
+        server.process.popen.send_signal(signal.SIGSTOP)  # a Redis that stops answering
+        ticker = asyncio.create_task(other_flow())
+        try:
+            with pytest.raises(StoreUnavailable, match="Timeout"):
+                await store.reserve("frozen", bs, Demand(1, 1))
+        finally:
+            ticker.cancel()
+        assert ticks > 3  # the event loop kept serving other work meanwhile
+        server.process.popen.send_signal(signal.SIGCONT)
+        decision, _ = await store.reserve("after", bs, Demand(1, 1))
+        assert decision.admitted
+        # Whether the frozen reserve ran on the server once it woke is not known to the caller.
+        statuses = await store.status(bs)
+        assert statuses[0].reserved in (2, 4)
+    finally:
+        server.process.popen.send_signal(signal.SIGCONT)
+        await store.close()
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# SQLite
+
+
+async def test_sqlite_survives_a_restart_and_ends_a_dead_process_reservations(tmp_path):
+    path = tmp_path / "state" / "usage.sqlite"  # the folder is created
+    clock = FakeClock()
+    bs = buckets(TOTAL_1000_1H)
+    first = SqliteStore(path, clock, stale_after=100)
+    _, settled = await first.reserve("a", bs, Demand(100, 100))
+    await first.settle(settled, Usage(100, 50))
+    _, in_flight = await first.reserve("b", bs, Demand(100, 100))
+    await first.close()  # the process goes away with "b" in flight
+
+    second = SqliteStore(path, clock, stale_after=100)  # a restart
+    try:
+        (s,) = await second.status(bs)
+        assert (s.used, s.reserved) == (150, 200)
+        clock.advance(100)
+        (s,) = await second.status(bs)
+        assert (s.used, s.reserved) == (350, 0)  # charged what it reserved: never lost
+        (s,) = await second.settle(in_flight, Usage(1, 1))  # a late settle: not twice
+        assert (s.used, s.reserved) == (350, 0)
+    finally:
+        await second.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_sqlite_two_stores_on_one_file_stay_within_the_limit(tmp_path):
+    path = tmp_path / "usage.sqlite"
+    one, two = SqliteStore(path, FakeClock()), SqliteStore(path, FakeClock())
+    bs = buckets(limit(REQUESTS, 30, 60))
+    try:
+        results = await asyncio.gather(
+            *((one, two)[i % 2].reserve(f"x{i}", bs, Demand(1, 1)) for i in range(80))
+        )
+        assert sum(1 for decision, _ in results if decision.admitted) == 30
+        (s,) = await two.status(bs)
+        assert s.reserved == 30
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_sqlite_unusable_file_raises_then_recovers(tmp_path):
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state folder should be")
+    store = SqliteStore(blocker / "usage.sqlite", FakeClock())
+    bs = buckets(total(100))
+    try:
+        with pytest.raises(StoreUnavailable, match="sqlite store"):
+            await store.reserve("a", bs, Demand(1, 1))
+        blocker.unlink()
+        assert (await store.reserve("b", bs, Demand(1, 1)))[0].admitted
+    finally:
+        await store.close()
+
+
+async def test_sqlite_locked_past_the_busy_timeout_raises_then_recovers(tmp_path):
+    path = tmp_path / "usage.sqlite"
+    store = SqliteStore(path, FakeClock(), busy_timeout=0.1)
+    bs = buckets(total(100))
+    try:
+        await store.status(bs)  # creates the file
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await store.reserve("a", bs, Demand(1, 1))
+        other.execute("ROLLBACK")
+        other.close()
+        assert (await store.reserve("b", bs, Demand(1, 1)))[0].admitted
+    finally:
+        await store.close()
