@@ -62,6 +62,7 @@ class Proxy:
     limits: tuple[Limit, ...]
     completion_reserve: int
     keys: KeyRing
+    queue_wait: int = 0  # seconds a request held back by in-flight reservations may wait
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ def _proxy(
             "request_limits",
             "completion_reserve",
             "keys",
+            "queue_wait",
         },
         {"context", "provider"},
     )
@@ -250,6 +252,12 @@ def _proxy(
         limits += _limit_list(reader, raw["request_limits"], (*where, "request_limits"), REQUESTS)
     reserve = raw.get("completion_reserve", DEFAULT_COMPLETION_RESERVE)
     reserve = reader.count(reserve, (*where, "completion_reserve"), 0)
+    queue_wait = 0
+    if "queue_wait" in raw:
+        try:
+            queue_wait = parse_duration(raw["queue_wait"])
+        except ValueError as e:
+            raise reader.doc.error((*where, "queue_wait"), str(e)) from None
     version = raw.get("version")
     if version is not None:
         version = str(version)
@@ -286,6 +294,7 @@ def _proxy(
         limits=tuple(limits),
         completion_reserve=reserve,
         keys=KeyRing(keys),
+        queue_wait=queue_wait,
     )
 
 
