@@ -129,10 +129,8 @@ async def test_stream_hides_the_injected_usage_chunk_and_adds_the_trailer(make_g
         {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1}},
         "[DONE]",
     )
-    received = b"".join(
-        flow.response.stream(upstream[i : i + 5]) for i in range(0, len(upstream), 5)
-    )
-    received += flow.response.stream(b"")
+    pieces = [upstream[i : i + 5] for i in range(0, len(upstream), 5)] + [b""]
+    received = b"".join(b"".join(flow.response.stream(piece)) for piece in pieces)
     assert b'"choices": []' not in received
     assert received.endswith(
         b": x-ratelimit-remaining-tokens=990 x-tokens-consumed=10\n\ndata: [DONE]\n\n"

@@ -501,9 +501,16 @@ def relay(drop_usage_chunk: bool) -> StreamRelay:
     )
 
 
+def relayed(stream: StreamRelay, chunk: bytes) -> bytes:
+    """What one call passes on; never an empty chunk (mitmproxy would end the body with it)."""
+    out = stream(chunk)
+    assert b"" not in out
+    return b"".join(out)
+
+
 def relay_all(stream: StreamRelay, chunks: list[bytes]) -> bytes:
-    out = b"".join(stream(chunk) for chunk in chunks if chunk)
-    return out + stream(b"")
+    out = b"".join(relayed(stream, chunk) for chunk in chunks if chunk)
+    return out + relayed(stream, b"")
 
 
 # 1000 - 100 settled - 300 reserved + 297 of them this flow's - 21 it used = 876.
@@ -550,10 +557,10 @@ def test_usage_chunk_the_caller_asked_for_passes_unchanged() -> None:
 def test_complete_events_pass_in_the_same_call_and_comments_survive() -> None:
     stream = relay(drop_usage_chunk=True)
     first = b": keep-alive\n\n" + sse(chat_chunks(with_usage=False)[0])
-    assert stream(first + b'data: {"choi') == first  # the half event waits for its end
-    assert stream(b'ces": []}\n\n') == b'data: {"choices": []}\n\n'  # no usage: kept
-    assert stream(b"data: [DONE]") == b""
-    assert stream(b"") == b"data: [DONE]"  # cut before its blank line: passed on, no trailer
+    assert relayed(stream, first + b'data: {"choi') == first  # the half event waits its end
+    assert relayed(stream, b'ces": []}\n\n') == b'data: {"choices": []}\n\n'  # no usage: kept
+    assert stream(b"data: [DONE]") == []
+    assert stream(b"") == [b"data: [DONE]"]  # cut before its blank line: passed on, no trailer
 
 
 def test_responses_stream_gets_the_trailer_after_response_completed() -> None:

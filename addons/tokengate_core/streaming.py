@@ -33,7 +33,9 @@ class StreamRelay:
     """The `flow.response.stream` callable of a governed SSE answer.
 
     Bytes of an event still incomplete are held back until its blank line arrives (a client
-    cannot act on half an event anyway); everything else is passed on in the same call.
+    cannot act on half an event anyway); everything else is passed on in the same call. It
+    returns a list of chunks, empty when nothing is to be sent: mitmproxy would write an empty
+    bytes chunk as `0\r\n\r\n`, which ends a chunked HTTP/1 body for the client.
     """
 
     def __init__(
@@ -46,14 +48,14 @@ class StreamRelay:
         self.bytes_seen = 0  # from the provider, held back or not
         self._trailed = False
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> list[bytes]:
         self.bytes_seen += len(chunk)
         out = bytearray()
         for raw in self.framer.feed(chunk):
             out += self._relay(raw)
         if not chunk:
             self.meter.feed(b"")  # end of stream
-        return bytes(out)
+        return [bytes(out)] if out else []
 
     def _relay(self, raw: bytes) -> bytes:
         followed = self.meter.feed(raw)
