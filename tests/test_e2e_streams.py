@@ -11,7 +11,7 @@ import openai
 import pytest
 from tokengate_core import tokens
 
-from tests.conftest import ALICE, key_entries
+from tests.conftest import ALICE, BOB, key_entries
 from tests.e2e import Gateway, wait_until, write_quotas
 from tests.test_e2e_gateway import HELLO, call, proxy_yaml
 from tests.test_e2e_gateway import charged_so_far as charged_before_probe
@@ -309,5 +309,29 @@ def test_queue_wait_admits_a_burst_that_would_otherwise_get_429(tmp_path, fresh_
             assert burst.status_code == expected, (context, burst.text)
         # Admitted once the first settled at 129 of its 200 reserved: 200 - 129 - 19 left.
         assert int(burst.headers["X-RateLimit-Remaining"]) == count - (HELLO_PROMPT + 120) - 19
+
+        # A caller that hangs up while queued is not sent upstream later, and holds nothing.
+        fresh_mock.reset()
+        queued_url = f"{gateway.url}/rate-limited-proxy/chat/completions"
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(
+                httpx.post,
+                queued_url,
+                json=HELLO,
+                headers={"Authorization": f"Bearer {BOB}", "X-Mock-Mode": "slow"},
+                timeout=30,
+            )
+            assert wait_until(lambda: fresh_mock.stats()["requests"] == 1, timeout=10)
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(
+                    queued_url,
+                    json={**HELLO, "max_tokens": 10},
+                    headers={"Authorization": f"Bearer {BOB}"},
+                    timeout=0.3,
+                )
+            assert slow.result().status_code == 200
+        probe = call(gateway, BOB, body={**HELLO, "max_tokens": 1})
+        assert fresh_mock.stats()["requests"] == 2  # the slow one and the probe
+        assert int(probe.headers["X-RateLimit-Remaining"]) == count - (HELLO_PROMPT + 120) - 10
     finally:
         gateway.stop()

@@ -245,6 +245,10 @@ class Metering:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._settled.wait(), min(left, QUEUE_POLL_SECONDS))
                 decision, reservation = await self.gate.store.reserve(flow.id, buckets, demand)
+                if reservation is not None and not flow.client_conn.connected:
+                    await self.gate.store.release(reservation)  # gone while it was admitted
+                    self._reservation_ended()
+                    break
                 if reservation is not None:
                     return decision, reservation
         finally:
