@@ -154,6 +154,12 @@ def test_valid_file_loads_proxies_limits_scope_keys(setup: Path) -> None:
     assert "100 total_tokens-1m" in summary
 
 
+def test_queue_wait_is_off_unless_set(setup: Path) -> None:
+    assert load_config(write(setup, VALID)).proxies["rate-limited-proxy"].queue_wait == 0
+    queued = replaced("    scope: key\n", "    scope: key\n    queue_wait: 2s\n")
+    assert load_config(write(setup, queued)).proxies["rate-limited-proxy"].queue_wait == 2
+
+
 def test_scope_defaults_to_key(setup: Path) -> None:
     config = load_config(write(setup, replaced("    scope: key\n", "")))
     assert config.proxies["rate-limited-proxy"].scope == "key"
@@ -278,6 +284,10 @@ BROKEN = {
     "negative completion_reserve": (
         replaced("    completion_reserve: 64\n", "    completion_reserve: -1  # HERE\n"),
         "completion_reserve must be a whole number >= 0",
+    ),
+    "bad queue_wait": (
+        replaced("    scope: key\n", "    scope: key\n    queue_wait: 2  # HERE\n"),
+        "bad duration 2: use a whole number",
     ),
     "proxy names a missing provider": (
         replaced("    provider: filed\n", "    provider: nope  # HERE\n"),

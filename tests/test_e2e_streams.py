@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 from tokengate_core import tokens
 
-from tests.conftest import ALICE
+from tests.conftest import ALICE, BOB, key_entries
 from tests.e2e import Gateway, wait_until, write_quotas
 from tests.test_e2e_gateway import HELLO, call, proxy_yaml
 from tests.test_e2e_gateway import charged_so_far as charged_before_probe
 
 BUDGET = 100_000
 HELLO_PROMPT = 9  # what OpenAI (and the mock) bill for HELLO's prompt
+CAROL = "tg-carol-secret-key"
 
 
 @pytest.fixture
@@ -171,3 +173,165 @@ def test_caller_hanging_up_before_the_answer_keeps_the_reservation(gateway):
     assert wait_until(lambda: settled in gateway.process.output, timeout=10)
     # The provider was already working on it: the reservation (9 + 30) is charged, not released.
     assert charged_so_far(gateway) == HELLO_PROMPT + 30
+
+
+def sse_events(payload: bytes) -> tuple[list[str], list[str]]:
+    """The data of every event, and every comment line, as an SSE client would read them."""
+    data, comments = [], []
+    for block in payload.decode().replace("\r\n", "\n").split("\n\n"):
+        for line in block.split("\n"):
+            if line.startswith("data: "):
+                data.append(line[6:])
+            elif line.startswith(":") and line != ": keep-alive":
+                comments.append(line)
+    return data, comments
+
+
+def test_sdk_streams_without_include_usage_see_no_usage_chunk(gateway, fresh_mock):
+    client = openai.OpenAI(
+        base_url=f"{gateway.url}/rate-limited-proxy", api_key=ALICE, max_retries=0
+    )
+    chunks = list(client.chat.completions.create(**HELLO, max_tokens=30, stream=True))
+    assert chunks and all(chunk.choices for chunk in chunks)  # `choices[0]` never fails
+    assert all(chunk.usage is None for chunk in chunks)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    assert tokens.count_text(text, "gpt-4o-mini") == 30
+    # The gate asked the provider for usage, and settled on it, not on its own count.
+    upstream = fresh_mock.stats()["last_request"]["body"]
+    assert upstream["stream_options"] == {"include_usage": True}
+    assert charged_so_far(gateway) == HELLO_PROMPT + 30
+
+
+async def test_async_sdk_stream_with_include_usage_gets_it(gateway):
+    client = openai.AsyncOpenAI(
+        base_url=f"{gateway.url}/rate-limited-proxy", api_key=ALICE, max_retries=0
+    )
+    created = await client.chat.completions.create(
+        **HELLO, max_tokens=12, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in created]
+    await client.close()
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == HELLO_PROMPT + 12
+    assert charged_so_far(gateway) == HELLO_PROMPT + 12
+
+
+async def test_async_sdk_stream_without_include_usage(gateway):
+    client = openai.AsyncOpenAI(
+        base_url=f"{gateway.url}/rate-limited-proxy", api_key=ALICE, max_retries=0
+    )
+    created = await client.chat.completions.create(**HELLO, max_tokens=7, stream=True)
+    chunks = [chunk async for chunk in created]
+    await client.close()
+    assert all(chunk.choices and chunk.usage is None for chunk in chunks)
+    assert charged_so_far(gateway) == HELLO_PROMPT + 7
+
+
+def test_events_split_at_random_offsets_arrive_whole_with_one_trailer(gateway):
+    body = {**HELLO, "stream": True, "max_tokens": 25}
+    cost = HELLO_PROMPT + 25
+    seeds = range(4)
+    for seed in seeds:
+        with stream(gateway, body, "split", **{"X-Mock-Seed": str(seed)}) as answer:
+            assert int(answer.headers["X-RateLimit-Remaining"]) == BUDGET - (seed + 1) * cost
+            received = b"".join(answer.iter_bytes())
+        data, comments = sse_events(received)
+        assert data[-1] == "[DONE]"
+        chunks = [json.loads(d) for d in data[:-1]]
+        assert all(chunk["choices"] for chunk in chunks)  # the usage-only chunk was removed
+        assert tokens.count_text(streamed_text(received), "gpt-4o-mini") == 25
+        # One trailer, right before [DONE]: the budget after this call, and what it cost.
+        assert comments == [
+            f": x-ratelimit-remaining-tokens={BUDGET - (seed + 1) * cost} x-tokens-consumed={cost}"
+        ]
+        assert received.replace(b"\r\n", b"\n").endswith(
+            f"{comments[0]}\n\ndata: [DONE]\n\n".encode()
+        )
+    assert charged_so_far(gateway) == len(seeds) * cost
+
+
+def test_first_bytes_reach_the_caller_while_the_provider_is_still_sending(gateway, fresh_mock):
+    body = {**HELLO, "stream": True, "max_tokens": 16}
+    with stream(gateway, body, "slow", **{"X-Mock-Delay": "0.1"}) as answer:
+        chunks = answer.iter_bytes()
+        first = next(chunks)
+        # The mock counts tokens served only once its last event is written.
+        still_sending = fresh_mock.stats()["tokens_served"]["total"] == 0
+        rest = b"".join(chunks)
+    assert first and still_sending
+    assert wait_until(lambda: fresh_mock.stats()["tokens_served"]["total"] == HELLO_PROMPT + 16)
+    assert tokens.count_text(streamed_text(first + rest), "gpt-4o-mini") == 16
+
+
+def test_streamed_completions_endpoint_hides_the_usage_chunk_too(gateway):
+    body = {"model": "gpt-4o-mini", "prompt": "Hello!", "max_tokens": 9, "stream": True}
+    with httpx.stream(
+        "POST",
+        f"{gateway.url}/rate-limited-proxy/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {ALICE}"},
+        timeout=30,
+    ) as answer:
+        data, comments = sse_events(b"".join(answer.iter_bytes()))
+    assert data[-1] == "[DONE]" and all(json.loads(d)["choices"] for d in data[:-1])
+    assert len(comments) == 1 and comments[0].startswith(": x-ratelimit-remaining-tokens=")
+
+
+def test_queue_wait_admits_a_burst_that_would_otherwise_get_429(tmp_path, fresh_mock):
+    count = 200  # a request without max_tokens reserves all of it; the mock then uses 9 + 120
+    queued = proxy_yaml(count=count, extra="    queue_wait: 10s\n")
+    plain = queued.split("    keys:\n")[0].replace("rate-limited-proxy", "plain")
+    plain = plain.replace("    queue_wait: 10s\n", "") + "    keys:\n" + key_entries(carol=CAROL)
+    config = write_quotas(tmp_path / "quotas.yaml", fresh_mock.url, queued + plain)
+    gateway = Gateway.start(config, f"reverse:{fresh_mock.url}")
+    try:
+        for context, key, expected in (("plain", CAROL, 429), ("rate-limited-proxy", ALICE, 200)):
+            fresh_mock.reset()
+            with ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(
+                    httpx.post,
+                    f"{gateway.url}/{context}/chat/completions",
+                    json=HELLO,
+                    headers={
+                        "Authorization": f"Bearer {key}",
+                        "X-Mock-Mode": "slow",
+                        "X-Mock-Delay": "0.5",
+                    },
+                    timeout=30,
+                )
+                assert wait_until(lambda: fresh_mock.stats()["requests"] == 1, timeout=10)
+                burst = httpx.post(
+                    f"{gateway.url}/{context}/chat/completions",
+                    json={**HELLO, "max_tokens": 10},
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=30,
+                )
+                assert slow.result().status_code == 200
+            assert burst.status_code == expected, (context, burst.text)
+        # Admitted once the first settled at 129 of its 200 reserved: 200 - 129 - 19 left.
+        assert int(burst.headers["X-RateLimit-Remaining"]) == count - (HELLO_PROMPT + 120) - 19
+
+        # A caller that hangs up while queued is not sent upstream later, and holds nothing.
+        fresh_mock.reset()
+        queued_url = f"{gateway.url}/rate-limited-proxy/chat/completions"
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(
+                httpx.post,
+                queued_url,
+                json=HELLO,
+                headers={"Authorization": f"Bearer {BOB}", "X-Mock-Mode": "slow"},
+                timeout=30,
+            )
+            assert wait_until(lambda: fresh_mock.stats()["requests"] == 1, timeout=10)
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(
+                    queued_url,
+                    json={**HELLO, "max_tokens": 10},
+                    headers={"Authorization": f"Bearer {BOB}"},
+                    timeout=0.3,
+                )
+            assert slow.result().status_code == 200
+        probe = call(gateway, BOB, body={**HELLO, "max_tokens": 1})
+        assert fresh_mock.stats()["requests"] == 2  # the slow one and the probe
+        assert int(probe.headers["X-RateLimit-Remaining"]) == count - (HELLO_PROMPT + 120) - 10
+    finally:
+        gateway.stop()

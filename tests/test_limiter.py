@@ -27,8 +27,10 @@ from tokengate_core.limiter import (
     Usage,
     decide,
     fits_at,
+    held_back_by_reservations,
     most_restrictive,
     seconds_until,
+    settled_view,
     status_of,
 )
 from tokengate_core.metering import buckets_for
@@ -567,6 +569,41 @@ async def test_concurrent_gather_never_overbooks(store):
 
 
 # --------------------------------------------------------------------------------------------
+# What a stream's trailer and the queue read from a decision
+
+
+async def test_held_back_only_when_in_flight_reservations_refuse(store, clock):
+    bs = buckets(total(100), limit(REQUESTS, 3, 60))
+    _, first = await store.reserve(rid(), bs, Demand(10, 80))  # 90 held, not spent
+    decision, _ = await store.reserve(rid(), bs, Demand(20, 5))
+    assert not decision.admitted and held_back_by_reservations(decision, Demand(20, 5))
+    await store.settle(first, Usage(10, 75))  # now spent: waiting would not help
+    decision, _ = await store.reserve(rid(), bs, Demand(20, 5))
+    assert not decision.admitted and not held_back_by_reservations(decision, Demand(20, 5))
+    clock.advance(60)
+    decision, _ = await store.reserve(rid(), bs, Demand(101, 0))  # never fits: no wait
+    assert decision.retry_at is None and not held_back_by_reservations(decision, Demand(101, 0))
+    admitted, _ = await store.reserve(rid(), bs, Demand(5, 5))
+    assert admitted.admitted and not held_back_by_reservations(admitted, Demand(5, 5))
+
+
+def test_settled_view_swaps_this_reservation_for_its_usage():
+    statuses = (
+        LimitStatus(total(100), used=30, reserved=50, reset_at=T0),
+        LimitStatus(limit("completion_tokens", 40, 60), used=5, reserved=35, reset_at=T0),
+        LimitStatus(limit(REQUESTS, 3, 60), used=1, reserved=2, reset_at=T0),
+    )
+    after = settled_view(statuses, Usage(10, 30), Usage(10, 12))
+    assert [(s.used, s.reserved, s.remaining) for s in after] == [
+        (52, 10, 38),
+        (17, 5, 18),
+        (2, 1, 0),
+    ]
+    # Debt: more than was reserved drives the view to 0, never below.
+    assert settled_view(statuses, Usage(10, 30), Usage(10, 500))[0].remaining == 0
+
+
+# --------------------------------------------------------------------------------------------
 # Stateful property test against an independent model
 
 M_TOTAL = limit("total_tokens", 100, 60, "1m")
@@ -676,6 +713,13 @@ class LimiterMachine(RuleBasedStateMachine):
         refusing = [
             lim for lim in M_LIMITS if self.held(lim, now) + need_of(lim, demand) > lim.count
         ]
+        # The queue waits only when settling every in-flight reservation at 0 would admit.
+        spent = {
+            lim.name: sum(c.amount for c in self.live(lim, now) if c.settled) for lim in M_LIMITS
+        }
+        would_fit = all(spent[lim.name] + need_of(lim, demand) <= lim.count for lim in refusing)
+        can_ever_fit = self.earliest_fit(demand, now) is not None
+        assert held_back_by_reservations(decision, demand) == (would_fit and can_ever_fit)
         assert decision.blocking is not None and decision.blocking.limit in refusing
         expected_retry = self.earliest_fit(demand, now)
         assert decision.retry_at == expected_retry
@@ -742,9 +786,12 @@ class LimiterMachine(RuleBasedStateMachine):
     def over_count_only_through_debt(self) -> None:
         now = self.clock.now
         for lim in M_LIMITS:
+            live = self.live(lim, now)
             if self.held(lim, now) > lim.count:
-                live = self.live(lim, now)
                 assert any(c.settled and c.amount > c.reserved for c in live)
+            # By no more than the debt itself: what settled above its reservation.
+            debt = sum(max(0, c.amount - c.reserved) for c in live if c.settled)
+            assert self.held(lim, now) <= lim.count + debt
 
 
 LimiterMachine.TestCase.settings = settings(

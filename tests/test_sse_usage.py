@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokengate_core import tokens
-from tokengate_core.limiter import Usage
-from tokengate_core.sse import Event, SSEParser
+from tokengate_core.config import Limit
+from tokengate_core.limiter import LimitStatus, Usage
+from tokengate_core.sse import Event, EventFramer, SSEParser
+from tokengate_core.streaming import StreamRelay, trailer_comment
 from tokengate_core.usage import (
     MAX_BELIEVABLE_TOKENS,
     Metered,
@@ -452,3 +454,121 @@ def test_responses_failed_event_sets_done() -> None:
     meter.feed(sse({"type": "response.failed", "response": {"error": {"code": "x"}}}))
     assert meter.done
     assert meter.result() == Metered(Usage(5, 0), "estimated")
+
+
+# --- EventFramer and StreamRelay: what the caller receives ----------------------------------------
+
+
+def frame_all(chunks: list[bytes]) -> list[bytes]:
+    framer = EventFramer()
+    events: list[bytes] = []
+    for chunk in chunks:
+        if chunk:
+            events += framer.feed(chunk)
+    return events + framer.feed(b"")
+
+
+def test_framer_keeps_every_byte_and_cuts_after_each_blank_line() -> None:
+    mixed = PAYLOAD + b"data: a\rdata: b\r\rdata: c\n\r\ndata: tail-without-blank-line"
+    whole = frame_all([mixed])
+    assert b"".join(whole) == mixed
+    assert whole[-1] == b"data: tail-without-blank-line"
+    for raw in whole[:-1]:
+        assert raw.endswith((b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n"))
+        assert len(SSEParser().feed(raw)) <= 1  # never two events in one piece
+    for cut in range(1, len(mixed)):
+        assert frame_all([mixed[:cut], mixed[cut:]]) == whole, cut
+
+
+def test_framer_holds_a_cr_until_it_knows_whether_lf_follows() -> None:
+    framer = EventFramer()
+    assert framer.feed(b"data: x\r\n\r") == []
+    assert framer.feed(b"\n") == [b"data: x\r\n\r\n"]
+
+
+STATUSES = (
+    LimitStatus(Limit("total_tokens", 1000, 60, "1m"), used=100, reserved=300, reset_at=0.0),
+    LimitStatus(Limit("requests", 10, 60, "1m"), used=2, reserved=1, reset_at=0.0),
+)
+RESERVED = Usage(17, 280)  # this flow's part of the 300 reserved
+
+
+def relay(drop_usage_chunk: bool) -> StreamRelay:
+    return StreamRelay(
+        StreamMeter(prompt_estimate=30, model="gpt-4o"),
+        drop_usage_chunk,
+        lambda metered: trailer_comment(STATUSES, RESERVED, metered),
+    )
+
+
+def relayed(stream: StreamRelay, chunk: bytes) -> bytes:
+    """What one call passes on; never an empty chunk (mitmproxy would end the body with it)."""
+    out = stream(chunk)
+    assert b"" not in out
+    return b"".join(out)
+
+
+def relay_all(stream: StreamRelay, chunks: list[bytes]) -> bytes:
+    out = b"".join(relayed(stream, chunk) for chunk in chunks if chunk)
+    return out + relayed(stream, b"")
+
+
+# 1000 - 100 settled - 300 reserved + 297 of them this flow's - 21 it used = 876.
+TRAILER = b": x-ratelimit-remaining-tokens=876 x-tokens-consumed=21\n\n"
+
+
+def test_trailer_comment_is_remaining_as_if_settled() -> None:
+    assert trailer_comment(STATUSES, RESERVED, Metered(Usage(17, 4), "reported")) == TRAILER
+    huge = Metered(Usage(17, 5000), "reported")
+    assert b"remaining-tokens=0 " in trailer_comment(STATUSES, RESERVED, huge)  # never < 0
+    requests_only = (STATUSES[1],)
+    assert trailer_comment(requests_only, RESERVED, huge) == b": x-tokens-consumed=5017\n\n"
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_injected_usage_chunk_is_removed_at_every_split_point(eol: str) -> None:
+    data = sse(*chat_chunks(with_usage=True), eol=eol)
+    usage_event = sse(chat_chunks(with_usage=True)[-2], eol=eol)
+    done = f"data: [DONE]{eol}{eol}".encode()
+    expected = data.replace(usage_event, b"").replace(done, TRAILER + done)
+    assert expected != data and b'"choices": []' not in expected
+    for cut in range(len(data) + 1):
+        stream = relay(drop_usage_chunk=True)
+        assert relay_all(stream, [data[:cut], data[cut:]]) == expected, cut
+        assert stream.result() == Metered(Usage(17, 4), "reported")
+        assert stream.bytes_seen == len(data)
+
+
+@given(st.lists(st.integers(1, 400), max_size=30))
+def test_relay_under_random_chunkings(cuts: list[int]) -> None:
+    data = sse(*chat_chunks(with_usage=True))
+    expected = relay_all(relay(drop_usage_chunk=True), [data])
+    bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    assert relay_all(relay(drop_usage_chunk=True), pieces) == expected
+
+
+def test_usage_chunk_the_caller_asked_for_passes_unchanged() -> None:
+    data = sse(*chat_chunks(with_usage=True))
+    done = b"data: [DONE]\n\n"
+    assert relay_all(relay(drop_usage_chunk=False), [data]) == data.replace(done, TRAILER + done)
+
+
+def test_complete_events_pass_in_the_same_call_and_comments_survive() -> None:
+    stream = relay(drop_usage_chunk=True)
+    first = b": keep-alive\n\n" + sse(chat_chunks(with_usage=False)[0])
+    assert relayed(stream, first + b'data: {"choi') == first  # the half event waits its end
+    assert relayed(stream, b'ces": []}\n\n') == b'data: {"choices": []}\n\n'  # no usage: kept
+    assert stream(b"data: [DONE]") == []
+    assert stream(b"") == [b"data: [DONE]"]  # cut before its blank line: passed on, no trailer
+
+
+def test_responses_stream_gets_the_trailer_after_response_completed() -> None:
+    completed = {
+        "type": "response.completed",
+        "response": {"usage": {"input_tokens": 17, "output_tokens": 4}},
+    }
+    delta = {"type": "response.output_text.delta", "delta": "Hi"}
+    data = b"event: response.output_text.delta\n" + sse(delta)
+    data += b"event: response.completed\n" + sse(completed)
+    assert relay_all(relay(drop_usage_chunk=False), [data]) == data + TRAILER

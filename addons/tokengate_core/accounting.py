@@ -8,6 +8,8 @@ the held reservation at its reserved amount after `reservation_timeout`, never l
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -26,6 +28,12 @@ class Accounting:
         self.gate = gate
         self.down_since: float | None = None  # monotonic time the current outage began
         self._unwritten: deque[tuple[Reservation, Usage | None]] = deque(maxlen=MAX_UNWRITTEN)
+        self._settled = asyncio.Event()  # set (and replaced) whenever a reservation ends here
+
+    async def settlement(self, timeout: float) -> None:
+        """Wait until this gate settles or releases a reservation, or `timeout` passes."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), timeout)
 
     @property
     def degraded(self) -> bool:
@@ -53,6 +61,9 @@ class Accounting:
             self._failed(e)
             self._unwritten.append((reservation, usage))
             return None
+        # Budget may have come free: wake the requests waiting for it.
+        self._settled.set()
+        self._settled = asyncio.Event()
         await self._recovered()
         return statuses
 

@@ -73,6 +73,7 @@ class Proxy:
     completion_reserve: int
     keys: KeyRing
     fail: str = "closed"  # what callers get while the store is down: 503, or admitted unmetered
+    queue_wait: int = 0  # seconds a request held back by in-flight reservations may wait
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,7 @@ def _proxy(
             "completion_reserve",
             "keys",
             "fail",
+            "queue_wait",
         },
         {"context", "provider"},
     )
@@ -293,6 +295,12 @@ def _proxy(
         )
     reserve = raw.get("completion_reserve", DEFAULT_COMPLETION_RESERVE)
     reserve = reader.count(reserve, (*where, "completion_reserve"), 0)
+    queue_wait = 0
+    if "queue_wait" in raw:
+        try:
+            queue_wait = parse_duration(raw["queue_wait"])
+        except ValueError as e:
+            raise reader.doc.error((*where, "queue_wait"), str(e)) from None
     version = raw.get("version")
     if version is not None:
         version = str(version)
@@ -336,6 +344,7 @@ def _proxy(
         completion_reserve=reserve,
         keys=KeyRing(keys),
         fail=fail,
+        queue_wait=queue_wait,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import REQUESTS, Limit
 
@@ -154,6 +154,34 @@ def decide_on(
         elif status.limit.dimension == "completion_tokens":
             completion = min(completion, status.remaining)
     return Decision(True, statuses, reserved=Usage(demand.prompt, max(0, completion)))
+
+
+def held_back_by_reservations(decision: Decision, demand: Demand) -> bool:
+    """A refusal that in-flight reservations alone cause: were they all settled at 0, every
+    refusing window would admit `demand`. Waiting for them can help; waiting for spent usage
+    to expire is what Retry-After is for."""
+    if decision.admitted or decision.retry_at is None:
+        return False
+    return all(
+        status.limit.count - status.used >= demand.minimum(status.limit.dimension)
+        for status in decision.statuses
+        if status.remaining < demand.minimum(status.limit.dimension)
+    )
+
+
+def settled_view(
+    statuses: Iterable[LimitStatus], reserved: Usage, usage: Usage
+) -> tuple[LimitStatus, ...]:
+    """The windows as they will stand once a reservation of `reserved` settles at `usage`,
+    from statuses taken with it held (other flows' changes since then are not seen)."""
+    return tuple(
+        replace(
+            status,
+            used=status.used + usage.amount(status.limit.dimension),
+            reserved=max(0, status.reserved - reserved.amount(status.limit.dimension)),
+        )
+        for status in statuses
+    )
 
 
 def most_restrictive(statuses: Iterable[LimitStatus]) -> LimitStatus | None:

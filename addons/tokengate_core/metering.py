@@ -5,6 +5,10 @@ Each admitted flow holds one reservation from admission until it settles once: o
 provider got the request (what was reserved), or is released when the provider answered an error
 or nothing at all. The flow id keys the reservation, so a second settlement of the same flow
 finds nothing and charges nothing.
+
+A proxy with `queue_wait` lets a request that only in-flight reservations keep out wait for them
+to settle (woken by this addon's own settlements, polling for other processes sharing a store)
+instead of getting 429 at once; at most `tokengate_queue_limit` requests wait at a time.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from mitmproxy import http
+from mitmproxy import ctx, exceptions, http
 
 from . import flowstate, responses, tokens
 from .accounting import Accounting
-from .limiter import Bucket, Demand, LimitStatus
+from .config import Proxy
+from .limiter import Bucket, Decision, Demand, LimitStatus, Usage, held_back_by_reservations
 from .settings import Gate
 from .stores import Reservation, StoreUnavailable
+from .streaming import StreamRelay, trailer_comment
 from .usage import BodyMeter, BoundedBuffer, Metered, StreamMeter, meter_json
 
 log = logging.getLogger("tokengate")
@@ -32,6 +38,11 @@ DEGRADED_HEADER = "X-TokenGate-Accounting"
 STORE_RETRY_AFTER = 2  # seconds a caller is asked to wait while the store is down
 # Prompts longer than this are tokenized off the event loop, so other flows keep moving.
 INLINE_TOKENIZE_BYTES = 20_000
+# Streamed endpoints that report usage only when asked (`stream_options.include_usage`).
+USAGE_ON_REQUEST_ENDPOINTS = ("chat/completions", "completions")
+# A waiting request re-checks this often even without a local settlement (shared stores).
+QUEUE_POLL_SECONDS = 0.1
+DEFAULT_QUEUE_LIMIT = 100
 
 
 @dataclass
@@ -40,7 +51,7 @@ class InFlight:
     model: str | None
     prompt_estimate: int
     statuses: tuple[LimitStatus, ...]  # the windows with this reservation held
-    meter: StreamMeter | BodyMeter | None = None
+    meter: StreamRelay | BodyMeter | None = None
 
 
 def buckets_for(proxy, key_name: str) -> tuple[Bucket, ...]:
@@ -48,14 +59,43 @@ def buckets_for(proxy, key_name: str) -> tuple[Bucket, ...]:
     return tuple(Bucket(f"{proxy.name}:{scope}:{limit.window}", limit) for limit in proxy.limits)
 
 
-def completion_reserve(body: dict[str, Any], endpoint: str, default: int) -> int:
-    if endpoint == "embeddings":
-        return 0
+def max_tokens_field(body: dict[str, Any]) -> str | None:
+    """The field by which the caller bounds the completion, if it set one."""
     for field in MAX_TOKEN_FIELDS:
         value = body.get(field)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return default
+            return field
+    return None
+
+
+def completion_reserve(body: dict[str, Any], endpoint: str, default: int) -> int:
+    if endpoint == "embeddings":
+        return 0
+    field = max_tokens_field(body)
+    return default if field is None else body[field]
+
+
+def adjust_request(body: dict[str, Any], endpoint: str, reserved: Usage) -> dict[str, Any]:
+    """Change `body` (in place) so the provider reports usage on a stream and cannot produce
+    more than was reserved; the notes say what changed (empty: nothing, keep the body as is).
+
+    A `max_tokens` above what is left of the budget is lowered to it (at least 1), so a burst
+    with `max_tokens` cannot overspend; the answer then ends with finish_reason `length`.
+    """
+    notes: dict[str, Any] = {}
+    field = max_tokens_field(body)
+    if endpoint != "embeddings" and field is not None and body[field] > reserved.completion:
+        body[field] = notes["max_tokens_lowered_to"] = max(1, reserved.completion)
+    options = body.get("stream_options")
+    if (
+        endpoint in USAGE_ON_REQUEST_ENDPOINTS
+        and body.get("stream") is True
+        and (options is None or isinstance(options, dict))
+        and (options or {}).get("include_usage") is not True
+    ):
+        body["stream_options"] = {**(options or {}), "include_usage": True}
+        notes["usage_injected"] = True
+    return notes
 
 
 async def estimate(endpoint: str, body: dict[str, Any], body_size: int) -> int:
@@ -87,6 +127,23 @@ class Metering:
         self.accounting = Accounting(gate)
         self._inflight: dict[str, InFlight] = {}
         self._request_bodies: dict[str, BoundedBuffer] = {}
+        self.queue_limit = DEFAULT_QUEUE_LIMIT
+        self.waiting = 0  # requests waiting in the queue now
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "tokengate_queue_limit",
+            int,
+            DEFAULT_QUEUE_LIMIT,
+            "Most requests that wait at once for in-flight reservations (proxies with "
+            "queue_wait); beyond it, requests get 429 at once.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "tokengate_queue_limit" in updated:
+            if ctx.options.tokengate_queue_limit < 0:
+                raise exceptions.OptionsError("tokengate_queue_limit must be 0 or more")
+            self.queue_limit = ctx.options.tokengate_queue_limit
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         state = flowstate.governed(flow)
@@ -140,6 +197,12 @@ class Metering:
             return
         demand = Demand(prompt, completion_reserve(body, endpoint, proxy.completion_reserve))
         await self._admit(flow, state, proxy, demand)
+        admitted = self._inflight.get(flow.id)
+        if admitted is not None:
+            notes = adjust_request(body, endpoint, admitted.reservation.amounts)
+            if notes:
+                state.update(notes)
+                flow.request.content = json.dumps(body, ensure_ascii=False).encode()
 
     async def _admit(self, flow: http.HTTPFlow, state: dict, proxy, demand: Demand) -> None:
         """Reserve across every limit of the caller's scope, or answer 429."""
@@ -148,6 +211,8 @@ class Metering:
             return
         try:
             decision, reservation = await self.accounting.reserve(flow.id, buckets, demand)
+            if reservation is None and proxy.queue_wait:
+                decision, reservation = await self._queue(flow, buckets, demand, decision, proxy)
         except StoreUnavailable:
             if proxy.fail == "open":  # admitted unmetered; the response says so
                 state["accounting"] = "degraded"
@@ -167,6 +232,36 @@ class Metering:
             "completion_tokens": reservation.amounts.completion,
         }
 
+    async def _queue(
+        self,
+        flow: http.HTTPFlow,
+        buckets: tuple[Bucket, ...],
+        demand: Demand,
+        decision: Decision,
+        proxy: Proxy,
+    ) -> tuple[Decision, Reservation | None]:
+        """Retry, up to the proxy's `queue_wait`, while only in-flight reservations refuse."""
+        if self.waiting >= self.queue_limit:
+            return decision, None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + proxy.queue_wait
+        self.waiting += 1
+        try:
+            while held_back_by_reservations(decision, demand) and flow.client_conn.connected:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                await self.accounting.settlement(min(left, QUEUE_POLL_SECONDS))
+                decision, reservation = await self.accounting.reserve(flow.id, buckets, demand)
+                if reservation is not None and not flow.client_conn.connected:
+                    await self.accounting.settle(reservation, None)  # gone while it was admitted
+                    break
+                if reservation is not None:
+                    return decision, reservation
+        finally:
+            self.waiting -= 1
+        return decision, None
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = flowstate.governed(flow)
         if state and state.get("accounting") == "degraded" and flow.response is not None:
@@ -180,18 +275,20 @@ class Metering:
         # Headers leave before usage is known: they show the budget with this reservation.
         headers = responses.ratelimit_headers(inflight.statuses, self.gate.clock())
         responses.put_headers(flow.response, headers)
-        # A JSON body can be streamed too (stream_large_bodies); it is metered whole at the end.
-        meter_class = StreamMeter if is_sse else BodyMeter
-        inflight.meter = meter_class(inflight.prompt_estimate, inflight.model)
-        flow.response.stream = self._follow(inflight.meter)
-
-    @staticmethod
-    def _follow(meter: StreamMeter | BodyMeter):
-        def on_chunk(chunk: bytes) -> bytes:
-            meter.feed(chunk)
-            return chunk
-
-        return on_chunk
+        if is_sse:
+            state = flowstate.governed(flow) or {}
+            inflight.meter = StreamRelay(
+                StreamMeter(inflight.prompt_estimate, inflight.model),
+                drop_usage_chunk=bool(state.get("usage_injected")),
+                trailer=lambda metered: trailer_comment(
+                    inflight.statuses, inflight.reservation.amounts, metered
+                ),
+            )
+            flow.response.stream = inflight.meter
+        else:
+            # A JSON body can be streamed too (stream_large_bodies): metered whole at the end.
+            inflight.meter = BodyMeter(inflight.prompt_estimate, inflight.model)
+            flow.response.stream = inflight.meter.passing
 
     async def response(self, flow: http.HTTPFlow) -> None:
         inflight = self._inflight.pop(flow.id, None)

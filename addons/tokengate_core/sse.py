@@ -74,3 +74,45 @@ class SSEParser:
         elif field == "event":
             self._type = value
         return None
+
+
+class EventFramer:
+    """Cuts a byte stream into whole raw events (each ending in its blank line), unchanged.
+
+    The gate passes a stream on event by event, so that it can drop or add whole events without
+    breaking the framing the client parses. Bytes of an event not yet complete are held back;
+    `feed(b"")` (end of stream) hands out whatever is left.
+    """
+
+    def __init__(self) -> None:
+        self._held = bytearray()
+        self._scan = 0  # where the next line starts in `_held`
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if not chunk:
+            rest, self._held, self._scan = bytes(self._held), bytearray(), 0
+            return [rest] if rest else []
+        self._held += chunk
+        held = self._held
+        events: list[bytes] = []
+        start = 0  # where the current event starts
+        line = self._scan
+        while True:
+            cr = held.find(b"\r", line)
+            lf = held.find(b"\n", line)
+            end = min(i for i in (cr, lf, len(held)) if i != -1)
+            if end == len(held):
+                break
+            if held[end] == 13:  # CR: a line end, unless it is the first half of CRLF
+                if end + 1 == len(held):
+                    break  # cannot tell yet
+                next_line = end + 2 if held[end + 1] == 10 else end + 1
+            else:
+                next_line = end + 1
+            if end == line:  # an empty line ends the event
+                events.append(bytes(held[start:next_line]))
+                start = next_line
+            line = next_line
+        del held[:start]
+        self._scan = line - start
+        return events

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import tokens
 from .limiter import Usage
-from .sse import SSEParser
+from .sse import Event, SSEParser
 
 # A reported figure above this is not believed (no model produces ten million tokens at once).
 MAX_BELIEVABLE_TOKENS = 10_000_000
@@ -91,6 +91,30 @@ def meter_json(body: bytes, prompt_estimate: int, model: str | None) -> Metered:
     return Metered(Usage(prompt_estimate, completion), "estimated")
 
 
+# The Responses API ends a stream with one of these (it sends no `[DONE]`); each carries usage.
+TERMINAL_RESPONSE_EVENTS = ("response.completed", "response.failed", "response.incomplete")
+
+
+def is_done(data: str) -> bool:
+    return data.strip() == "[DONE]"
+
+
+def json_payload(data: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def is_terminal_response_event(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("type") in TERMINAL_RESPONSE_EVENTS
+
+
+def is_usage_only_chunk(payload: Any) -> bool:
+    """The extra chat/completions chunk `stream_options.include_usage` asks for: no choices."""
+    return isinstance(payload, dict) and payload.get("choices") == [] and "usage" in payload
+
+
 class StreamMeter:
     """Follows an SSE stream chunk by chunk and knows, at any point, what it has cost so far."""
 
@@ -103,27 +127,24 @@ class StreamMeter:
         self.bytes_seen = 0
         self.done = False  # saw `[DONE]` or a terminal Responses API event
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> list[tuple[Event, Any]]:
+        """Follow `chunk`; the events it completed with their JSON payloads (None if not JSON)."""
         self.bytes_seen += len(chunk)
+        followed = []
         for event in self.parser.feed(chunk):
-            self._event(event.data)
+            payload = None if is_done(event.data) else json_payload(event.data)
+            self._event(event.data, payload)
+            followed.append((event, payload))
+        return followed
 
-    def _event(self, data: str) -> None:
-        if data.strip() == "[DONE]":
+    def _event(self, data: str, payload: Any) -> None:
+        if is_done(data):
             self.done = True
-            return
-        try:
-            payload = json.loads(data)
-        except ValueError:
             return
         usage = reported_usage(payload)
         if usage is not None:
             self.reported = usage
-        if isinstance(payload, dict) and payload.get("type") in (
-            "response.completed",
-            "response.failed",
-            "response.incomplete",
-        ):
+        if is_terminal_response_event(payload):
             self.done = True
             return
         self._text.append(generated_text(payload))

@@ -1,0 +1,36 @@
+"""The burst benchmark runs end to end in a tiny configuration. Times are not asserted; the books
+are: the gate settles what the provider served, and `max_tokens` bursts never overspend."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.e2e import ROOT
+
+
+def test_tiny_run_reports_every_scenario():
+    tiny = ["--requests", "6", "--limit", "150", "--provider-seconds", "0.1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "scripts.bench_burst", *tiny, "--max-seconds", "50", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    assert not report["truncated"]
+    rows = report["scenarios"]
+    assert len(rows) == 8
+    assert {(r["max_tokens"], r["stream"], r["queue_wait"]) for r in rows} == {
+        (m, s, q) for m in (True, False) for s in (True, False) for q in (True, False)
+    }
+    for row in rows:
+        assert row["admitted"] + row["refused"] == 6, row
+        assert row["settled"] == row["served"], row  # exact books, streams included
+        assert row["overshoot"] == row["served"] - 150
+        if row["max_tokens"]:
+            # 150 / 59 per request: two whole, the third lowered to what was left.
+            assert (row["admitted"], row["overshoot"]) == (3, 0), row

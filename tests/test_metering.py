@@ -1,0 +1,225 @@
+"""Metering inside mitmproxy's test harness: what goes upstream, what a stream's caller receives,
+and the queue that lets a burst wait for in-flight reservations instead of getting 429."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from mitmproxy.connection import ConnectionState
+from mitmproxy.test import taddons, tflow, tutils
+from tokengate_core import flowstate, pipeline
+from tokengate_core.metering import Metering, buckets_for
+from tokengate_core.settings import Gate
+
+from tests.conftest import ALICE, key_entries
+from tests.e2e import PROVIDER_KEY, write_quotas
+from tests.test_addons import reverse_flow, through
+
+HELLO = [{"role": "user", "content": "Hello!"}]
+HELLO_PROMPT = 9  # gpt-4o-mini's estimate of HELLO with chat framing
+
+
+def proxies(count: int, extra: str = "") -> str:
+    return (
+        "  p:\n    context: /p\n    provider: mock\n"
+        f"    token_limits:\n      total_tokens:\n        - {{count: {count}, duration: 1m}}\n"
+        f"{extra}"
+        "    keys:\n" + key_entries(alice=ALICE)
+    )
+
+
+@pytest.fixture
+def make_gate(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
+    contexts = []
+
+    def make(count: int = 1000, extra: str = "", **options):
+        quotas = write_quotas(
+            tmp_path / "quotas.yaml", "http://upstream.test:8000", proxies(count, extra)
+        )
+        gate = Gate()
+        addons = pipeline.build(gate)
+        context = taddons.context(*addons)
+        tctx = context.__enter__()
+        contexts.append(context)
+        tctx.configure(addons[0], tokengate_config=str(quotas))
+        (metering,) = [a for a in addons if isinstance(a, Metering)]
+        if options:
+            tctx.configure(metering, **options)
+        return gate, addons, metering
+
+    yield make
+    for context in contexts:
+        context.__exit__(None, None, None)
+
+
+def chat(**fields):
+    return {"model": "gpt-4o-mini", "messages": HELLO, **fields}
+
+
+async def sent_upstream(addons, body, path="/p/chat/completions"):
+    flow = reverse_flow(path=path, body=body)
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.response is None, flow.response and flow.response.text
+    return flow
+
+
+async def test_streamed_chat_asks_the_provider_for_usage(make_gate):
+    _, addons, _ = make_gate()
+    flow = await sent_upstream(addons, chat(stream=True, stream_options={"other": 1}))
+    body = json.loads(flow.request.content)
+    assert body["stream_options"] == {"other": 1, "include_usage": True}
+    assert flow.request.headers["content-length"] == str(len(flow.request.content))
+    assert flowstate.governed(flow)["usage_injected"] is True
+    text = await sent_upstream(
+        addons, {"model": "gpt-4o-mini", "prompt": "Hi", "stream": True}, "/p/completions"
+    )
+    assert json.loads(text.request.content)["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize(
+    "body, path",
+    [
+        (chat(stream=True, stream_options={"include_usage": True}), "/p/chat/completions"),
+        (chat(), "/p/chat/completions"),
+        ({"model": "gpt-4o-mini", "input": "Hi", "stream": True}, "/p/responses"),
+    ],
+    ids=["caller-asked", "not-streamed", "responses-api"],
+)
+async def test_requests_the_gate_need_not_change_leave_byte_for_byte(make_gate, body, path):
+    _, addons, _ = make_gate()
+    raw = json.dumps(body).encode()
+    flow = await sent_upstream(addons, body, path)
+    assert flow.request.content == raw
+    assert "usage_injected" not in flowstate.governed(flow)
+
+
+async def test_max_tokens_above_the_budget_left_is_lowered_to_it(make_gate):
+    _, addons, _ = make_gate(count=100)
+    flow = await sent_upstream(addons, chat(max_completion_tokens=500))
+    assert json.loads(flow.request.content)["max_completion_tokens"] == 100 - HELLO_PROMPT
+    assert flowstate.governed(flow)["max_tokens_lowered_to"] == 100 - HELLO_PROMPT
+    fits = await sent_upstream(make_gate(count=1000)[1], chat(max_tokens=50))
+    assert json.loads(fits.request.content)["max_tokens"] == 50
+
+
+def sse_head():
+    response = tutils.tresp(content=None)
+    response.headers["content-type"] = "text/event-stream"
+    return response
+
+
+def sse_response(*payloads) -> bytes:
+    return b"".join(
+        f"data: {p if isinstance(p, str) else json.dumps(p)}\n\n".encode() for p in payloads
+    )
+
+
+async def test_stream_hides_the_injected_usage_chunk_and_adds_the_trailer(make_gate):
+    gate, addons, _ = make_gate()
+    flow = await sent_upstream(addons, chat(stream=True, max_tokens=50))
+    flow.response = sse_head()
+    await through(addons, ("responseheaders",), flow)
+    # Headers leave with the reservation held: 1000 - (9 + 50).
+    assert flow.response.headers["X-RateLimit-Remaining"] == "941"
+    upstream = sse_response(
+        {"choices": [{"index": 0, "delta": {"content": "Hi"}}], "usage": None},
+        {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1}},
+        "[DONE]",
+    )
+    pieces = [upstream[i : i + 5] for i in range(0, len(upstream), 5)] + [b""]
+    received = b"".join(b"".join(flow.response.stream(piece)) for piece in pieces)
+    assert b'"choices": []' not in received
+    assert received.endswith(
+        b": x-ratelimit-remaining-tokens=990 x-tokens-consumed=10\n\ndata: [DONE]\n\n"
+    )
+    await through(addons, ("response",), flow)
+    (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
+    assert (status.used, status.reserved) == (10, 0)
+    assert flowstate.governed(flow)["usage"]["source"] == "reported"
+
+
+@pytest.mark.parametrize("how", ["provider-cut", "client-gone"])
+async def test_stream_ended_early_is_charged_its_text_once(make_gate, how):
+    gate, addons, metering = make_gate()
+    flow = await sent_upstream(addons, chat(stream=True, max_tokens=50))
+    flow.response = sse_head()
+    await through(addons, ("responseheaders",), flow)
+    flow.response.stream(
+        sse_response({"choices": [{"index": 0, "delta": {"content": "Hello there"}}]})
+    )
+    flow.error = tflow.terr("Client disconnected." if how == "client-gone" else "peer closed")
+    await through(addons, ("error",), flow)
+    await metering.error(flow)  # a second report changes nothing
+    await metering.response(flow)
+    (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
+    assert (status.used, status.reserved) == (HELLO_PROMPT + 2, 0)  # "Hello there": 2 tokens
+    assert flowstate.governed(flow)["usage"]["source"] == "estimated"
+
+
+QUEUED = "    queue_wait: 5s\n"
+
+
+async def settle(addons, flow, completion: int) -> None:
+    usage = {"prompt_tokens": HELLO_PROMPT, "completion_tokens": completion}
+    flow.response = tutils.tresp(content=json.dumps({"usage": usage}).encode())
+    await through(addons, ("responseheaders", "response"), flow)
+
+
+async def test_queue_admits_once_the_reservation_in_the_way_settles(make_gate):
+    _, addons, metering = make_gate(count=100, extra=QUEUED)
+    first = await sent_upstream(addons, chat(max_tokens=91))  # holds all 100
+    second = reverse_flow(body=chat(max_tokens=10))
+    waiting = asyncio.create_task(through(addons, ("requestheaders", "request"), second))
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if metering.waiting:
+            break
+    assert metering.waiting == 1 and not waiting.done()
+    await settle(addons, first, completion=5)  # 14 spent: room again, and the waiter is woken
+    await asyncio.wait_for(waiting, 2)
+    assert second.response is None  # admitted, on its way upstream
+    assert metering.waiting == 0
+
+
+async def test_queue_is_bounded_and_spent_budget_is_not_waited_for(make_gate):
+    _, addons, metering = make_gate(count=100, extra=QUEUED, tokengate_queue_limit=0)
+    await sent_upstream(addons, chat(max_tokens=91))
+    refused = reverse_flow(body=chat(max_tokens=10))
+    await asyncio.wait_for(through(addons, ("requestheaders", "request"), refused), 1)
+    assert refused.response.status_code == 429  # the queue is full (limit 0): at once
+    _, addons, metering = make_gate(count=100, extra=QUEUED)
+    spent = await sent_upstream(addons, chat(max_tokens=91))
+    await settle(addons, spent, completion=91)
+    refused = reverse_flow(body=chat(max_tokens=10))
+    await asyncio.wait_for(through(addons, ("requestheaders", "request"), refused), 1)
+    assert refused.response.status_code == 429  # spent, not reserved: no wait helps
+    assert metering.waiting == 0
+
+
+async def test_caller_hanging_up_while_queued_leaves_nothing_behind(make_gate):
+    gate, addons, metering = make_gate(count=100, extra=QUEUED)
+    await sent_upstream(addons, chat(max_tokens=91))
+    gone = reverse_flow(body=chat(max_tokens=10))
+    waiting = asyncio.create_task(through(addons, ("requestheaders", "request"), gone))
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if metering.waiting:
+            break
+    gone.client_conn.state = ConnectionState.CLOSED
+    await asyncio.wait_for(waiting, 2)  # within a poll interval, long before queue_wait
+    assert gone.response.status_code == 429 and metering.waiting == 0
+    (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
+    assert status.reserved == 100  # only the first request's reservation
+
+
+async def test_queue_wait_runs_out_into_a_truthful_429(make_gate):
+    _, addons, _ = make_gate(count=100, extra="    queue_wait: 1s\n")
+    await sent_upstream(addons, chat(max_tokens=91))
+    late = reverse_flow(body=chat(max_tokens=10))
+    await asyncio.wait_for(through(addons, ("requestheaders", "request"), late), 3)
+    assert late.response.status_code == 429
+    # The first reservation is still held: retry once its charge leaves the 1m window.
+    assert 58 <= int(late.response.headers["Retry-After"]) <= 60
