@@ -61,7 +61,7 @@ async def estimate(endpoint: str, body: dict[str, Any], body_size: int) -> int:
     return await asyncio.to_thread(tokens.estimate_prompt, endpoint, body)
 
 
-def _json_object(raw: bytes) -> dict[str, Any] | None:
+def json_object(raw: bytes) -> dict[str, Any] | None:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -69,13 +69,19 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _usage_record(metered: Metered) -> dict[str, Any]:
+def usage_record(metered: Metered) -> dict[str, Any]:
     return {
         "prompt_tokens": metered.usage.prompt,
         "completion_tokens": metered.usage.completion,
         "total_tokens": metered.usage.total,
         "source": metered.source,
     }
+
+
+def note_windows(state: dict[str, Any], statuses: tuple[LimitStatus, ...]) -> None:
+    """Each limit and what is left of it, for the ledger and the flow's comment."""
+    state["limits"] = {status.limit.name: status.limit.count for status in statuses}
+    state["remaining"] = {status.limit.name: status.remaining for status in statuses}
 
 
 class Metering:
@@ -121,7 +127,7 @@ class Metering:
         if streamed is None and len(raw) > self.gate.max_body:  # chunked, no content-length
             flowstate.answer(flow, responses.too_large(self.gate.max_body))
             return
-        body = _json_object(raw)
+        body = json_object(raw)
         inflight = self._inflight.get(flow.id)
         if body is None:
             if inflight is None:  # not sent yet: refuse it rather than guess its cost
@@ -143,6 +149,7 @@ class Metering:
         if not buckets:
             return
         decision, reservation = await self.gate.store.reserve(flow.id, buckets, demand)
+        note_windows(state, decision.statuses)
         if reservation is None:
             refusal = responses.rate_limited(decision, self.gate.clock(), proxy.name, demand.prompt)
             flowstate.answer(flow, refusal)
@@ -187,12 +194,13 @@ class Metering:
         state = flowstate.governed(flow)
         if flow.response.status_code >= 400:
             # The provider's own error passes unchanged and costs the caller nothing.
-            await self.gate.store.release(inflight.reservation)
+            note_windows(state, await self.gate.store.release(inflight.reservation))
             state["usage"] = None
             return
         metered = self._measure(flow, inflight)
         statuses = await self.gate.store.settle(inflight.reservation, metered.usage)
-        state["usage"] = _usage_record(metered)
+        note_windows(state, statuses)
+        state["usage"] = usage_record(metered)
         if inflight.meter is None:
             self._report(flow.response, statuses, metered)
 
@@ -227,11 +235,11 @@ class Metering:
             metered = Metered(inflight.reservation.amounts, "estimated")
         else:
             # The provider failed before answering anything: nothing to charge.
-            await self.gate.store.release(inflight.reservation)
+            note_windows(state, await self.gate.store.release(inflight.reservation))
             state["usage"] = None
             return
-        await self.gate.store.settle(inflight.reservation, metered.usage)
-        state["usage"] = _usage_record(metered)
+        note_windows(state, await self.gate.store.settle(inflight.reservation, metered.usage))
+        state["usage"] = usage_record(metered)
         log.info("tokengate: flow %s cut short; charged %s tokens", flow.id, metered.usage.total)
 
 
