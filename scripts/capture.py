@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import secrets
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -73,6 +74,26 @@ def calls(keys: dict[str, str]) -> list[tuple[str, str, str | None, dict | None,
     ]
 
 
+@dataclass
+class Capture:
+    folder: Path
+    statuses: list[int]  # what each call got, in order
+    provider_key: str = field(repr=False)  # for tests that prove no secret was saved
+    caller_keys: dict[str, str] = field(repr=False)
+
+    @property
+    def flows(self) -> Path:
+        return self.folder / "capture.flows"
+
+    @property
+    def quotas(self) -> Path:
+        return self.folder / "quotas.yaml"
+
+    @property
+    def ledger(self) -> Path:
+        return self.folder / ".state" / "ledger.jsonl"
+
+
 def started(child: Child, what: str) -> str:
     match = child.wait_ready(STARTUP_TIMEOUT)
     if match is None:
@@ -81,8 +102,8 @@ def started(child: Child, what: str) -> str:
     return f"http://127.0.0.1:{match.group(1)}"
 
 
-def capture(folder: Path) -> list[int]:
-    """Make the capture in `folder`; the statuses the calls got, in order."""
+def capture(folder: Path) -> Capture:
+    """Make the capture in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     provider_key = "sk-mock-" + secrets.token_hex(16)
     (folder / "provider.key").write_text(provider_key + "\n", encoding="utf-8")
@@ -109,16 +130,16 @@ def capture(folder: Path) -> list[int]:
             gate.stop()
     finally:
         mock.stop()
-    return statuses
+    return Capture(folder, statuses, provider_key, keys)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="where quotas.yaml and capture.flows go")
     args = parser.parse_args(argv)
-    statuses = capture(args.folder)
-    print(f"capture: {len(statuses)} calls, statuses {statuses}")
-    print(f"capture: {args.folder / 'capture.flows'} (quotas: {args.folder / 'quotas.yaml'})")
+    made = capture(args.folder)
+    print(f"capture: {len(made.statuses)} calls, statuses {made.statuses}")
+    print(f"capture: {made.flows} (quotas: {made.quotas}, ledger: {made.ledger})")
     return 0
 
 

@@ -89,7 +89,9 @@ class CaptureReplay:
         captured = flow.response.status_code if flow.response is not None else None
         if state["endpoint"] is None:  # the model list: allowed, not metered
             return captured, "admitted"
+        buckets = buckets_for(proxy, state["key"])
         if state["endpoint"] == USAGE_ENDPOINT:
+            note_windows(state, await self.store.status(buckets))
             return captured, "answered"
         raw = flow.request.get_content(strict=False) or b""
         body = json_object(raw)
@@ -100,9 +102,7 @@ class CaptureReplay:
         state.update(model=model, stream=body.get("stream") is True)
         reserve = completion_reserve(body, state["endpoint"], proxy.completion_reserve)
         demand = Demand(prompt, reserve)
-        decision, reservation = await self.store.reserve(
-            flow.id, buckets_for(proxy, state["key"]), demand
-        )
+        decision, reservation = await self.store.reserve(flow.id, buckets, demand)
         note_windows(state, decision.statuses)
         if reservation is None:
             state["refused_by"] = decision.blocking.limit.name if decision.blocking else None
