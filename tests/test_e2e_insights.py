@@ -136,14 +136,14 @@ def test_replay_with_other_quotas_shows_what_they_would_have_done(captured, tmp_
     out = tmp_path / "ledger.jsonl"
     replay(captured, out, quotas=quotas)
     lines = ledger(out)
-    # 120 would still refuse alice's second call; the gate then answered it, so the provider's
-    # answer is unknown: status null, the reservation charged as an estimate.
-    assert lines[1]["decision"] == "refused"
+    assert lines[1]["decision"] == "refused"  # 120 is still less than alice's first call cost
     quotas.write_text(
         captured.quotas.read_text().replace("count: 100,", "count: 1000,"), encoding="utf-8"
     )
     replay(captured, out.with_suffix(".2"), quotas=quotas)
     lines = ledger(out.with_suffix(".2"))
+    # The gate had refused alice's second call, so the provider's answer is unknown: status
+    # null, the reservation charged as an estimate.
     assert (lines[1]["decision"], lines[1]["status"]) == ("admitted", None)
     assert lines[1]["usage_source"] == "estimated" and lines[1]["total_tokens"] > 0
     assert lines[1]["remaining"]["total_tokens-1m"] < 1000 - lines[0]["total_tokens"]
