@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 from mitmproxy import exceptions
-from mitmproxy.test import tutils
+from mitmproxy.test import tflow, tutils
 from tokengate_core import flowstate
 from tokengate_core.annotate import Annotator
 from tokengate_core.audit import Ledger, LedgerWriter, iso_time, ledger_path
@@ -152,3 +152,47 @@ async def test_comments_and_markers(gate_addons):  # noqa: F811
     Annotator().response(refused)
     assert refused.marked == ":no_entry:"
     assert refused.comment == "tokengate 429 by t-1m: p/alice; left: t-1m 0"
+
+
+def captured_flow(notes: dict, *, usage: bytes | None = None, error: str | None = None):
+    """A flow as `-nr` reads it: not live, its answer (or error) already there, its notes saved."""
+    flow = reverse_flow()
+    flow.live = False
+    flow.metadata[flowstate.META] = notes
+    if usage is not None:
+        flow.response = tutils.tresp(content=usage)
+    if error is not None:
+        flow.error = tflow.terr(error)
+    return flow
+
+
+async def test_replay_follows_the_live_rules_for_errors(gate_addons, ledger):  # noqa: F811
+    _, _, addons = gate_addons
+    addon, path = ledger
+    notes = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    flows = [
+        captured_flow(notes, usage=USAGE),
+        captured_flow(notes, error="Connection refused"),  # provider never answered: free
+        captured_flow(notes, error="Client disconnected."),  # after it left: reservation kept
+        captured_flow({**notes, "key": "mallory"}, usage=USAGE),  # not in the quotas now
+    ]
+    for flow in flows:
+        hooks = ("requestheaders", "request", "response" if flow.response else "error")
+        await through(addons, hooks, flow)
+    addon.done()
+    ok, unanswered, hung_up, unknown = lines_of(path)
+    assert all(line["replay"] for line in (ok, unanswered, hung_up, unknown))
+    assert (ok["status"], ok["total_tokens"], ok["remaining"]) == (
+        200,
+        20,
+        {"total_tokens-1m": 980},
+    )
+    assert (unanswered["status"], unanswered["total_tokens"], unanswered["remaining"]) == (
+        None,
+        0,
+        {"total_tokens-1m": 980},
+    )
+    assert hung_up["usage_source"] == "estimated" and hung_up["total_tokens"] > 0
+    assert hung_up["total_tokens"] == hung_up["reserved"]
+    assert (unknown["status"], unknown["decision"]) == (401, "unauthorized")
+    assert flows[3].response.status_code == 200  # the captured flow is left as it was

@@ -229,7 +229,7 @@ class Metering:
         meter = inflight.meter
         if meter is not None and meter.bytes_seen:
             metered = meter.result()  # cut short: what was streamed
-        elif _caller_hung_up(flow) and flow.server_conn.timestamp_start is not None:
+        elif caller_hung_up(flow) and flow.server_conn.timestamp_start is not None:
             # The provider got the request and may be billing for it: hanging up must not
             # make a request free, so the caller keeps what was reserved.
             metered = Metered(inflight.reservation.amounts, "estimated")
@@ -243,7 +243,7 @@ class Metering:
         log.info("tokengate: flow %s cut short; charged %s tokens", flow.id, metered.usage.total)
 
 
-def _caller_hung_up(flow: http.HTTPFlow) -> bool:
+def caller_hung_up(flow: http.HTTPFlow) -> bool:
     """mitmproxy's words for a client that went away (HTTP/1 and HTTP/2)."""
     message = flow.error.msg if flow.error else ""
     return message.startswith(("Client disconnected", "stream reset by client"))

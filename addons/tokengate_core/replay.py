@@ -19,6 +19,7 @@ from .audit import Ledger, entry
 from .limiter import Demand
 from .metering import (
     buckets_for,
+    caller_hung_up,
     completion_reserve,
     estimate,
     json_object,
@@ -108,18 +109,23 @@ class CaptureReplay:
             state["refused_by"] = decision.blocking.limit.name if decision.blocking else None
             return 429, "refused"
         amounts = reservation.amounts
-        state["reserved"] = {"prompt": amounts.prompt, "completion": amounts.completion}
-        if saved.get("answered_by_gate") or captured is None:
-            # Never answered by the provider in the capture: what it would cost is unknown, so
-            # the reservation is charged, as the gate does for a caller that hangs up.
-            metered = Metered(amounts, "estimated")
-            status = None
-        elif captured >= 400:
+        state["reserved"] = {
+            "prompt_tokens": amounts.prompt,
+            "completion_tokens": amounts.completion,
+        }
+        if saved.get("answered_by_gate"):
+            # The gate refused it then, so the capture holds no provider answer to go by: the
+            # reservation is charged, as an estimate.
+            metered, status = Metered(amounts, "estimated"), None
+        elif captured is None and caller_hung_up(flow) and flow.server_conn.timestamp_start:
+            # As live: the provider got the request, and hanging up does not make it free.
+            metered, status = Metered(amounts, "estimated"), None
+        elif captured is None or captured >= 400:
+            # As live: a provider error, or no answer at all, costs nothing.
             note_windows(state, await self.store.release(reservation))
             return captured, "admitted"
         else:
-            metered = captured_usage(flow.response, prompt, model)
-            status = captured
+            metered, status = captured_usage(flow.response, prompt, model), captured
         note_windows(state, await self.store.settle(reservation, metered.usage))
         state["usage"] = usage_record(metered)
         return status, "admitted"
