@@ -70,7 +70,15 @@ def ledger(gate_addons, tmp_path):  # noqa: F811
     (addon,) = [a for a in addons if isinstance(a, Ledger)]
     path = tmp_path / "audit" / "ledger.jsonl"
     tctx.configure(addon, tokengate_ledger=str(path))
+    addon.running()
     return addon, path
+
+
+def test_bad_ledger_options_at_start_up_are_one_log_line(gate_addons, caplog):  # noqa: F811
+    tctx, _, addons = gate_addons
+    (addon,) = [a for a in addons if isinstance(a, Ledger)]
+    tctx.configure(addon, tokengate_ledger_max_size="lots")
+    assert "tokengate: refusing to start: tokengate_ledger_max_size: 'lots'" in caplog.text
 
 
 def test_ledger_options_are_validated(gate_addons, ledger):  # noqa: F811
@@ -196,3 +204,11 @@ async def test_replay_follows_the_live_rules_for_errors(gate_addons, ledger):  #
     assert hung_up["total_tokens"] == hung_up["reserved"]
     assert (unknown["status"], unknown["decision"]) == (401, "unauthorized")
     assert flows[3].response.status_code == 200  # the captured flow is left as it was
+
+
+def test_ledger_folder_that_cannot_be_made_is_refused(gate_addons, ledger, tmp_path):  # noqa: F811
+    tctx, _, _ = gate_addons
+    addon, _ = ledger
+    (tmp_path / "file").write_text("")
+    with pytest.raises(exceptions.OptionsError, match="cannot create"):
+        tctx.configure(addon, tokengate_ledger=str(tmp_path / "file" / "ledger.jsonl"))

@@ -93,11 +93,9 @@ def entry(
 
 def live_entry(flow: http.HTTPFlow, state: dict[str, Any]) -> dict[str, Any]:
     answered = state.get("answered_by_gate")
-    status = flow.response.status_code if flow.response is not None else None
-    line = entry(flow, state, status, decision_of(answered))
-    if answered is None and flow.response is None:
-        line["decision"] = "error"
-    return line
+    if flow.response is None:  # no answer at all: provider unreachable, or the caller gone
+        return entry(flow, state, None, decision_of(answered) if answered else "error")
+    return entry(flow, state, flow.response.status_code, decision_of(answered))
 
 
 class LedgerWriter:
@@ -120,9 +118,9 @@ class LedgerWriter:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("ab")
+        handle = None
         try:
+            handle = self.path.open("ab")
             while True:
                 batch, stop = self._next_batch()
                 data = "".join(batch).encode()
@@ -137,7 +135,8 @@ class LedgerWriter:
         except OSError as e:
             log.error("tokengate: ledger %s: %s; no more lines are written", self.path, e)
         finally:
-            handle.close()
+            if handle is not None:
+                handle.close()
 
     def _next_batch(self) -> tuple[list[str], bool]:
         batch: list[str] = []
@@ -176,6 +175,10 @@ class Ledger:
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
         self.writer: LedgerWriter | None = None
+        self._running = False
+
+    def running(self) -> None:
+        self._running = True
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -200,6 +203,16 @@ class Ledger:
         if not updated & (options | {"tokengate_config"}):
             return
         try:
+            self._reopen()
+        except exceptions.OptionsError as e:
+            if self._running:
+                raise
+            # At start-up, one clear line (mitmdump then exits with status 1), as for quotas.yaml.
+            log.error("tokengate: refusing to start: %s", e)
+
+    def _reopen(self) -> None:
+        """A new writer when the ledger's path, size or rotations changed."""
+        try:
             max_size = human.parse_size(ctx.options.tokengate_ledger_max_size)
         except ValueError:
             max_size = None
@@ -220,6 +233,11 @@ class Ledger:
             return
         self.done()
         if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                message = f"tokengate_ledger: cannot create {path.parent}: {e}"
+                raise exceptions.OptionsError(message) from e
             self.writer = LedgerWriter(path, max_size, ctx.options.tokengate_ledger_keep)
 
     def write(self, line: dict[str, Any]) -> None:
