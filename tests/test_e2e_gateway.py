@@ -330,6 +330,9 @@ def test_provider_key_never_in_saved_flows_or_log(gateway_factory, fresh_mock, t
     assert ALICE.encode() not in saved
     assert PROVIDER_KEY not in gateway.process.output
     assert ALICE not in gateway.process.output
+    ledger = (tmp_path / ".state" / "ledger.jsonl").read_text()  # the default place
+    assert len(ledger.splitlines()) >= 4
+    assert PROVIDER_KEY not in ledger and ALICE not in ledger
 
 
 @pytest.mark.parametrize(

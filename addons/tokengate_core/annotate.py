@@ -1,4 +1,4 @@
-"""A comment on every governed flow (shown in mitmweb) and a marker on the gate's own answers."""
+"""A comment on every governed flow (shown in mitmweb) and a marker on the gate's refusals."""
 
 from __future__ import annotations
 
@@ -7,6 +7,30 @@ from mitmproxy import http
 from . import flowstate
 
 MARKERS = {401: ":lock:", 429: ":no_entry:"}
+REFUSAL_MARKER = ":warning:"  # the gate's other refusals: 400, 403, 413, 503
+
+
+def comment(state: dict, status: int | None) -> str:
+    """`tokengate: p/alice gpt-4o 129 tokens (reported); left: total_tokens-1m 0`."""
+    who = f"{state.get('proxy', '?')}/{state.get('key', '?')}"
+    answered = state.get("answered_by_gate")
+    usage = state.get("usage")
+    if answered and answered < 400:
+        head = f"tokengate answered {state.get('endpoint')}: {who}"
+    elif answered:
+        refused = f" by {state['refused_by']}" if state.get("refused_by") else ""
+        head = f"tokengate {answered}{refused}: {who}"
+    elif usage:
+        model = f" {state['model']}" if state.get("model") else ""
+        head = f"tokengate: {who}{model} {usage['total_tokens']} tokens ({usage['source']})"
+    elif status is None:
+        head = f"tokengate: {who} error, nothing charged"
+    else:
+        head = f"tokengate: {who} no charge (status {status})"
+    remaining = state.get("remaining")
+    if not remaining:
+        return head
+    return head + "; left: " + ", ".join(f"{name} {left}" for name, left in remaining.items())
 
 
 class Annotator:
@@ -14,30 +38,12 @@ class Annotator:
         state = flowstate.governed(flow)
         if state is None or flow.response is None:
             return
-        who = _caller(state)
         answered = state.get("answered_by_gate")
-        if answered:
-            flow.marked = MARKERS.get(answered, ":warning:")
-            refused = f" by {state['refused_by']}" if state.get("refused_by") else ""
-            flow.comment = f"tokengate {answered}{refused}: {who}"
-            return
-        usage = state.get("usage")
-        remaining = flow.response.headers.get("X-RateLimit-Remaining", "?")
-        if usage:
-            flow.comment = (
-                f"tokengate: {who} {state.get('model') or ''} {usage['total_tokens']} tokens "
-                f"({usage['source']}), {remaining} left"
-            )
-        else:
-            flow.comment = f"tokengate: {who} no charge (status {flow.response.status_code})"
+        if answered and answered >= 400:
+            flow.marked = MARKERS.get(answered, REFUSAL_MARKER)
+        flow.comment = comment(state, flow.response.status_code)
 
     def error(self, flow: http.HTTPFlow) -> None:
         state = flowstate.governed(flow)
         if state is not None:
-            usage = state.get("usage")
-            charged = usage["total_tokens"] if usage else 0
-            flow.comment = f"tokengate: {_caller(state)} error, charged {charged} tokens"
-
-
-def _caller(state: dict) -> str:
-    return f"{state.get('proxy', '?')}/{state.get('key', '?')}"
+            flow.comment = comment(state, None)

@@ -2,7 +2,9 @@
 
 The provider key is set on the request just before it is sent and replaced by a placeholder as
 soon as the request has left (response headers, error, or shutdown), so flows saved with `-w`,
-shown in mitmweb or printed by mitmdump never carry it.
+shown in mitmweb or printed by mitmdump never carry it. At the same moment a reverse-mode flow gets
+back the URL its caller used (the context path), so a saved flow replayed with `-C` through a gate
+is routed and governed again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ REDACTED = "Bearer [redacted by tokengate]"
 class CredentialSwap:
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self._carrying_key: dict[str, http.HTTPFlow] = {}
+        self._carrying_key: dict[str, tuple[http.HTTPFlow, str]] = {}  # flow, caller's URL
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         state = flowstate.governed(flow)
@@ -30,14 +32,17 @@ class CredentialSwap:
         proxy = self.gate.proxy(state.get("proxy", ""))
         if proxy is None or flowstate.answered_by_gate(flow):
             return
+        callers_url = flow.request.url
         if state["upstream_path"] is not None:
             flow.request.url = proxy.provider.base_url + state["upstream_path"]  # updates Host
         flow.request.headers["authorization"] = f"Bearer {proxy.provider.api_key}"
-        self._carrying_key[flow.id] = flow
+        self._carrying_key[flow.id] = (flow, callers_url)
 
     def _redact(self, flow: http.HTTPFlow) -> None:
-        if self._carrying_key.pop(flow.id, None) is not None:
+        carrying = self._carrying_key.pop(flow.id, None)
+        if carrying is not None:
             flow.request.headers["authorization"] = REDACTED
+            flow.request.url = carrying[1]
 
     def request(self, flow: http.HTTPFlow) -> None:
         # A flow the gate answers after reading the body (429, 400) never leaves.
@@ -54,5 +59,5 @@ class CredentialSwap:
         self._redact(flow)
 
     def done(self) -> None:
-        for flow in list(self._carrying_key.values()):
+        for flow, _ in list(self._carrying_key.values()):
             self._redact(flow)

@@ -104,7 +104,7 @@ async def estimate(endpoint: str, body: dict[str, Any], body_size: int) -> int:
     return await asyncio.to_thread(tokens.estimate_prompt, endpoint, body)
 
 
-def _json_object(raw: bytes) -> dict[str, Any] | None:
+def json_object(raw: bytes) -> dict[str, Any] | None:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -112,13 +112,24 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _usage_record(metered: Metered) -> dict[str, Any]:
+def usage_record(metered: Metered) -> dict[str, Any]:
     return {
         "prompt_tokens": metered.usage.prompt,
         "completion_tokens": metered.usage.completion,
         "total_tokens": metered.usage.total,
         "source": metered.source,
     }
+
+
+def note_windows(state: dict[str, Any], statuses: tuple[LimitStatus, ...] | None) -> None:
+    """Each limit and what is left of it, for the ledger and the flow's comment.
+
+    None (the store is down, the write waits) leaves the figures noted at admission.
+    """
+    if statuses is None:
+        return
+    state["limits"] = {status.limit.name: status.limit.count for status in statuses}
+    state["remaining"] = {status.limit.name: status.remaining for status in statuses}
 
 
 class Metering:
@@ -182,7 +193,7 @@ class Metering:
         if streamed is None and len(raw) > self.gate.max_body:  # chunked, no content-length
             flowstate.answer(flow, responses.too_large(self.gate.max_body))
             return
-        body = _json_object(raw)
+        body = json_object(raw)
         inflight = self._inflight.get(flow.id)
         if body is None:
             if inflight is None:  # not sent yet: refuse it rather than guess its cost
@@ -219,6 +230,7 @@ class Metering:
             else:
                 flowstate.answer(flow, responses.store_unavailable(STORE_RETRY_AFTER))
             return
+        note_windows(state, decision.statuses)
         if reservation is None:
             refusal = responses.rate_limited(decision, self.gate.clock(), proxy.name, demand.prompt)
             flowstate.answer(flow, refusal)
@@ -298,12 +310,13 @@ class Metering:
         state = flowstate.governed(flow)
         if flow.response.status_code >= 400:
             # The provider's own error passes unchanged and costs the caller nothing.
-            await self.accounting.settle(inflight.reservation, None)
+            note_windows(state, await self.accounting.settle(inflight.reservation, None))
             state["usage"] = None
             return
         metered = self._measure(flow, inflight)
         statuses = await self.accounting.settle(inflight.reservation, metered.usage)
-        state["usage"] = _usage_record(metered)
+        note_windows(state, statuses)
+        state["usage"] = usage_record(metered)
         if inflight.meter is None:
             # With the store down, the budget as admitted is the best figure the gate has.
             self._report(flow.response, statuses or inflight.statuses, metered)
@@ -333,21 +346,21 @@ class Metering:
         meter = inflight.meter
         if meter is not None and meter.bytes_seen:
             metered = meter.result()  # cut short: what was streamed
-        elif _caller_hung_up(flow) and flow.server_conn.timestamp_start is not None:
+        elif caller_hung_up(flow) and flow.server_conn.timestamp_start is not None:
             # The provider got the request and may be billing for it: hanging up must not
             # make a request free, so the caller keeps what was reserved.
             metered = Metered(inflight.reservation.amounts, "estimated")
         else:
             # The provider failed before answering anything: nothing to charge.
-            await self.accounting.settle(inflight.reservation, None)
+            note_windows(state, await self.accounting.settle(inflight.reservation, None))
             state["usage"] = None
             return
-        await self.accounting.settle(inflight.reservation, metered.usage)
-        state["usage"] = _usage_record(metered)
+        note_windows(state, await self.accounting.settle(inflight.reservation, metered.usage))
+        state["usage"] = usage_record(metered)
         log.info("tokengate: flow %s cut short; charged %s tokens", flow.id, metered.usage.total)
 
 
-def _caller_hung_up(flow: http.HTTPFlow) -> bool:
+def caller_hung_up(flow: http.HTTPFlow) -> bool:
     """mitmproxy's words for a client that went away (HTTP/1 and HTTP/2)."""
     message = flow.error.msg if flow.error else ""
     return message.startswith(("Client disconnected", "stream reset by client"))

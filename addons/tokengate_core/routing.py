@@ -21,13 +21,15 @@ METERED_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses
 # (files, batches, fine-tunes, images, audio, realtime, deletes) would spend or expose the
 # provider account without being metered, so the gate refuses it.
 READ_ONLY_ENDPOINTS = ("models",)
+# A caller's own standing (GET): answered by the gate itself, never forwarded.
+USAGE_ENDPOINT = "tokengate/usage"
 
 
 @dataclass(frozen=True)
 class Route:
     candidates: tuple[Proxy, ...]  # one in reverse mode; in regular mode the caller's key decides
     upstream_path: str | None  # reverse mode: path and query to append to the provider's base URL
-    endpoint: str | None  # a METERED_ENDPOINTS entry when the request is metered
+    endpoint: str | None  # a METERED_ENDPOINTS entry when metered, or USAGE_ENDPOINT
     allowed: bool  # metered, or a read-only endpoint; anything else is refused by the gate
 
 
@@ -40,6 +42,8 @@ def _classify(method: str, path: str) -> tuple[str | None, bool]:
         segments = segments[1:]
     name = "/".join(segments)
     if method == "POST" and name in METERED_ENDPOINTS:
+        return name, True
+    if method == "GET" and name == USAGE_ENDPOINT:
         return name, True
     read_only = bool(segments) and segments[0] in READ_ONLY_ENDPOINTS and len(segments) <= 2
     return None, method == "GET" and read_only

@@ -1,0 +1,214 @@
+"""The ledger, the usage endpoint and flow comments inside mitmproxy's test harness."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import tflow, tutils
+from tokengate_core import flowstate
+from tokengate_core.annotate import Annotator
+from tokengate_core.audit import Ledger, LedgerWriter, iso_time, ledger_path
+
+from tests.conftest import ALICE
+from tests.test_addons import gate_addons, quotas, reverse_flow, through  # noqa: F401 (fixtures)
+
+USAGE = json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 11}}).encode()
+
+
+def lines_of(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_iso_time_is_utc_with_milliseconds():
+    moment = datetime(2026, 11, 29, 14, 3, 7, 123000, tzinfo=UTC)
+    assert iso_time(moment.timestamp()) == "2026-11-29T14:03:07.123Z"
+    assert iso_time(0) == "1970-01-01T00:00:00.000Z"
+
+
+def test_ledger_path_default_beside_the_quotas_file_and_off(tmp_path):
+    config = str(tmp_path / "q.yaml")
+    assert ledger_path("auto", config) == tmp_path / ".state" / "ledger.jsonl"
+    assert ledger_path("", config) is None
+    assert str(ledger_path("x/l.jsonl", config)) == "x/l.jsonl"
+
+
+def test_writer_rotates_by_size_and_keeps_what_it_is_told(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    for n in range(30):
+        writer = LedgerWriter(path, max_size=200, keep=2)  # one batch per writer: rotates often
+        writer.write({"n": n, "pad": "x" * 40})
+        writer.write({"n": n, "pad": "y" * 40})
+        writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ledger.jsonl",
+        "ledger.jsonl.1",
+        "ledger.jsonl.2",
+    ]
+    newest, older, oldest = (
+        lines_of(tmp_path / name) for name in sorted(p.name for p in tmp_path.iterdir())
+    )
+    assert all(path.stat().st_size <= 200 for path in tmp_path.iterdir())
+    assert [line["n"] for line in oldest + older + newest] == [27, 27, 28, 28, 29, 29]
+
+
+def test_writer_keep_zero_starts_over(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    for n in range(3):
+        writer = LedgerWriter(path, max_size=50, keep=0)
+        writer.write({"n": n, "pad": "z" * 40})
+        writer.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["ledger.jsonl"]
+    assert lines_of(path) == [{"n": 2, "pad": "z" * 40}]
+
+
+@pytest.fixture
+def ledger(gate_addons, tmp_path):  # noqa: F811
+    tctx, _, addons = gate_addons
+    (addon,) = [a for a in addons if isinstance(a, Ledger)]
+    path = tmp_path / "audit" / "ledger.jsonl"
+    tctx.configure(addon, tokengate_ledger=str(path))
+    addon.running()
+    return addon, path
+
+
+def test_bad_ledger_options_at_start_up_are_one_log_line(gate_addons, caplog):  # noqa: F811
+    tctx, _, addons = gate_addons
+    (addon,) = [a for a in addons if isinstance(a, Ledger)]
+    tctx.configure(addon, tokengate_ledger_max_size="lots")
+    assert "tokengate: refusing to start: tokengate_ledger_max_size: 'lots'" in caplog.text
+
+
+def test_ledger_options_are_validated(gate_addons, ledger):  # noqa: F811
+    tctx, _, _ = gate_addons
+    addon, _ = ledger
+    with pytest.raises(exceptions.OptionsError, match="not a size"):
+        tctx.configure(addon, tokengate_ledger_max_size="lots")
+    with pytest.raises(exceptions.OptionsError, match="0 or more"):
+        tctx.configure(addon, tokengate_ledger_keep=-1)
+    tctx.configure(addon, tokengate_ledger="")
+    assert addon.writer is None
+
+
+async def test_ledger_lines_for_admitted_and_refused_flows(gate_addons, ledger):  # noqa: F811
+    _, _, addons = gate_addons
+    addon, path = ledger
+    admitted = reverse_flow()
+    await through(addons, ("requestheaders", "request"), admitted)
+    admitted.response = tutils.tresp(content=USAGE)
+    await through(addons, ("responseheaders", "response"), admitted)
+    await through(addons, ("error",), admitted)  # a late error must not write a second line
+    anonymous = reverse_flow(key=None)
+    await through(addons, ("requestheaders", "request", "responseheaders", "response"), anonymous)
+    failed = reverse_flow()
+    await through(addons, ("requestheaders", "request", "error"), failed)
+    addon.done()
+    first, second, third = lines_of(path)
+    assert first["key"] == "alice" and first["status"] == 200 and first["decision"] == "admitted"
+    assert (first["prompt_tokens"], first["completion_tokens"], first["total_tokens"]) == (
+        9,
+        11,
+        20,
+    )
+    assert first["remaining"] == {"total_tokens-1m": 980}
+    assert first["time"] == iso_time(admitted.request.timestamp_start)
+    assert (second["status"], second["decision"], second["key"]) == (401, "unauthorized", None)
+    assert (third["status"], third["decision"], third["total_tokens"]) == (None, "error", 0)
+    assert ALICE not in path.read_text()
+
+
+async def test_usage_query_is_answered_after_authentication(gate_addons):  # noqa: F811
+    _, _, addons = gate_addons
+    spent = reverse_flow()
+    await through(addons, ("requestheaders", "request"), spent)
+    spent.response = tutils.tresp(content=USAGE)
+    await through(addons, ("responseheaders", "response"), spent)
+    query = reverse_flow(path="/p/tokengate/usage")
+    query.request.method = "GET"
+    await through(addons, ("requestheaders", "request"), query)
+    assert query.response.status_code == 200
+    assert "authorization" not in query.request.headers  # nothing to forward, nothing kept
+    body = json.loads(query.response.content)
+    [limit] = body["limits"]
+    assert (limit["used"], limit["remaining"], limit["limit"]) == (20, 980, 1000)
+    anonymous = reverse_flow(path="/p/tokengate/usage", key=None)
+    anonymous.request.method = "GET"
+    await through(addons, ("requestheaders", "request"), anonymous)
+    assert anonymous.response.status_code == 401
+
+
+async def test_comments_and_markers(gate_addons):  # noqa: F811
+    _, _, addons = gate_addons
+    admitted = reverse_flow()
+    await through(addons, ("requestheaders", "request"), admitted)
+    admitted.response = tutils.tresp(content=USAGE)
+    await through(addons, ("responseheaders", "response"), admitted)
+    assert admitted.comment == (
+        "tokengate: p/alice gpt-4o 20 tokens (reported); left: total_tokens-1m 980"
+    )
+    assert not admitted.marked
+    assert admitted.request.path == "/p/chat/completions"  # the caller's URL, once sent
+    anonymous = reverse_flow(key=None)
+    await through(addons, ("requestheaders", "request", "responseheaders", "response"), anonymous)
+    assert anonymous.marked == ":lock:" and anonymous.comment.startswith("tokengate 401")
+    state = {"proxy": "p", "key": "alice", "answered_by_gate": 429, "refused_by": "t-1m"}
+    refused = reverse_flow()
+    refused.metadata[flowstate.META] = {**state, "remaining": {"t-1m": 0}}
+    refused.response = tutils.tresp(status_code=429)
+    Annotator().response(refused)
+    assert refused.marked == ":no_entry:"
+    assert refused.comment == "tokengate 429 by t-1m: p/alice; left: t-1m 0"
+
+
+def captured_flow(notes: dict, *, usage: bytes | None = None, error: str | None = None):
+    """A flow as `-nr` reads it: not live, its answer (or error) already there, its notes saved."""
+    flow = reverse_flow()
+    flow.live = False
+    flow.metadata[flowstate.META] = notes
+    if usage is not None:
+        flow.response = tutils.tresp(content=usage)
+    if error is not None:
+        flow.error = tflow.terr(error)
+    return flow
+
+
+async def test_replay_follows_the_live_rules_for_errors(gate_addons, ledger):  # noqa: F811
+    _, _, addons = gate_addons
+    addon, path = ledger
+    notes = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    flows = [
+        captured_flow(notes, usage=USAGE),
+        captured_flow(notes, error="Connection refused"),  # provider never answered: free
+        captured_flow(notes, error="Client disconnected."),  # after it left: reservation kept
+        captured_flow({**notes, "key": "mallory"}, usage=USAGE),  # not in the quotas now
+    ]
+    for flow in flows:
+        hooks = ("requestheaders", "request", "response" if flow.response else "error")
+        await through(addons, hooks, flow)
+    addon.done()
+    ok, unanswered, hung_up, unknown = lines_of(path)
+    assert all(line["replay"] for line in (ok, unanswered, hung_up, unknown))
+    assert (ok["status"], ok["total_tokens"], ok["remaining"]) == (
+        200,
+        20,
+        {"total_tokens-1m": 980},
+    )
+    assert (unanswered["status"], unanswered["total_tokens"], unanswered["remaining"]) == (
+        None,
+        0,
+        {"total_tokens-1m": 980},
+    )
+    assert hung_up["usage_source"] == "estimated" and hung_up["total_tokens"] > 0
+    assert hung_up["total_tokens"] == hung_up["reserved"]
+    assert (unknown["status"], unknown["decision"]) == (401, "unauthorized")
+    assert flows[3].response.status_code == 200  # the captured flow is left as it was
+
+
+def test_ledger_folder_that_cannot_be_made_is_refused(gate_addons, ledger, tmp_path):  # noqa: F811
+    tctx, _, _ = gate_addons
+    addon, _ = ledger
+    (tmp_path / "file").write_text("")
+    with pytest.raises(exceptions.OptionsError, match="cannot create"):
+        tctx.configure(addon, tokengate_ledger=str(tmp_path / "file" / "ledger.jsonl"))

@@ -1,0 +1,94 @@
+"""The ledger report: grouping, totals, --since, the rolling usage drawn in the chart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokengate_core.audit import LedgerWriter, iso_time
+
+from scripts import report
+
+T0 = 1_800_000_000.0
+
+
+def line(at: float, key: str, total: int, status: int = 200, **extra) -> dict:
+    decision = "refused" if status == 429 else "admitted"
+    return {
+        "time": iso_time(T0 + at),
+        "proxy": "p",
+        "key": key,
+        "model": "m",
+        "status": status,
+        "decision": decision,
+        "limit": "total_tokens-1m" if status == 429 else None,
+        "prompt_tokens": total // 2,
+        "completion_tokens": total - total // 2,
+        "total_tokens": total,
+        "limits": {"total_tokens-1m": 100},
+        **extra,
+    }
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    writer = LedgerWriter(path, max_size=1 << 20, keep=1)
+    for entry in (
+        line(0, "alice", 60),
+        line(10, "alice", 50),
+        line(20, "alice", 0, status=429),
+        line(30, "bob", 7),
+        line(90, "alice", 5, model="other"),
+    ):
+        writer.write(entry)
+    writer.close()
+    with path.open("a") as handle:
+        handle.write("not json\n")
+    return path
+
+
+def test_rolling_usage_counts_what_is_in_the_window():
+    events = [(0.0, 60), (10.0, 50), (65.0, 5)]
+    assert report.rolling(events, 60) == [
+        (0.0, 60), (10.0, 110), (60.0, 50), (65.0, 55), (70.0, 5), (125.0, 0),
+    ]  # fmt: skip
+
+
+def test_since_takes_a_duration_or_a_time():
+    assert report.since_epoch("2h", now=T0) == T0 - 7200
+    assert report.since_epoch(iso_time(T0), now=0) == T0
+    with pytest.raises(ValueError):
+        report.since_epoch("yesterday", now=T0)
+
+
+def test_json_groups_by_proxy_key_and_model(ledger, capsys):
+    assert report.main([str(ledger), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["lines"] == 5
+    assert out["totals"] == {
+        "requests": 5, "prompt_tokens": 30 + 25 + 3 + 2, "completion_tokens": 30 + 25 + 4 + 3,
+        "total_tokens": 122, "refused": 1,
+    }  # fmt: skip
+    alice = out["rows"][0]
+    assert (alice["key"], alice["model"], alice["requests"]) == ("alice", "m", 3)
+    assert alice["statuses"] == {"200": 2, "429": 1}
+    assert alice["refused_by"] == {"total_tokens-1m": 1}
+    assert [row["total_tokens"] for row in out["rows"]] == [110, 5, 7]
+
+
+def test_since_filters_and_table_shows_totals(ledger, capsys):
+    report.main([str(ledger), "--since", iso_time(T0 + 25)])
+    text = capsys.readouterr()
+    assert "not a ledger line" in text.err
+    rows = text.out.splitlines()
+    assert rows[0].split()[:4] == ["proxy", "key", "model", "requests"]
+    assert [row.split()[1] for row in rows[1:-1]] == ["alice", "bob"]
+    assert rows[-1].split() == ["all", "2", "5", "7", "12", "0"]
+
+
+def test_png_is_drawn(ledger, tmp_path, capsys):
+    png = tmp_path / "chart.png"
+    report.main([str(ledger), "--png", str(png)])
+    assert "1 chart(s)" in capsys.readouterr().err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
