@@ -36,8 +36,10 @@ def make_gate(tmp_path, monkeypatch):
     contexts = []
 
     def make(count: int = 1000, extra: str = "", **options):
+        folder = tmp_path / f"gate-{len(contexts)}"  # each gate its own store (SQLite file)
+        folder.mkdir()
         quotas = write_quotas(
-            tmp_path / "quotas.yaml", "http://upstream.test:8000", proxies(count, extra)
+            folder / "quotas.yaml", "http://upstream.test:8000", proxies(count, extra)
         )
         gate = Gate()
         addons = pipeline.build(gate)
