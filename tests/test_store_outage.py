@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 
 import pytest
 from mitmproxy.test import taddons, tutils
 from tokengate_core import flowstate, pipeline
+from tokengate_core.accounting import Accounting
+from tokengate_core.config import load_config
+from tokengate_core.limiter import Demand
 from tokengate_core.metering import DEGRADED_HEADER, buckets_for
 from tokengate_core.responses import SOURCE_HEADER
 from tokengate_core.settings import Gate
 from tokengate_core.stores import StoreUnavailable
 from tokengate_core.stores.memory import MemoryStore
+from tokengate_core.stores.redis import RedisStore
 
 from tests.conftest import ALICE, key_entries
 from tests.e2e import PROVIDER_KEY, write_quotas
+from tests.redis_server import RedisServer, require_redis_server
 from tests.test_addons import reverse_flow, through
 
 NOW = 1_000_000.0
@@ -147,3 +153,33 @@ async def test_release_during_outage_is_written_when_the_store_returns(outage):
     await through(addons, ("responseheaders", "response"), flow)
     (status,) = await gate.store.status(buckets)
     assert (status.used, status.reserved) == (10, 0)  # the failed call cost nothing
+
+
+async def test_a_reserve_that_timed_out_on_a_stalled_redis_holds_nothing_afterwards(tmp_path):
+    """Redis that stops answering: the gate is told StoreUnavailable, but the script may run
+    once the server wakes. The gate releases that id when the store is back."""
+    server = RedisServer(require_redis_server()).start()
+    gate = Gate(store=RedisStore(server.url))
+    accounting = Accounting(gate)
+    demand = Demand(10, 10)
+    bucket = buckets_for(
+        load_config(
+            write_quotas(tmp_path / "quotas.yaml", "http://upstream.test:8000", proxies("closed"))
+        ).proxies["p"],
+        "alice",
+    )
+    try:
+        await gate.store.status(bucket)  # connected
+        server.process.popen.send_signal(signal.SIGSTOP)
+        with pytest.raises(StoreUnavailable):
+            await accounting.reserve("stalled", bucket, demand)
+        server.process.popen.send_signal(signal.SIGCONT)
+        decision, reservation = await accounting.reserve("next", bucket, demand)
+        assert decision.admitted
+        await accounting.settle(reservation, None)
+        (status,) = await gate.store.status(bucket)
+        assert (status.used, status.reserved) == (0, 0)  # the stalled reserve holds nothing
+    finally:
+        server.process.popen.send_signal(signal.SIGCONT)
+        await gate.store.close()
+        server.stop()

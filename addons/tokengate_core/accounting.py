@@ -47,6 +47,10 @@ class Accounting:
             result = await self.gate.store.reserve(reservation_id, buckets, demand)
         except StoreUnavailable as e:
             self._failed(e)
+            # A reserve that timed out may still run once a stalled server wakes (Redis): its
+            # hold is released when the store is back. Where nothing was held this changes
+            # nothing (a release needs only the id and the buckets).
+            self._unwritten.append((Reservation(reservation_id, 0.0, buckets, Usage(0, 0)), None))
             raise
         await self._recovered()
         return result
