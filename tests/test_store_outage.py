@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 
 import pytest
 from mitmproxy.test import taddons, tutils
@@ -18,11 +17,9 @@ from tokengate_core.responses import SOURCE_HEADER
 from tokengate_core.settings import Gate
 from tokengate_core.stores import StoreUnavailable
 from tokengate_core.stores.memory import MemoryStore
-from tokengate_core.stores.redis import RedisStore
 
 from tests.conftest import ALICE, key_entries
 from tests.e2e import PROVIDER_KEY, write_quotas
-from tests.redis_server import RedisServer, require_redis_server
 from tests.test_addons import reverse_flow, through
 
 NOW = 1_000_000.0
@@ -155,31 +152,36 @@ async def test_release_during_outage_is_written_when_the_store_returns(outage):
     assert (status.used, status.reserved) == (10, 0)  # the failed call cost nothing
 
 
-async def test_a_reserve_that_timed_out_on_a_stalled_redis_holds_nothing_afterwards(tmp_path):
-    """Redis that stops answering: the gate is told StoreUnavailable, but the script may run
-    once the server wakes. The gate releases that id when the store is back."""
-    server = RedisServer(require_redis_server()).start()
-    gate = Gate(store=RedisStore(server.url))
+class LostReplyStore(MemoryStore):
+    """A store whose first reserve runs but whose reply never arrives: what a Redis that stalled
+    past the client's timeout and then woke does."""
+
+    def __init__(self, clock) -> None:
+        super().__init__(clock)
+        self.replies_lost = 1
+
+    async def reserve(self, *args):
+        result = await super().reserve(*args)
+        if self.replies_lost:
+            self.replies_lost -= 1
+            raise StoreUnavailable("Timeout reading from 127.0.0.1:6379")
+        return result
+
+
+async def test_a_reserve_whose_reply_was_lost_is_released_when_the_store_answers_again(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
+    gate = Gate(store=LostReplyStore(lambda: NOW))
     accounting = Accounting(gate)
-    demand = Demand(10, 10)
-    bucket = buckets_for(
-        load_config(
-            write_quotas(tmp_path / "quotas.yaml", "http://upstream.test:8000", proxies("closed"))
-        ).proxies["p"],
-        "alice",
-    )
-    try:
-        await gate.store.status(bucket)  # connected
-        server.process.popen.send_signal(signal.SIGSTOP)
-        with pytest.raises(StoreUnavailable):
-            await accounting.reserve("stalled", bucket, demand)
-        server.process.popen.send_signal(signal.SIGCONT)
-        decision, reservation = await accounting.reserve("next", bucket, demand)
-        assert decision.admitted
-        await accounting.settle(reservation, None)
-        (status,) = await gate.store.status(bucket)
-        assert (status.used, status.reserved) == (0, 0)  # the stalled reserve holds nothing
-    finally:
-        server.process.popen.send_signal(signal.SIGCONT)
-        await gate.store.close()
-        server.stop()
+    quotas = write_quotas(tmp_path / "quotas.yaml", "http://upstream.test:8000", proxies("closed"))
+    bucket = buckets_for(load_config(quotas).proxies["p"], "alice")
+    with pytest.raises(StoreUnavailable):
+        await accounting.reserve("lost", bucket, Demand(10, 10))
+    (held,) = await gate.store.status(bucket)
+    assert held.reserved == 20  # it did run: the gate just never heard so
+    decision, reservation = await accounting.reserve("next", bucket, Demand(10, 10))
+    assert decision.admitted
+    await accounting.settle(reservation, None)
+    (status,) = await gate.store.status(bucket)
+    assert (status.used, status.reserved) == (0, 0)  # the lost reserve holds nothing
