@@ -10,7 +10,7 @@ import pytest
 from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons, tflow, tutils
 from tokengate_core import flowstate, pipeline
-from tokengate_core.metering import Metering, buckets_for
+from tokengate_core.metering import LOWERED_HEADER, Metering, buckets_for
 from tokengate_core.settings import Gate
 
 from tests.conftest import ALICE, key_entries
@@ -103,8 +103,14 @@ async def test_max_tokens_above_the_budget_left_is_lowered_to_it(make_gate):
     flow = await sent_upstream(addons, chat(max_completion_tokens=500))
     assert json.loads(flow.request.content)["max_completion_tokens"] == 100 - HELLO_PROMPT
     assert flowstate.governed(flow)["max_tokens_lowered_to"] == 100 - HELLO_PROMPT
-    fits = await sent_upstream(make_gate(count=1000)[1], chat(max_tokens=50))
+    await settle(addons, flow, completion=100 - HELLO_PROMPT)
+    assert flow.response.headers[LOWERED_HEADER] == str(100 - HELLO_PROMPT)
+    roomy = make_gate(count=1000)[1]
+    fits = await sent_upstream(roomy, chat(max_tokens=50))
     assert json.loads(fits.request.content)["max_tokens"] == 50
+    await settle(roomy, fits, completion=50)
+    assert fits.response.headers["X-Tokens-Consumed"] == str(HELLO_PROMPT + 50)
+    assert LOWERED_HEADER not in fits.response.headers
 
 
 def sse_head():

@@ -35,6 +35,7 @@ log = logging.getLogger("tokengate")
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 BAD_JSON = "We could not parse the JSON body of your request: expected a JSON object."
 DEGRADED_HEADER = "X-TokenGate-Accounting"
+LOWERED_HEADER = "X-TokenGate-Max-Tokens"  # the max_tokens the provider was sent, when lowered
 STORE_RETRY_AFTER = 2  # seconds a caller is asked to wait while the store is down
 # Prompts longer than this are tokenized off the event loop, so other flows keep moving.
 INLINE_TOKENIZE_BYTES = 20_000
@@ -276,8 +277,12 @@ class Metering:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = flowstate.governed(flow)
-        if state and state.get("accounting") == "degraded" and flow.response is not None:
-            flow.response.headers[DEGRADED_HEADER] = "degraded"
+        if state and flow.response is not None:
+            # What the gate changed about this call, so the caller can tell why.
+            if state.get("accounting") == "degraded":
+                flow.response.headers[DEGRADED_HEADER] = "degraded"
+            if "max_tokens_lowered_to" in state:
+                flow.response.headers[LOWERED_HEADER] = str(state["max_tokens_lowered_to"])
         inflight = self._inflight.get(flow.id)
         if inflight is None or flow.response is None or flow.response.status_code >= 400:
             return
