@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 import urllib.request
@@ -168,3 +169,16 @@ def self_signed(folder: Path) -> Path:
         )
     )
     return pem
+
+
+def run_benchmark(module: str, *args: str, timeout: float) -> dict:
+    """Run `python -m scripts.<module> ARGS --json` as users do; its report, parsed."""
+    run = subprocess.run(
+        [sys.executable, "-m", f"scripts.{module}", *args, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return json.loads(run.stdout)

@@ -3,24 +3,12 @@ are: the gate settles what the provider served, and `max_tokens` bursts never ov
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from tests.e2e import ROOT
+from tests.e2e import run_benchmark
 
 
 def test_tiny_run_reports_every_scenario():
     tiny = ["--requests", "6", "--limit", "150", "--provider-seconds", "0.1"]
-    run = subprocess.run(
-        [sys.executable, "-m", "scripts.bench_burst", *tiny, "--max-seconds", "50", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    report = json.loads(run.stdout)
+    report = run_benchmark("bench_burst", *tiny, "--max-seconds", "50", timeout=60)
     assert not report["truncated"]
     rows = report["scenarios"]
     assert len(rows) == 8

@@ -3,26 +3,14 @@ asserted, since they depend on the machine."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from tests.e2e import ROOT
+from tests.e2e import run_benchmark
 
 RATIOS = ("latency_ratio", "throughput_ratio", "added_p50_ms")
 
 
 def test_tiny_run_reports_every_target():
-    tiny = ["--requests", "20", "--rounds", "1", "--max-seconds", "25", "--json"]
-    run = subprocess.run(
-        [sys.executable, "-m", "scripts.bench_latency", *tiny],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=29,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    report = json.loads(run.stdout)
+    tiny = ["--requests", "20", "--rounds", "1", "--max-seconds", "25"]
+    report = run_benchmark("bench_latency", *tiny, timeout=29)
     assert report["rounds"] == 1 and not report["truncated"]
     targets = report["targets"]
     assert set(targets) == {"direct", "mitmdump", "tokengate"}

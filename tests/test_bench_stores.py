@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from tests.e2e import ROOT
+from tests.e2e import run_benchmark
 from tests.redis_server import require_redis_server
 
 
 def test_tiny_run_reports_every_store():
     require_redis_server()
     tiny = ["--requests", "20", "--rounds", "2", "--concurrency", "4", "--max-seconds", "25"]
-    run = subprocess.run(
-        [sys.executable, "-m", "scripts.bench_stores", *tiny, "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=40,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    report = json.loads(run.stdout)
+    report = run_benchmark("bench_stores", *tiny, timeout=40)
     assert report["rounds"] == 2 and not report["truncated"]
     for mode in ("sequential", "concurrent"):
         stores = report["stores"][mode]

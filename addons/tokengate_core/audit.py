@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
-from mitmproxy.utils import human
 
 from . import flowstate
-from .settings import Gate
+from .settings import Gate, size_option
 
 log = logging.getLogger("tokengate")
 
@@ -212,15 +211,7 @@ class Ledger:
 
     def _reopen(self) -> None:
         """A new writer when the ledger's path, size or rotations changed."""
-        try:
-            max_size = human.parse_size(ctx.options.tokengate_ledger_max_size)
-        except ValueError:
-            max_size = None
-        if not max_size or max_size <= 0:
-            raise exceptions.OptionsError(
-                f"tokengate_ledger_max_size: {ctx.options.tokengate_ledger_max_size!r} is not a "
-                "size like 512k or 64m"
-            )
+        max_size = size_option("tokengate_ledger_max_size")
         if ctx.options.tokengate_ledger_keep < 0:
             raise exceptions.OptionsError("tokengate_ledger_keep must be 0 or more")
         path = ledger_path(ctx.options.tokengate_ledger, ctx.options.tokengate_config)

@@ -39,6 +39,18 @@ class Gate:
         return self.config.proxies.get(name) if self.config else None
 
 
+def size_option(name: str) -> int:
+    """The bytes of a size option (`512k`, `32m`); OptionsError naming the option otherwise."""
+    text = getattr(ctx.options, name)
+    try:
+        size = human.parse_size(text)
+    except ValueError:
+        size = None
+    if not size or size <= 0:
+        raise exceptions.OptionsError(f"{name}: {text!r} is not a size like 512k or 32m")
+    return size
+
+
 def summary(gate: Gate) -> str:
     """The one line the log shows at start and after each reload."""
     assert gate.config is not None
@@ -157,16 +169,7 @@ class Settings:
         if "stream_large_bodies" in updated:
             self.gate.stream_request_bodies = bool(ctx.options.stream_large_bodies)
         if "tokengate_max_body" in updated:
-            try:
-                size = human.parse_size(ctx.options.tokengate_max_body)
-            except ValueError:
-                size = None
-            if not size or size <= 0:
-                raise exceptions.OptionsError(
-                    f"tokengate_max_body: {ctx.options.tokengate_max_body!r} is not a size "
-                    "like 512k or 32m"
-                )
-            self.gate.max_body = size
+            self.gate.max_body = size_option("tokengate_max_body")
         if "tokengate_config" not in updated:
             return
         signature = file_signature(ctx.options.tokengate_config)
