@@ -3,6 +3,7 @@ and settlements made meanwhile are written once the store is back (books stay ex
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -10,6 +11,7 @@ import pytest
 from mitmproxy.test import taddons, tutils
 from tokengate_core import flowstate, pipeline
 from tokengate_core.accounting import Accounting
+from tokengate_core.commands import Commands
 from tokengate_core.config import load_config
 from tokengate_core.limiter import Demand
 from tokengate_core.metering import DEGRADED_HEADER, buckets_for
@@ -55,6 +57,10 @@ class FlakyStore(MemoryStore):
     async def release(self, *args):
         self._check()
         return await super().release(*args)
+
+    async def status(self, *args):
+        self._check()
+        return await super().status(*args)
 
 
 def gate_with(tmp_path, monkeypatch, fail: str):
@@ -117,10 +123,10 @@ async def test_settlement_during_outage_is_written_when_the_store_returns(outage
     await through(addons, ("responseheaders", "response"), flow)
     assert flow.response.status_code == 200
     assert flow.response.headers["X-Tokens-Consumed"] == "100"
+    gate.store.down = False
     (held,) = await gate.store.status(buckets)
     assert held.used == 0 and held.reserved > 0  # the reservation is still held meanwhile
 
-    gate.store.down = False
     caplog.set_level(logging.WARNING, "tokengate")
     later = reverse_flow()
     await through(addons, ("requestheaders", "request"), later)
@@ -185,3 +191,17 @@ async def test_a_reserve_whose_reply_was_lost_is_released_when_the_store_answers
     await accounting.settle(reservation, None)
     (status,) = await gate.store.status(bucket)
     assert (status.used, status.reserved) == (0, 0)  # the lost reserve holds nothing
+
+
+async def test_status_command_answers_while_the_store_is_down(outage, caplog):
+    _, gate, addons = outage
+    gate.store.down = True
+    caplog.set_level(logging.INFO, "tokengate")
+    (commands,) = [addon for addon in addons if isinstance(addon, Commands)]
+    commands.status()
+    for _ in range(200):
+        if "usage store unavailable: connection refused" in caplog.text:
+            break
+        await asyncio.sleep(0.01)
+    assert "tokengate status:" in caplog.text
+    assert "usage store unavailable: connection refused" in caplog.text

@@ -19,6 +19,7 @@ from .keys import format_timestamp
 from .limiter import LimitStatus, seconds_until
 from .metering import buckets_for
 from .settings import Gate, Settings, summary
+from .stores import StoreUnavailable
 
 log = logging.getLogger("tokengate")
 
@@ -84,4 +85,8 @@ class Commands:
         self._start(self._log_status(), "tokengate.status")
 
     async def _log_status(self) -> None:
-        log.info("%s", await status_report(self.gate))
+        try:
+            report = await status_report(self.gate)
+        except StoreUnavailable as e:  # the moment an operator most needs an answer
+            report = f"tokengate status: {summary(self.gate)}\n  usage store unavailable: {e}"
+        log.info("%s", report)
