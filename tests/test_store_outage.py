@@ -16,7 +16,7 @@ from tokengate_core.config import load_config
 from tokengate_core.limiter import Demand
 from tokengate_core.metering import DEGRADED_HEADER, buckets_for
 from tokengate_core.responses import SOURCE_HEADER
-from tokengate_core.settings import Gate
+from tokengate_core.settings import Gate, Settings
 from tokengate_core.stores import StoreUnavailable
 from tokengate_core.stores.memory import MemoryStore
 
@@ -25,6 +25,7 @@ from tests.e2e import PROVIDER_KEY, write_quotas
 from tests.test_addons import reverse_flow, through
 
 NOW = 1_000_000.0
+HELLO_BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello!"}]}
 
 
 def proxies(fail: str) -> str:
@@ -170,7 +171,7 @@ class LostReplyStore(MemoryStore):
         result = await super().reserve(*args)
         if self.replies_lost:
             self.replies_lost -= 1
-            raise StoreUnavailable("Timeout reading from 127.0.0.1:6379")
+            raise StoreUnavailable("Timeout reading from 127.0.0.1:6379", maybe_applied=True)
         return result
 
 
@@ -205,3 +206,44 @@ async def test_status_command_answers_while_the_store_is_down(outage, caplog):
         await asyncio.sleep(0.01)
     assert "tokengate status:" in caplog.text
     assert "usage store unavailable: connection refused" in caplog.text
+
+
+async def test_first_decision_after_an_outage_sees_the_settlements_kept_meanwhile(outage):
+    """A kept settlement is written before the next reserve is decided, not after it."""
+    _, gate, addons = outage
+    big = reverse_flow(body={**HELLO_BODY, "max_tokens": 900})
+    await through(addons, ("requestheaders", "request"), big)  # holds 9 + 900 of 1000
+    gate.store.down = True
+    big.response = answered(20)
+    await through(addons, ("responseheaders", "response"), big)  # kept: the store is down
+    gate.store.down = False
+    after = reverse_flow(body={**HELLO_BODY, "max_tokens": 500})
+    await through(addons, ("requestheaders", "request"), after)
+    assert after.response is None  # 980 free once the kept settlement is written
+    assert json.loads(after.request.content)["max_tokens"] == 500  # and not lowered to 91
+
+
+async def test_a_reload_to_another_store_settles_flows_in_flight_in_the_old_one(outage):
+    _, gate, addons = outage
+    buckets = buckets_for(gate.proxy("p"), "alice")
+    old_store = gate.store
+    flow = reverse_flow()
+    await through(addons, ("requestheaders", "request"), flow)
+    quotas = gate.config.path
+    quotas.write_text(quotas.read_text().replace("store: {kind: memory}", "store: {kind: sqlite}"))
+    settings = next(addon for addon in addons if isinstance(addon, Settings))
+    assert await settings.reload("test")
+    assert gate.store is not old_store
+    flow.response = answered(30)
+    await through(addons, ("responseheaders", "response"), flow)
+    (status,) = await old_store.status(buckets)
+    assert (status.used, status.reserved) == (30, 0)  # settled where it was reserved
+    # Only the reservation timeout changed: the same store keeps serving, with the new timeout.
+    quotas.write_text(
+        quotas.read_text().replace(
+            "store: {kind: sqlite}", "store: {kind: sqlite, reservation_timeout: 2m}"
+        )
+    )
+    current = gate.store
+    assert await settings.reload("test")
+    assert gate.store is current and current.stale_after == 120

@@ -318,6 +318,28 @@ async def a_clock_going_back_never_stamps_earlier(r: Recorder, clock: FakeClock)
     assert reservation.stamp == T0 + 10
 
 
+@scenario
+async def a_changed_duration_reads_the_same_window_anew(r: Recorder, clock: FakeClock) -> None:
+    """A reload that changes a limit's duration keeps its window (same bucket key): the charges
+    already there count for the new duration, whichever way it moved."""
+    key = "p:k:total_tokens#0"
+    minute = (Bucket(key, limit("total_tokens", 1000, 60, "1m")),)
+    hour = (Bucket(key, TOTAL_1000_1H),)
+    await r.reserve("a", minute, Demand(50, 40))
+    await r.finish("a", Usage(50, 40))
+    clock.at(T0 + 120)
+    (s,) = await r.status(hour)  # lengthened: two minutes old, still in an hour's window
+    assert s.used == 90
+    await r.reserve("b", hour, Demand(5, 5))
+    await r.finish("b", Usage(5, 5))
+    clock.at(T0 + 150)
+    (s,) = await r.status(minute)  # shortened again: only the charge of 30 s ago is left
+    assert s.used == 10
+    clock.at(T0 + 200)
+    (s,) = await r.status(hour)  # "a", dropped by the shorter window, stays dropped
+    assert s.used == 10
+
+
 @pytest.mark.parametrize("name", SCENARIOS)
 async def test_same_trace_same_answers(name, kind, open_store):
     clock, reference_clock = FakeClock(), FakeClock()

@@ -1,9 +1,11 @@
-"""The gate's calls to its store, kept whole through a store outage.
+"""The gate's calls to its store, kept whole through a store outage and a change of store.
 
 An outage is logged once when it starts and once when it ends. A settlement or release that
-cannot be written is kept (bounded) and written on the first successful call after the store
-is back, so the books still end exact; if the process stops first, the store itself charges
-the held reservation at its reserved amount after `reservation_timeout`, never less.
+cannot be written is kept (bounded) and written before the next calls once the store answers
+again, so the books end exact and the first decisions after an outage see them; if the process
+stops first, the store itself charges the held reservation at its reserved amount after
+`reservation_timeout`, never less. Each reservation is settled in the store that holds it, so a
+reload that switches stores does not lose the requests in flight.
 """
 
 from __future__ import annotations
@@ -16,18 +18,21 @@ from collections import deque
 
 from .limiter import Bucket, Decision, Demand, LimitStatus, Usage
 from .settings import Gate
-from .stores import Reservation, StoreUnavailable
+from .stores import Reservation, Store, StoreUnavailable
 
 log = logging.getLogger("tokengate")
 
-MAX_UNWRITTEN = 100_000  # settlements kept while the store is down; older ones fall to the store
+MAX_UNWRITTEN = 100_000  # settlements kept while the store is down (then: the store's timeout)
+WRITES_PER_CALL = 64  # kept settlements written ahead of one call, so no caller waits long
 
 
 class Accounting:
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
         self.down_since: float | None = None  # monotonic time the current outage began
-        self._unwritten: deque[tuple[Reservation, Usage | None]] = deque(maxlen=MAX_UNWRITTEN)
+        self._held: dict[str, Store] = {}  # reservation id -> the store holding it
+        self._unwritten: deque[tuple[Store, Reservation, Usage | None]] = deque()
+        self._dropped = 0  # settlements not kept because the queue was full
         self._settled = asyncio.Event()  # set (and replaced) whenever a reservation ends here
 
     async def settlement(self, timeout: float) -> None:
@@ -35,67 +40,85 @@ class Accounting:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._settled.wait(), timeout)
 
-    @property
-    def degraded(self) -> bool:
-        return self.down_since is not None
-
     async def reserve(
         self, reservation_id: str, buckets: tuple[Bucket, ...], demand: Demand
     ) -> tuple[Decision, Reservation | None]:
         """The store's decision; raises StoreUnavailable (after logging) when it has none."""
+        store = self.gate.store
         try:
-            result = await self.gate.store.reserve(reservation_id, buckets, demand)
+            await self._write_kept()
+            decision, reservation = await store.reserve(reservation_id, buckets, demand)
         except StoreUnavailable as e:
             self._failed(e)
-            # A reserve that timed out may still run once a stalled server wakes (Redis): its
-            # hold is released when the store is back. Where nothing was held this changes
-            # nothing (a release needs only the id and the buckets).
-            self._unwritten.append((Reservation(reservation_id, 0.0, buckets, Usage(0, 0)), None))
+            if e.maybe_applied:
+                # The call may still run on a stalled server once it wakes (Redis): release
+                # whatever it held when the store is back (a release needs only id and buckets).
+                self._keep(store, Reservation(reservation_id, 0.0, buckets, Usage(0, 0)), None)
             raise
-        await self._recovered()
-        return result
+        self._recovered()
+        if reservation is not None:
+            self._held[reservation_id] = store
+        return decision, reservation
 
     async def settle(
         self, reservation: Reservation, usage: Usage | None
     ) -> tuple[LimitStatus, ...] | None:
         """Charge `usage` (None: release); None when the store is down and the write waits."""
+        store = self._held.pop(reservation.id, self.gate.store)
         try:
-            statuses = await self._write(reservation, usage)
+            await self._write_kept()
+            statuses = await _write(store, reservation, usage)
         except StoreUnavailable as e:
             self._failed(e)
-            self._unwritten.append((reservation, usage))
+            self._keep(store, reservation, usage)
             return None
-        # Budget may have come free: wake the requests waiting for it.
-        self._settled.set()
-        self._settled = asyncio.Event()
-        await self._recovered()
+        self._recovered()
+        self._wake()
         return statuses
 
-    async def _write(self, reservation: Reservation, usage: Usage | None):
-        if usage is None:
-            return await self.gate.store.release(reservation)
-        return await self.gate.store.settle(reservation, usage)
+    def _keep(self, store: Store, reservation: Reservation, usage: Usage | None) -> None:
+        if len(self._unwritten) < MAX_UNWRITTEN:
+            self._unwritten.append((store, reservation, usage))
+        else:
+            self._dropped += 1
+
+    async def _write_kept(self) -> None:
+        """Write up to WRITES_PER_CALL kept settlements, oldest first; raises while still down."""
+        written = 0
+        while self._unwritten and written < WRITES_PER_CALL:
+            store, reservation, usage = self._unwritten[0]
+            await _write(store, reservation, usage)
+            self._unwritten.popleft()
+            written += 1
+        if written:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Budget may have come free: wake the requests waiting for it."""
+        self._settled.set()
+        self._settled = asyncio.Event()
 
     def _failed(self, error: StoreUnavailable) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
             log.warning("tokengate: usage store unavailable: %s", error)
 
-    async def _recovered(self) -> None:
+    def _recovered(self) -> None:
         if self.down_since is None:
             return
         log.warning(
             "tokengate: usage store is back after %.1f s; full accounting resumed "
-            "(writing %d settlements kept meanwhile)",
+            "(%d settlements kept meanwhile still to write; %d not kept, charged at their "
+            "reservation by the store's reservation_timeout)",
             time.monotonic() - self.down_since,
             len(self._unwritten),
+            self._dropped,
         )
         self.down_since = None
-        while self._unwritten:
-            reservation, usage = self._unwritten.popleft()
-            try:
-                await self._write(reservation, usage)
-            except StoreUnavailable as e:
-                self._unwritten.appendleft((reservation, usage))
-                self._failed(e)
-                return
+        self._dropped = 0
+
+
+async def _write(store: Store, reservation: Reservation, usage: Usage | None):
+    if usage is None:
+        return await store.release(reservation)
+    return await store.settle(reservation, usage)

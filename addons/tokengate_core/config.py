@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,7 +38,7 @@ class Limit:
     count: int
     seconds: int
     label: str  # as written, e.g. "1m"
-    carried_window: str | None = None  # set by a live reload that changed this limit's duration
+    rank: int | None = None  # among the limits of its dimension, by duration (set by the loader)
 
     @property
     def name(self) -> str:
@@ -46,8 +46,13 @@ class Limit:
 
     @property
     def window(self) -> str:
-        """What the store calls this limit's window: its name, unless a reload kept an older one."""
-        return self.carried_window or self.name
+        """What the store calls this limit's window: its dimension and its rank by duration.
+
+        A count or a duration edited in place keeps the window, so a changed limit applies to
+        the usage already spent; and every process reading the same file, after a reload or a
+        restart, names it the same. (A limit made outside a quotas file goes by its name.)
+        """
+        return self.name if self.rank is None else f"{self.dimension}#{self.rank}"
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,11 @@ class StoreSpec:
     path: Path | None = None  # sqlite: the database file
     url: str | None = field(default=None, repr=False)  # redis: may carry a password
     reservation_timeout: float = DEFAULT_RESERVATION_TIMEOUT  # unsettled past this: spent
+
+    @property
+    def place(self) -> tuple:
+        """Where the usage lives: a reload that keeps it keeps the store."""
+        return (self.kind, self.path, self.url)
 
 
 @dataclass(frozen=True)
@@ -217,7 +227,7 @@ def _limit_list(reader: _Reader, raw: Any, where: Where, dimension: str) -> list
         raise reader.doc.error(
             where, f"{dimension} must be a non-empty list of {{count, duration}}"
         )
-    limits = []
+    limits: list[Limit] = []
     for index, item in enumerate(raw):
         item_where = (*where, index)
         reader.mapping(item, item_where, {"count", "duration"}, {"count", "duration"})
@@ -226,7 +236,15 @@ def _limit_list(reader: _Reader, raw: Any, where: Where, dimension: str) -> list
             seconds = parse_duration(item["duration"])
         except ValueError as e:
             raise reader.doc.error((*item_where, "duration"), str(e)) from None
+        if any(other.seconds == seconds for other in limits):
+            raise reader.doc.error(
+                (*item_where, "duration"),
+                f"a second {dimension} limit per {item['duration']}: keep one (the lower count)",
+            )
         limits.append(Limit(dimension, count, seconds, str(item["duration"])))
+    ranked = sorted(range(len(limits)), key=lambda i: limits[i].seconds)
+    for rank, index in enumerate(ranked):
+        limits[index] = replace(limits[index], rank=rank)
     return limits
 
 
@@ -385,10 +403,18 @@ def _store(reader: _Reader, raw: Any) -> StoreSpec:
         url = reader.environment(raw["url_env"], (*where, "url_env"))
     else:
         url = reader.string(raw["url"], (*where, "url"))
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+    url_where = (*where, "url_env" if "url_env" in raw else "url")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parsing it is the check)
+    except ValueError:
+        # Not the URL itself: it may hold a password. A password with :/?#@ must be %-encoded.
         raise reader.doc.error(
-            (*where, "url_env" if "url_env" in raw else "url"),
-            "the redis URL must start with redis://, rediss:// or unix://",
+            url_where, "the redis URL does not parse (percent-encode special characters in it)"
+        ) from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise reader.doc.error(
+            url_where, "the redis URL must start with redis://, rediss:// or unix://"
         )
     return StoreSpec("redis", url=url, reservation_timeout=timeout)
 

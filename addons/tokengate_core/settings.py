@@ -11,14 +11,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.utils import asyncio_utils, human
 
 from . import tokens
-from .config import Config, Limit, Proxy, load_config
-from .stores import Store, StoreUnavailable, open_store
+from .config import Config, Proxy, load_config
+from .stores import Store, open_store
 from .stores.memory import MemoryStore
 from .yamlsource import ConfigError
 
@@ -82,56 +82,6 @@ def _read(path: str) -> tuple[FileSignature | None, Config | ConfigError]:
         return signature, e
 
 
-def keep_windows(old: Config, new: Config) -> tuple[Config, list[str]]:
-    """`new`, with each limit of a kept proxy pointed at the window it had before the edit.
-
-    The store keeps usage per window, named after the limit (`total_tokens-1m`). A limit whose
-    count changed keeps its name, so the new count applies to the window as it stands. A limit
-    whose duration changed has a new name: it is paired with the limit of its dimension that
-    disappeared (shortest with shortest) and keeps that window, which the store then reads with
-    the new duration. A limit with nothing to pair with starts empty. Returns the notes to log.
-    """
-    proxies, notes = {}, []
-    for name, proxy in new.proxies.items():
-        before = old.proxies.get(name)
-        if before is None or before.scope != proxy.scope:
-            proxies[name] = proxy
-            if before is not None:
-                notes.append(f"{name}: scope changed to {proxy.scope}: every window starts empty")
-            continue
-        proxies[name] = replace(proxy, limits=_paired(before.limits, proxy.limits, notes, name))
-    return replace(new, proxies=proxies), notes
-
-
-def _paired(
-    old: tuple[Limit, ...], new: tuple[Limit, ...], notes: list[str], proxy: str
-) -> tuple[Limit, ...]:
-    by_name = {limit.name: limit for limit in old}
-    kept = {limit.name: by_name[limit.name].window for limit in new if limit.name in by_name}
-    taken = set(kept.values())
-    for dimension in dict.fromkeys(limit.dimension for limit in new):
-        gone = [lim for lim in old if lim.dimension == dimension and lim.window not in taken]
-        came = [lim for lim in new if lim.dimension == dimension and lim.name not in kept]
-        gone.sort(key=lambda limit: limit.seconds)
-        came.sort(key=lambda limit: limit.seconds)
-        for index, limit in enumerate(came):
-            if index < len(gone):
-                kept[limit.name] = gone[index].window
-                notes.append(f"{proxy}/{limit.name} keeps the usage of {gone[index].name}")
-            else:
-                window, suffix = limit.name, 1
-                while window in taken:  # a carried window may already use this name
-                    suffix += 1
-                    window = f"{limit.name}.{suffix}"
-                kept[limit.name] = window
-                notes.append(f"{proxy}/{limit.name} is a new limit: its window starts empty")
-            taken.add(kept[limit.name])
-    return tuple(
-        replace(lim, carried_window=None if kept[lim.name] == lim.name else kept[lim.name])
-        for lim in new
-    )
-
-
 class Settings:
     """Declares the `tokengate_*` options and loads the quotas file they name, live.
 
@@ -151,7 +101,7 @@ class Settings:
         self.gate = gate
         self._signature: FileSignature | None = None  # of the file as last read
         self._watcher: asyncio.Task | None = None
-        self._closing: asyncio.Task | None = None  # the replaced store, closing
+        self._retired: list[Store] = []  # stores replaced by a reload, closed at shutdown
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -181,27 +131,20 @@ class Settings:
                 return
             raise exceptions.OptionsError(f"tokengate: {e}") from e
         tokens.preload()
-        try:
-            self._install(config, signature)
-        except StoreUnavailable as e:
-            if self.gate.config is None:
-                log.error("tokengate: refusing to start: %s: store: %s", config.path, e)
-                return
-            raise exceptions.OptionsError(f"tokengate: store: {e}") from e
+        self._install(config, signature)
 
     def _install(self, config: Config, signature: FileSignature | None, why: str = "") -> None:
-        """Serve `config`; raises StoreUnavailable (nothing changed) if its store cannot open."""
+        """Serve `config`. A store in a new place is opened (they connect on first use); the old
+        one stays open for the reservations it holds, until shutdown."""
         previous = self.gate.config
-        if previous is None or previous.store != config.store:
-            self._replace_store(open_store(config.store, self.gate.clock))
-        notes: list[str] = []
-        if previous is not None:
-            config, notes = keep_windows(previous, config)
+        if previous is None or previous.store.place != config.store.place:
+            self._retired.append(self.gate.store)
+            self.gate.store = open_store(config.store, self.gate.clock)
+        else:
+            self.gate.store.stale_after = config.store.reservation_timeout
         self.gate.config = config
         self._signature = signature
         log.info("tokengate: %s%s", f"reloaded ({why}): " if why else "", summary(self.gate))
-        for note in notes:
-            log.info("tokengate: %s", note)
 
     async def reload(self, why: str) -> bool:
         """Read the quotas file again; on a refusal the last good configuration keeps serving."""
@@ -217,12 +160,7 @@ class Settings:
                 loaded,
             )
             return False
-        try:
-            self._install(loaded, signature, why)
-        except StoreUnavailable as e:
-            self._signature = signature
-            log.error("tokengate: reload (%s) refused: %s: store: %s", why, loaded.path, e)
-            return False
+        self._install(loaded, signature, why)
         return True
 
     async def watch(self) -> None:
@@ -240,17 +178,11 @@ class Settings:
                 continue
             await asyncio.sleep(self.SETTLE_SECONDS)
             if await asyncio.to_thread(file_signature, path) == signature:
-                await self.reload("file changed")
-
-    def _replace_store(self, store: Store) -> None:
-        old, self.gate.store = self.gate.store, store
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # configured outside mitmproxy's loop (scripts, some tests)
-            asyncio.run(old.close())
-            return
-        # Flows still holding the old store finish their call first; keep the task referenced.
-        self._closing = loop.create_task(old.close())
+                try:
+                    await self.reload("file changed")
+                except Exception:  # a bug must not end the watching: later edits still count
+                    self._signature = signature
+                    log.exception("tokengate: reload failed; the last good configuration serves")
 
     def running(self) -> None:
         # With the default eager strategy a reverse proxy whose upstream is down drops the client
@@ -270,4 +202,6 @@ class Settings:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
-        await self.gate.store.close()
+        for store in (*self._retired, self.gate.store):
+            await store.close()
+        self._retired.clear()

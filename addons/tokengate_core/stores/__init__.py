@@ -28,10 +28,20 @@ class Reservation:
 
 
 class StoreUnavailable(RuntimeError):
-    """The store cannot be reached; the proxy's `fail` policy decides what callers get."""
+    """The store cannot be reached; the proxy's `fail` policy decides what callers get.
+
+    `maybe_applied`: the call may still have taken effect (a reply lost on the way back, a
+    stalled server that runs it later), so a reserve that failed this way is released later.
+    """
+
+    def __init__(self, message: str, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 class Store(Protocol):
+    stale_after: float  # seconds after which an unsettled reservation counts as spent
+
     async def reserve(
         self, reservation_id: str, buckets: tuple[Bucket, ...], demand: Demand
     ) -> tuple[Decision, Reservation | None]:

@@ -306,7 +306,9 @@ class RedisStore:
         try:
             return await script(keys=keys, args=args)
         except (RedisError, OSError) as e:
-            raise StoreUnavailable(f"redis store {self.where}: {type(e).__name__}: {e}") from e
+            message = f"redis store {self.where}: {type(e).__name__}: {e}"
+            # Unless the connection was never made, the script may have run on the server.
+            raise StoreUnavailable(message, maybe_applied=not _never_sent(e)) from e
 
     @staticmethod
     def _statuses(buckets: tuple[Bucket, ...], reply: list) -> tuple[LimitStatus, ...]:
@@ -353,3 +355,12 @@ class RedisStore:
     async def close(self) -> None:
         """Close the connection pool; call once at shutdown."""
         await self.redis.aclose()
+
+
+def _never_sent(error: Exception) -> bool:
+    """True when the connection itself failed, so no script reached the server.
+
+    redis-py words every failed connect as "... connecting to ..." ("Error 111 connecting to
+    127.0.0.1:6379. Connection refused.", "Timeout connecting to server").
+    """
+    return "connecting to" in str(error)

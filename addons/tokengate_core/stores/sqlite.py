@@ -87,6 +87,7 @@ class SqliteStore:
         self.stale_after = stale_after
         self.busy_timeout = busy_timeout
         self._db: sqlite3.Connection | None = None  # used only on the worker thread
+        self._seconds: dict[str, int] = {}  # bucket -> the duration its rows expire by
         self._closed = False
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokengate-sqlite")
 
@@ -107,13 +108,16 @@ class SqliteStore:
             self._db = db
         return self._db
 
-    def _transaction(self, work: Callable[[sqlite3.Connection, float], object]):
+    def _transaction(
+        self, buckets: tuple[Bucket, ...], work: Callable[[sqlite3.Connection, float], object]
+    ):
         """Run `work(db, now)` in one write transaction, after expiring and settling stale rows."""
         try:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
             try:
                 now = self.clock()
+                fitted = self._fit_windows(db, buckets)
                 db.execute("DELETE FROM charges WHERE expires <= ?", (now,))
                 # The first bound lets the partial index find the rows; the second is the exact
                 # test, written as the other stores write it (stamp + stale_after <= now).
@@ -124,6 +128,7 @@ class SqliteStore:
                 )
                 result = work(db, now)
                 db.execute("COMMIT")
+                self._seconds.update(fitted)
                 return result
             except BaseException:
                 if db.in_transaction:
@@ -132,6 +137,22 @@ class SqliteStore:
         except (OSError, sqlite3.DatabaseError) as e:
             self._drop_connection()  # reconnect on the next call, e.g. once the disk is back
             raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
+
+    def _fit_windows(self, db: sqlite3.Connection, buckets: tuple[Bucket, ...]) -> dict:
+        """Give a bucket's rows the duration its limit has now (a reload may have changed it),
+        so a window is read with its current duration, as the other stores read it. Done once
+        per bucket and duration in this process; returns what to remember after the commit."""
+        fitted = {}
+        for bucket in buckets:
+            seconds = bucket.limit.seconds
+            if self._seconds.get(bucket.key) != seconds:
+                db.execute(
+                    "UPDATE charges SET expires = stamp + :s WHERE bucket = :b "
+                    "AND expires <> stamp + :s",
+                    {"s": seconds, "b": bucket.key},
+                )
+                fitted[bucket.key] = seconds
+        return fitted
 
     def _drop_connection(self) -> None:
         if self._db is not None:
@@ -197,7 +218,7 @@ class SqliteStore:
             held = Decision(True, after, reserved=amounts)
             return held, Reservation(reservation_id, stamp, buckets, amounts)
 
-        return self._transaction(work)
+        return self._transaction(buckets, work)
 
     def _replace(self, reservation: Reservation, usage: Usage | None) -> tuple[LimitStatus, ...]:
         def work(db: sqlite3.Connection, now: float):
@@ -215,11 +236,11 @@ class SqliteStore:
                     )
             return self._statuses(reservation.buckets, self._windows(db, reservation.buckets), now)
 
-        return self._transaction(work)
+        return self._transaction(reservation.buckets, work)
 
     def _status(self, buckets: tuple[Bucket, ...]) -> tuple[LimitStatus, ...]:
         return self._transaction(
-            lambda db, now: self._statuses(buckets, self._windows(db, buckets), now)
+            buckets, lambda db, now: self._statuses(buckets, self._windows(db, buckets), now)
         )
 
     # -- the Store interface (event loop side) -----------------------------------------------
