@@ -129,10 +129,10 @@ def test_valid_file_loads_proxies_limits_scope_keys(setup: Path) -> None:
     assert proxy.scope == "key"
     assert proxy.completion_reserve == 64
     assert proxy.limits == (
-        Limit("total_tokens", 100, 60, "1m"),
-        Limit("total_tokens", 5000, 86400, "1d"),
-        Limit("prompt_tokens", 50, 30, "30s"),
-        Limit("requests", 10, 90, "90s"),
+        Limit("total_tokens", 100, 60, "1m", rank=0),
+        Limit("total_tokens", 5000, 86400, "1d", rank=1),
+        Limit("prompt_tokens", 50, 30, "30s", rank=0),
+        Limit("requests", 10, 90, "90s", rank=0),
     )
     assert proxy.limits[0].name == "total_tokens-1m"
     assert len(proxy.keys) == 1
@@ -188,7 +188,7 @@ def test_repository_quotas_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     proxy = config.proxies["rate-limited-proxy"]
     assert proxy.provider.base_url == "http://127.0.0.1:4010/v1"
     assert proxy.provider.hosts == ("127.0.0.1",)
-    assert proxy.limits == (Limit("total_tokens", 100, 60, "1m"),)
+    assert proxy.limits == (Limit("total_tokens", 100, 60, "1m", rank=0),)
     assert proxy.keys.find(DEMO_KEY) is not None
 
 
@@ -252,6 +252,17 @@ BROKEN = {
     "float count (block style)": (
         replaced("        - count: 50\n", "        - count: 2.5  # HERE\n"),
         "count must be a whole number >= 1",
+    ),
+    "two limits of one dimension and duration": (
+        replaced(
+            "        - {count: 5000, duration: 1d}\n",
+            "        - {count: 5000, duration: 1d}\n        - {count: 50, duration: 60s}  # HERE\n",
+        ),
+        "a second total_tokens limit per 60s",
+    ),
+    "redis url that does not parse": (
+        VALID + "store: {kind: redis, url: 'redis://:pa#ss@127.0.0.1:6379/0'}  # HERE\n",
+        "the redis URL does not parse",
     ),
     "unknown fail mode": (
         replaced("    scope: key\n", "    scope: key\n    fail: sometimes  # HERE\n"),
