@@ -41,8 +41,8 @@ STORE_RETRY_AFTER = 2  # seconds a caller is asked to wait while the store is do
 INLINE_TOKENIZE_BYTES = 20_000
 # Streamed endpoints that report usage only when asked (`stream_options.include_usage`).
 USAGE_ON_REQUEST_ENDPOINTS = ("chat/completions", "completions")
-# Most completions one request is reserved for (`n`, `best_of`, prompts in a list): above any
-# provider's own maximum, so it only bounds the reserve arithmetic of absurd requests.
+# Most completions one request is reserved for (`n`, `best_of`, prompts in a list): far above
+# OpenAI's own maximum `n` (128); it only keeps the reserve of an absurd request bounded.
 MAX_COMPLETIONS = 4096
 # A waiting request re-checks this often even without a local settlement (shared stores).
 QUEUE_POLL_SECONDS = 0.1
