@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import pytest
 from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons, tflow, tutils
 from tokengate_core import flowstate, pipeline
-from tokengate_core.metering import LOWERED_HEADER, Metering, buckets_for
+from tokengate_core.metering import (
+    LOWERED_HEADER,
+    MAX_COMPLETIONS,
+    Metering,
+    buckets_for,
+    completions_requested,
+)
 from tokengate_core.settings import Gate
 
 from tests.conftest import ALICE, key_entries
@@ -103,6 +110,7 @@ async def test_max_tokens_above_the_budget_left_is_lowered_to_it(make_gate):
     flow = await sent_upstream(addons, chat(max_completion_tokens=500))
     assert json.loads(flow.request.content)["max_completion_tokens"] == 100 - HELLO_PROMPT
     assert flowstate.governed(flow)["max_tokens_lowered_to"] == 100 - HELLO_PROMPT
+    assert flowstate.governed(flow)["max_tokens_requested"] == 500
     await settle(addons, flow, completion=100 - HELLO_PROMPT)
     assert flow.response.headers[LOWERED_HEADER] == str(100 - HELLO_PROMPT)
     roomy = make_gate(count=1000)[1]
@@ -111,6 +119,111 @@ async def test_max_tokens_above_the_budget_left_is_lowered_to_it(make_gate):
     await settle(roomy, fits, completion=50)
     assert fits.response.headers["X-Tokens-Consumed"] == str(HELLO_PROMPT + 50)
     assert LOWERED_HEADER not in fits.response.headers
+    assert "max_tokens_requested" not in flowstate.governed(fits)
+
+
+async def test_a_lone_surrogate_cannot_keep_max_tokens_from_being_lowered(make_gate):
+    _, addons, _ = make_gate(count=100)
+    raw = '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\ud800"}], '
+    flow = reverse_flow(body=chat())
+    flow.request.content = (raw + '"max_tokens": 500}').encode()
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.response is None
+    sent = json.loads(flow.request.content)
+    assert sent["messages"][0]["content"] == "\ud800"  # passed on as the caller wrote it
+    assert sent["max_tokens"] == flowstate.governed(flow)["max_tokens_lowered_to"] < 100
+
+
+def nested_in_content(depth: int) -> str:
+    content = "[" * depth + '"hi"' + "]" * depth
+    return '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": ' + content + "}]}"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"model": "gpt-4o-mini", "messages": [], "metadata": ' + "[" * 5000 + "]" * 5000 + "}",
+        nested_in_content(sys.getrecursionlimit() + 100),
+    ],
+    ids=["too-deep-to-parse", "too-deep-to-count"],
+)
+async def test_body_nested_too_deeply_is_refused_before_it_leaves(make_gate, raw):
+    gate, addons, _ = make_gate()
+    flow = reverse_flow(body=chat())
+    flow.request.content = raw.encode()
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.response.status_code == 400 and flowstate.answered_by_gate(flow)
+    (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
+    assert (status.used, status.reserved) == (0, 0)
+
+
+async def test_answer_nested_too_deeply_is_charged_the_tokenizer_count(make_gate):
+    gate, addons, _ = make_gate()
+    flow = await sent_upstream(addons, chat(max_tokens=50))
+    flow.response = tutils.tresp(content=b'{"usage": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    await through(addons, ("responseheaders", "response"), flow)
+    assert flowstate.governed(flow)["usage"]["source"] == "estimated"
+    (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
+    assert (status.used, status.reserved) == (HELLO_PROMPT, 0)
+
+
+TEXT = {"model": "gpt-4o-mini", "prompt": "Hi", "max_tokens": 50}
+
+
+@pytest.mark.parametrize(
+    "body, endpoint, count",
+    [
+        (chat(n=4), "chat/completions", 4),
+        (chat(n=0), "chat/completions", 1),  # invalid: the provider's to refuse
+        (chat(n="4"), "chat/completions", 1),
+        (chat(n=True), "chat/completions", 1),
+        (chat(n=10**9), "chat/completions", MAX_COMPLETIONS),
+        ({**TEXT, "n": 2}, "completions", 2),
+        ({**TEXT, "n": 2, "best_of": 5}, "completions", 5),
+        ({**TEXT, "prompt": ["Hi", "Yo", "Hey"], "n": 2}, "completions", 6),
+        ({**TEXT, "prompt": [[1, 2], [3]], "best_of": 3}, "completions", 6),
+        ({**TEXT, "prompt": [1, 2, 3], "n": 2}, "completions", 2),  # token ids: one prompt
+        ({"model": "gpt-4o-mini", "input": "Hi", "n": 4}, "responses", 1),
+        ({"model": "text-embedding-3-small", "input": ["a", "b"], "n": 4}, "embeddings", 1),
+    ],
+)
+def test_completions_requested(body, endpoint, count):
+    assert completions_requested(body, endpoint) == count
+
+
+@pytest.mark.parametrize(
+    "body, path, count",
+    [
+        (chat(max_tokens=50, n=4), "/p/chat/completions", 4),
+        ({**TEXT, "prompt": ["Hi", "Yo"], "best_of": 2}, "/p/completions", 4),
+    ],
+)
+async def test_every_completion_is_reserved_and_shares_the_lowered_max_tokens(
+    make_gate, body, path, count
+):
+    _, addons, _ = make_gate(count=1000)
+    roomy = await sent_upstream(addons, body, path)
+    reserved = flowstate.governed(roomy)["reserved"]["completion_tokens"]
+    assert reserved == 50 * count and json.loads(roomy.request.content)["max_tokens"] == 50
+    _, addons, _ = make_gate(count=100)
+    tight = await sent_upstream(addons, body, path)
+    state = flowstate.governed(tight)
+    left = 100 - state["reserved"]["prompt_tokens"]
+    assert state["reserved"]["completion_tokens"] == left
+    assert json.loads(tight.request.content)["max_tokens"] == left // count
+    assert state["max_tokens_lowered_to"] == left // count and state["max_tokens_requested"] == 50
+
+
+async def test_burst_asking_for_several_choices_stays_within_the_limit(make_gate):
+    gate, addons, _ = make_gate(count=1000)
+    flows = [reverse_flow(body=chat(max_tokens=50, n=4)) for _ in range(16)]
+    await asyncio.gather(*(through(addons, ("requestheaders", "request"), f) for f in flows))
+    admitted = [f for f in flows if f.response is None]
+    assert 0 < len(admitted) < len(flows)
+    for flow in admitted:  # each choice as long as it may be: what the provider bills at most
+        await settle(addons, flow, completion=4 * json.loads(flow.request.content)["max_tokens"])
+    (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
+    assert status.reserved == 0 and status.used <= 1000
 
 
 def sse_head():
@@ -176,16 +289,22 @@ async def settle(addons, flow, completion: int) -> None:
     await through(addons, ("responseheaders", "response"), flow)
 
 
+async def queued(metering: Metering, task: asyncio.Task) -> None:
+    """Wait (bounded) until the request of `task` waits in the queue; the store may answer
+    from a worker thread, so this polls instead of yielding a fixed number of times."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not metering.waiting and not task.done() and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert metering.waiting == 1 and not task.done()
+
+
 async def test_queue_admits_once_the_reservation_in_the_way_settles(make_gate):
     _, addons, metering = make_gate(count=100, extra=QUEUED)
     first = await sent_upstream(addons, chat(max_tokens=91))  # holds all 100
     second = reverse_flow(body=chat(max_tokens=10))
     waiting = asyncio.create_task(through(addons, ("requestheaders", "request"), second))
-    for _ in range(100):
-        await asyncio.sleep(0)
-        if metering.waiting:
-            break
-    assert metering.waiting == 1 and not waiting.done()
+    await queued(metering, waiting)
     await settle(addons, first, completion=5)  # 14 spent: room again, and the waiter is woken
     await asyncio.wait_for(waiting, 2)
     assert second.response is None  # admitted, on its way upstream
@@ -212,15 +331,35 @@ async def test_caller_hanging_up_while_queued_leaves_nothing_behind(make_gate):
     await sent_upstream(addons, chat(max_tokens=91))
     gone = reverse_flow(body=chat(max_tokens=10))
     waiting = asyncio.create_task(through(addons, ("requestheaders", "request"), gone))
-    for _ in range(100):
-        await asyncio.sleep(0)
-        if metering.waiting:
-            break
+    await queued(metering, waiting)
     gone.client_conn.state = ConnectionState.CLOSED
     await asyncio.wait_for(waiting, 2)  # within a poll interval, long before queue_wait
     assert gone.response.status_code == 429 and metering.waiting == 0
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert status.reserved == 100  # only the first request's reservation
+
+
+async def test_caller_gone_as_the_queue_admits_it_holds_nothing(make_gate, monkeypatch):
+    gate, addons, metering = make_gate(count=100, extra=QUEUED)
+    first = await sent_upstream(addons, chat(max_tokens=91))
+    gone = reverse_flow(body=chat(max_tokens=10))
+    reserve = gate.store.reserve
+
+    async def hang_up_once_admitted(reservation_id, buckets, demand):
+        decision, reservation = await reserve(reservation_id, buckets, demand)
+        if reservation is not None and reservation_id == gone.id:
+            gone.client_conn.state = ConnectionState.CLOSED
+        return decision, reservation
+
+    monkeypatch.setattr(gate.store, "reserve", hang_up_once_admitted)
+    waiting = asyncio.create_task(through(addons, ("requestheaders", "request"), gone))
+    await queued(metering, waiting)
+    await settle(addons, first, completion=5)  # room again: the waiter is admitted, but gone
+    await asyncio.wait_for(waiting, 2)
+    assert gone.response.status_code == 429  # the last refusal; nobody is there to read it
+    assert metering.waiting == 0
+    (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
+    assert (status.used, status.reserved) == (HELLO_PROMPT + 5, 0)
 
 
 async def test_queue_wait_runs_out_into_a_truthful_429(make_gate):

@@ -302,7 +302,12 @@ def test_meter_json_unbelievable_usage_falls_back_to_estimate() -> None:
     assert meter_json(body, 7, "gpt-4o") == Metered(Usage(7, 2), "estimated")
 
 
-@pytest.mark.parametrize("body", [b"", b"{not json", b"\xff\xfe\x00", b"<html>502</html>"])
+NESTED = b'{"usage": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # json.loads gives up (RecursionError)
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"{not json", b"\xff\xfe\x00", b"<html>502</html>", NESTED]
+)
 def test_meter_json_invalid_json(body: bytes) -> None:
     assert meter_json(body, prompt_estimate=13, model="gpt-4o") == Metered(
         Usage(13, 0), "estimated"
@@ -561,6 +566,41 @@ def test_complete_events_pass_in_the_same_call_and_comments_survive() -> None:
     assert relayed(stream, b'ces": []}\n\n') == b'data: {"choices": []}\n\n'  # no usage: kept
     assert stream(b"data: [DONE]") == []
     assert stream(b"") == [b"data: [DONE]"]  # cut before its blank line: passed on, no trailer
+
+
+def test_event_nested_too_deeply_is_followed_as_unparseable() -> None:
+    stream = relay(drop_usage_chunk=True)
+    data = b"data: " + NESTED + b"\n\n" + sse(*chat_chunks(with_usage=False))
+    assert relay_all(stream, [data]).startswith(b"data: " + NESTED)
+    assert stream.result().source == "estimated"
+
+
+def test_chunk_without_choices_and_null_usage_is_the_callers() -> None:
+    # Azure sends prompt filter results this way; only a real usage object is the gate's chunk.
+    prompt_filter = {"choices": [], "usage": None, "prompt_filter_results": [{"index": 0}]}
+    data = sse(prompt_filter, *chat_chunks(with_usage=True))
+    usage_event = sse(chat_chunks(with_usage=True)[-2])
+    done = b"data: [DONE]\n\n"
+    expected = data.replace(usage_event, b"").replace(done, TRAILER + done)
+    assert relay_all(relay(drop_usage_chunk=True), [data]) == expected
+    assert expected.startswith(sse(prompt_filter))
+
+
+def test_stream_text_is_counted_once_for_trailer_and_settlement(monkeypatch) -> None:
+    counted: list[str] = []
+    monkeypatch.setattr(tokens, "count_text", lambda text, model: counted.append(text) or 0)
+    stream = relay(drop_usage_chunk=True)
+    relay_all(stream, [sse(*chat_chunks(with_usage=False))])  # the trailer counted it
+    assert stream.result() == stream.result() == Metered(Usage(30, 0), "estimated")
+    assert counted == ["".join(DELTAS)]
+    # A stream still going is counted again once more text has arrived, not before.
+    meter = StreamMeter(prompt_estimate=30, model="gpt-4o")
+    meter.feed(sse(*chat_chunks(with_usage=False)[:2]))
+    meter.result()
+    meter.result()
+    meter.feed(sse(*chat_chunks(with_usage=False)[2:4]))
+    meter.result()
+    assert counted[1:] == ["Hel", "Hello, wor"]
 
 
 def test_responses_stream_gets_the_trailer_after_response_completed() -> None:

@@ -41,6 +41,9 @@ STORE_RETRY_AFTER = 2  # seconds a caller is asked to wait while the store is do
 INLINE_TOKENIZE_BYTES = 20_000
 # Streamed endpoints that report usage only when asked (`stream_options.include_usage`).
 USAGE_ON_REQUEST_ENDPOINTS = ("chat/completions", "completions")
+# Most completions one request is reserved for (`n`, `best_of`, prompts in a list): far above
+# OpenAI's own maximum `n` (128); it only keeps the reserve of an absurd request bounded.
+MAX_COMPLETIONS = 4096
 # A waiting request re-checks this often even without a local settlement (shared stores).
 QUEUE_POLL_SECONDS = 0.1
 DEFAULT_QUEUE_LIMIT = 100
@@ -69,24 +72,55 @@ def max_tokens_field(body: dict[str, Any]) -> str | None:
     return None
 
 
+def _count_field(body: dict[str, Any], field: str) -> int:
+    """A count the caller set (`n`, `best_of`), 1 if absent or invalid (the provider refuses it)."""
+    value = body.get(field)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+
+def completions_requested(body: dict[str, Any], endpoint: str) -> int:
+    """How many completions the request can make the provider bill, each up to max tokens.
+
+    chat/completions: `n`; completions: `best_of` (or `n`) per prompt, one per entry of a list
+    `prompt` (texts or token lists; a flat list of token ids is one prompt). Capped at
+    MAX_COMPLETIONS.
+    """
+    if endpoint == "chat/completions":
+        count = _count_field(body, "n")
+    elif endpoint == "completions":
+        prompt = body.get("prompt")
+        prompts = 1
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            prompts = len(prompt)
+        count = prompts * max(_count_field(body, "n"), _count_field(body, "best_of"))
+    else:
+        count = 1
+    return min(count, MAX_COMPLETIONS)
+
+
 def completion_reserve(body: dict[str, Any], endpoint: str, default: int) -> int:
+    """Max tokens (or the proxy's default) for every completion the request can produce."""
     if endpoint == "embeddings":
         return 0
     field = max_tokens_field(body)
-    return default if field is None else body[field]
+    per_completion = default if field is None else body[field]
+    return completions_requested(body, endpoint) * per_completion
 
 
 def adjust_request(body: dict[str, Any], endpoint: str, reserved: Usage) -> dict[str, Any]:
     """Change `body` (in place) so the provider reports usage on a stream and cannot produce
     more than was reserved; the notes say what changed (empty: nothing, keep the body as is).
 
-    A `max_tokens` above what is left of the budget is lowered to it (at least 1), so a burst
-    with `max_tokens` cannot overspend; the answer then ends with finish_reason `length`.
+    A `max_tokens` above what is left of the budget (shared by the `n` completions) is lowered
+    to it (at least 1), so a burst with `max_tokens` cannot overspend; the answer then ends with
+    finish_reason `length`. The caller's own value is noted too, for replay and audit.
     """
     notes: dict[str, Any] = {}
     field = max_tokens_field(body)
-    if endpoint != "embeddings" and field is not None and body[field] > reserved.completion:
-        body[field] = notes["max_tokens_lowered_to"] = max(1, reserved.completion)
+    per_completion = reserved.completion // completions_requested(body, endpoint)
+    if endpoint != "embeddings" and field is not None and body[field] > per_completion:
+        notes["max_tokens_requested"] = body[field]
+        body[field] = notes["max_tokens_lowered_to"] = max(1, per_completion)
     options = body.get("stream_options")
     if (
         endpoint in USAGE_ON_REQUEST_ENDPOINTS
@@ -99,16 +133,22 @@ def adjust_request(body: dict[str, Any], endpoint: str, reserved: Usage) -> dict
     return notes
 
 
-async def estimate(endpoint: str, body: dict[str, Any], body_size: int) -> int:
-    if body_size <= INLINE_TOKENIZE_BYTES:
-        return tokens.estimate_prompt(endpoint, body)
-    return await asyncio.to_thread(tokens.estimate_prompt, endpoint, body)
+async def estimate(endpoint: str, body: dict[str, Any], body_size: int) -> int | None:
+    """The prompt estimate; None for a body nested too deeply to walk (as unreadable as bad
+    JSON to the gate)."""
+    try:
+        if body_size <= INLINE_TOKENIZE_BYTES:
+            return tokens.estimate_prompt(endpoint, body)
+        return await asyncio.to_thread(tokens.estimate_prompt, endpoint, body)
+    except RecursionError:
+        return None
 
 
 def json_object(raw: bytes) -> dict[str, Any] | None:
+    """The request body as a JSON object; None if it is not one or nests too deeply to parse."""
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return body if isinstance(body, dict) else None
 
@@ -194,15 +234,15 @@ class Metering:
         if streamed is None and len(raw) > self.gate.max_body:  # chunked, no content-length
             flowstate.answer(flow, responses.too_large(self.gate.max_body))
             return
+        endpoint = state["endpoint"]
         body = json_object(raw)
+        prompt = None if body is None else await estimate(endpoint, body, len(raw))
         inflight = self._inflight.get(flow.id)
-        if body is None:
+        if body is None or prompt is None:
             if inflight is None:  # not sent yet: refuse it rather than guess its cost
                 flowstate.answer(flow, responses.invalid_request(400, BAD_JSON, None))
             return
-        endpoint = state["endpoint"]
         model = body.get("model") if isinstance(body.get("model"), str) else None
-        prompt = await estimate(endpoint, body, len(raw))
         state.update(model=model, stream=body.get("stream") is True, prompt_estimate=prompt)
         if inflight is not None:  # admitted at requestheaders; now its estimate is known
             inflight.model, inflight.prompt_estimate = model, prompt
@@ -213,8 +253,9 @@ class Metering:
         if admitted is not None:
             notes = adjust_request(body, endpoint, admitted.reservation.amounts)
             if notes:
+                # ASCII escapes: always valid JSON, even for a lone surrogate such as "\ud800".
+                flow.request.content = json.dumps(body).encode()
                 state.update(notes)
-                flow.request.content = json.dumps(body, ensure_ascii=False).encode()
 
     async def _admit(self, flow: http.HTTPFlow, state: dict, proxy, demand: Demand) -> None:
         """Reserve across every limit of the caller's scope, or answer 429."""
@@ -265,12 +306,14 @@ class Metering:
                 if left <= 0:
                     break
                 await self.accounting.settlement(min(left, QUEUE_POLL_SECONDS))
-                decision, reservation = await self.accounting.reserve(flow.id, buckets, demand)
-                if reservation is not None and not flow.client_conn.connected:
+                attempt, reservation = await self.accounting.reserve(flow.id, buckets, demand)
+                if reservation is None:
+                    decision = attempt  # the latest refusal, answered if the wait ends here
+                elif flow.client_conn.connected:
+                    return attempt, reservation
+                else:
                     await self.accounting.settle(reservation, None)  # gone while it was admitted
                     break
-                if reservation is not None:
-                    return decision, reservation
         finally:
             self.waiting -= 1
         return decision, None

@@ -78,12 +78,17 @@ def generated_text(payload: Any) -> str:
     return "".join(parts)
 
 
+def json_payload(data: str | bytes) -> Any:
+    """The parsed JSON; None for anything the gate cannot parse, nesting too deep included."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
 def meter_json(body: bytes, prompt_estimate: int, model: str | None) -> Metered:
     """Usage of a complete (non-streamed) JSON response."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        payload = None
+    payload = json_payload(body)
     reported = reported_usage(payload)
     if reported is not None:
         return Metered(reported, "reported")
@@ -99,20 +104,19 @@ def is_done(data: str) -> bool:
     return data.strip() == "[DONE]"
 
 
-def json_payload(data: str) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None
-
-
 def is_terminal_response_event(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("type") in TERMINAL_RESPONSE_EVENTS
 
 
 def is_usage_only_chunk(payload: Any) -> bool:
-    """The extra chat/completions chunk `stream_options.include_usage` asks for: no choices."""
-    return isinstance(payload, dict) and payload.get("choices") == [] and "usage" in payload
+    """The extra chat/completions chunk `stream_options.include_usage` asks for: no choices, a
+    usage object. (Other chunks without choices, e.g. Azure's prompt filter results with
+    `"usage": null`, are the caller's.)"""
+    return (
+        isinstance(payload, dict)
+        and payload.get("choices") == []
+        and isinstance(payload.get("usage"), dict)
+    )
 
 
 class StreamMeter:
@@ -124,6 +128,7 @@ class StreamMeter:
         self.parser = SSEParser()
         self.reported: Usage | None = None
         self._text: list[str] = []
+        self._result: Metered | None = None  # what result() computed, until more arrives
         self.bytes_seen = 0
         self.done = False  # saw `[DONE]` or a terminal Responses API event
 
@@ -144,12 +149,23 @@ class StreamMeter:
         usage = reported_usage(payload)
         if usage is not None:
             self.reported = usage
+            self._result = None
         if is_terminal_response_event(payload):
             self.done = True
             return
-        self._text.append(generated_text(payload))
+        text = generated_text(payload)
+        if text:
+            self._text.append(text)
+            self._result = None
 
     def result(self) -> Metered:
+        """Computed once for the trailer and reused at settlement: counting all the streamed
+        text runs on the event loop."""
+        if self._result is None:
+            self._result = self._compute()
+        return self._result
+
+    def _compute(self) -> Metered:
         if self.reported is not None:
             return Metered(self.reported, "reported")
         completion = tokens.count_text("".join(self._text), self.model)
