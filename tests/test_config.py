@@ -557,7 +557,6 @@ def test_a_value_yaml_cannot_construct_names_its_line(setup: Path, value: str, r
     """PyYAML raises ValueError and others for these, not a YAML error: still file:line: reason."""
     text = replaced(
         f'      test-key: {{sha256: "{DEMO_HASH}"}}\n',
-        f'      test-key: {{sha256: "{DEMO_HASH}",\n'
-        f"                  expires: {value}}}  # HERE\n",
+        f'      test-key: {{sha256: "{DEMO_HASH}", expires: {value}}}  # HERE\n',
     )
     expect_error(write(setup, text), marked_line(text), reason)
