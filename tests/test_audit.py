@@ -11,10 +11,19 @@ from mitmproxy.test import tflow, tutils
 from tokengate_core import flowstate
 from tokengate_core.annotate import Annotator
 from tokengate_core.audit import Ledger, LedgerWriter, iso_time, ledger_path
+from tokengate_core.keys import format_timestamp, hash_key
 
-from tests.conftest import ALICE
-from tests.test_addons import gate_addons, quotas, reverse_flow, through  # noqa: F401 (fixtures)
+from tests.conftest import ALICE, key_entries
+from tests.e2e import write_quotas
+from tests.test_addons import (  # noqa: F401 (fixtures)
+    PROXIES,
+    gate_addons,
+    quotas,
+    reverse_flow,
+    through,
+)
 
+UPSTREAM = "http://upstream.test:8000"
 USAGE = json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 11}}).encode()
 
 
@@ -212,3 +221,83 @@ def test_ledger_folder_that_cannot_be_made_is_refused(gate_addons, ledger, tmp_p
     (tmp_path / "file").write_text("")
     with pytest.raises(exceptions.OptionsError, match="cannot create"):
         tctx.configure(addon, tokengate_ledger=str(tmp_path / "file" / "ledger.jsonl"))
+
+
+async def test_replay_refuses_a_key_that_had_expired_at_the_flows_own_time(
+    gate_addons,  # noqa: F811
+    ledger,
+    tmp_path,
+):
+    tctx, gate, addons = gate_addons
+    addon, path = ledger
+    expires = 1_800_000_000
+    until = format_timestamp(expires)
+    expiring = f'      alice: {{sha256: "{hash_key(ALICE)}", expires: "{until}"}}\n'
+    proxies = PROXIES.replace(key_entries(alice=ALICE), expiring)
+    tctx.configure(
+        addons[0],
+        tokengate_config=str(write_quotas(tmp_path / "expiring.yaml", UPSTREAM, proxies)),
+    )
+    assert not next(iter(gate.proxy("p").keys)).expired(gate.clock())  # live: not yet
+    notes = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    before, at = captured_flow(notes, usage=USAGE), captured_flow(notes, usage=USAGE)
+    before.request.timestamp_start, at.request.timestamp_start = expires - 1, expires
+    for flow in (before, at):
+        await through(addons, ("requestheaders", "request", "response"), flow)
+    addon.done()
+    still_valid, expired = lines_of(path)
+    assert (still_valid["status"], still_valid["decision"]) == (200, "admitted")
+    assert (expired["status"], expired["decision"]) == (401, "unauthorized")
+    assert expired["total_tokens"] == 0
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field"),
+    [
+        ("chat/completions", "max_tokens"),
+        ("chat/completions", "max_completion_tokens"),
+        ("responses", "max_output_tokens"),
+    ],
+)
+async def test_replay_reserves_the_max_tokens_the_caller_asked_for(
+    gate_addons,  # noqa: F811
+    ledger,
+    endpoint,
+    field,
+):
+    """The capture holds the body the gate sent upstream, with its max tokens lowered to 500."""
+    _, _, addons = gate_addons
+    addon, path = ledger
+    request = {"model": "gpt-4o", field: 500}
+    if endpoint == "responses":
+        request["input"] = "Hello!"
+    else:
+        request["messages"] = [{"role": "user", "content": "Hello!"}]
+    notes = {"proxy": "p", "key": "alice", "endpoint": endpoint, "allowed": True}
+    flow = captured_flow(
+        {**notes, "max_tokens_lowered_to": 500, "max_tokens_requested": 5000}, usage=USAGE
+    )
+    flow.request.path = f"/p/{endpoint}"
+    flow.request.content = json.dumps(request).encode()
+    await through(addons, ("requestheaders", "request", "response"), flow)
+    addon.done()
+    (line,) = lines_of(path)
+    # 5000 asked for, more than the whole limit: held as the whole limit (500 would hold less).
+    assert line["reserved"] == 1000
+    assert json.loads(flow.request.content)[field] == 500  # the captured flow is left as it was
+
+
+async def test_replay_without_the_callers_value_reserves_what_was_sent(
+    gate_addons,  # noqa: F811
+    ledger,
+):
+    _, _, addons = gate_addons
+    addon, path = ledger
+    notes = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello!"}]}
+    flow = captured_flow(notes, usage=USAGE)
+    flow.request.content = json.dumps({**body, "max_tokens": 500}).encode()
+    await through(addons, ("requestheaders", "request", "response"), flow)
+    addon.done()
+    (line,) = lines_of(path)
+    assert 500 < line["reserved"] < 1000  # the prompt estimate plus the 500 sent
