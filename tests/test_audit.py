@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -14,7 +17,7 @@ from tokengate_core.audit import Ledger, LedgerWriter, iso_time, ledger_path
 from tokengate_core.keys import format_timestamp, hash_key
 
 from tests.conftest import ALICE, key_entries
-from tests.e2e import write_quotas
+from tests.e2e import wait_until, write_quotas
 from tests.test_addons import (  # noqa: F401 (fixtures)
     PROXIES,
     gate_addons,
@@ -71,6 +74,54 @@ def test_writer_keep_zero_starts_over(tmp_path):
         writer.close()
     assert [p.name for p in tmp_path.iterdir()] == ["ledger.jsonl"]
     assert lines_of(path) == [{"n": 2, "pad": "z" * 40}]
+
+
+def test_writer_outlives_a_removed_folder_and_tells_how_many_lines_it_lost(tmp_path, caplog):
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    path = folder / "ledger.jsonl"
+    writer = LedgerWriter(path, max_size=1 << 20, keep=1)
+    try:
+        writer.write({"n": 1})
+        assert wait_until(lambda: path.exists() and path.read_text() == '{"n":1}\n')
+        shutil.rmtree(folder)
+        writer.write({"n": 2})
+        writer.write({"n": 3})
+        assert wait_until(lambda: writer.dropped == 2)
+        folder.mkdir()  # the next batch finds the file again
+        writer.write({"n": 4})
+    finally:
+        writer.close()
+    assert lines_of(path) == [{"n": 4}]
+    assert caplog.text.count("dropping lines until it can be written again") == 1
+    assert caplog.text.count("is written again; 2 line(s) were dropped meanwhile") == 1
+    assert writer.dropped == 0
+
+
+def test_writer_queue_is_bounded_while_the_disk_stalls(tmp_path, caplog):
+    path = tmp_path / "ledger.jsonl"
+    os.mkfifo(path)  # opening it for writing blocks until a reader comes: a stalled disk
+    writer = LedgerWriter(path, max_size=1 << 20, keep=1, max_queued=5)
+    for n in range(8):
+        writer.write({"n": n})
+    dropped, warned = writer.dropped, caplog.text.count("the disk is not keeping up")
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(path.read_bytes()))
+    reader.start()  # the disk moves again
+    writer.close()
+    reader.join(10)
+    assert (dropped, warned) == (3, 1)
+    assert [json.loads(line)["n"] for line in received[0].splitlines()] == [0, 1, 2, 3, 4]
+    assert "is written again; 3 line(s) were dropped meanwhile" in caplog.text
+
+
+def test_writer_starts_on_a_line_of_its_own_after_a_line_cut_short(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"n":1}\n{"n":')  # a crash, or a full disk, in the middle of a line
+    writer = LedgerWriter(path, max_size=1 << 20, keep=1)
+    writer.write({"n": 2})
+    writer.close()
+    assert path.read_text().splitlines() == ['{"n":1}', '{"n":', '{"n":2}']
 
 
 @pytest.fixture
