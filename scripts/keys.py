@@ -36,7 +36,7 @@ from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from ruamel.yaml.tokens import CommentToken
 from tokengate_core.config import load_config, parse_duration
 from tokengate_core.keys import format_timestamp, generate_key, hash_key, parse_timestamp
-from tokengate_core.yamlsource import ConfigError
+from tokengate_core.yamlsource import ConfigError, load_document
 
 # What the gate's audit ledger is called beside the quotas file (rotations: .1, .2, ...).
 DEFAULT_LEDGER = Path(".state") / "ledger.jsonl"
@@ -112,6 +112,14 @@ class QuotasFile:
             self.data = self.yaml.load(text)
         except YAMLError as e:
             raise Refusal(f"error: {path} is not valid YAML: {e}") from None
+        except Exception as e:
+            # A value ruamel.yaml cannot construct (the date 2026-02-30, `!!bool maybe`) raises
+            # ValueError and the like, without a line; the gate's loader names it.
+            try:
+                load_document(path)
+            except ConfigError as error:
+                raise Refusal(f"error: {error}") from None
+            raise Refusal(f"error: {path}: {e}") from None
 
     def proxies(self) -> CommentedMap:
         return (self.data or {}).get("proxies") or CommentedMap()

@@ -241,3 +241,13 @@ def test_bad_names_and_grace_periods_are_refused_without_touching_the_file(confi
     grace = run(config, "rotate", "with-keys", "old", "--grace", "2030-01-01T00:00:00Z")
     assert grace.returncode != 0 and "--grace: bad duration" in grace.stderr
     assert config.read_text() == QUOTAS
+
+
+def test_a_date_that_does_not_exist_is_refused_with_its_line(config):
+    broken = QUOTAS.replace('"}\n', '", expires: 2026-02-30T00:00:00Z}\n', 1)
+    config.write_text(broken)
+    for command in (["list"], ["create", "with-keys", "x"]):
+        result = run(config, *command)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert f"{config}:11: bad value '2026-02-30T00:00:00Z'" in result.stderr
+    assert config.read_text() == broken
