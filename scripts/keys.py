@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import io
+import itertools
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Container
 from pathlib import Path
 
 from ruamel.yaml import YAML, YAMLError
@@ -33,10 +36,11 @@ from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from ruamel.yaml.tokens import CommentToken
 from tokengate_core.config import load_config, parse_duration
 from tokengate_core.keys import format_timestamp, generate_key, hash_key, parse_timestamp
-from tokengate_core.yamlsource import ConfigError
+from tokengate_core.yamlsource import ConfigError, load_document
 
 # What the gate's audit ledger is called beside the quotas file (rotations: .1, .2, ...).
 DEFAULT_LEDGER = Path(".state") / "ledger.jsonl"
+MAX_NAME = 64  # the longest key name quotas.yaml accepts (config.py)
 
 
 class Refusal(SystemExit):
@@ -108,6 +112,14 @@ class QuotasFile:
             self.data = self.yaml.load(text)
         except YAMLError as e:
             raise Refusal(f"error: {path} is not valid YAML: {e}") from None
+        except Exception as e:
+            # A value ruamel.yaml cannot construct (the date 2026-02-30, `!!bool maybe`) raises
+            # ValueError and the like, without a line; the gate's loader names it.
+            try:
+                load_document(path)
+            except ConfigError as error:
+                raise Refusal(f"error: {error}") from None
+            raise Refusal(f"error: {path}: {e}") from None
 
     def proxies(self) -> CommentedMap:
         return (self.data or {}).get("proxies") or CommentedMap()
@@ -246,30 +258,44 @@ def set_expiry(quotas: QuotasFile, proxy: str, name: str, expires: float | None)
         entry["expires"] = DoubleQuotedScalarString(format_timestamp(expires))
 
 
-def rotated_name(name: str, now: float) -> str:
+def rotated_name(name: str, now: float, taken: Container[str]) -> str:
+    """`name.rotated-<time>`, not in `taken` (a second rotation within one second gets `-2`, …)."""
     stamp = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y%m%dT%H%M%S")
-    return f"{name}.rotated-{stamp}"
+    suffixes = (f".rotated-{stamp}" + (f"-{n}" if n > 1 else "") for n in itertools.count(1))
+    return next(
+        rotated for rotated in (_within_limit(name, s) for s in suffixes) if rotated not in taken
+    )
 
 
-def rotate(quotas: QuotasFile, proxy: str, name: str, grace: int, now: float) -> tuple[str, str]:
+def _within_limit(name: str, suffix: str) -> str:
+    """`name + suffix` within the gate's limit on names: a name too long for the suffix is cut
+    short and followed by a hash of the whole name, so long names that begin alike stay apart."""
+    room = MAX_NAME - len(suffix)
+    if len(name) > room:
+        name = f"{name[: room - 7]}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
+    return name + suffix
+
+
+def rotate(
+    quotas: QuotasFile, proxy: str, name: str, grace: int, now: float
+) -> tuple[str, str, float]:
     """A new secret under `name`; the old one, renamed `name.rotated-<time>`, expires after grace.
 
     The name stays with the new secret, so the key's history (ledger, budget) goes on under it;
     the renamed old entry shows in `list` with its expiry and last use, which tells when every
-    caller has switched.
+    caller has switched. Returns the new secret, the old entry's name and its expiry (the end of
+    the grace period, or the earlier expiry it already had).
     """
     entry = quotas.key(proxy, name)
     keys = quotas.keys(proxy)
-    old_name = rotated_name(name, now)
-    suffix = 1
-    while old_name in keys:  # rotated twice within one second
-        suffix += 1
-        old_name = f"{rotated_name(name, now)}-{suffix}"
+    old_name = rotated_name(name, now, keys)
     old_entry = CommentedMap(entry)
     old_entry.fa.set_flow_style()
-    grace_end = now + grace
-    if "expires" not in entry or parse_timestamp(entry["expires"]) > grace_end:
-        old_entry["expires"] = DoubleQuotedScalarString(format_timestamp(grace_end))
+    old_expires = now + grace
+    if "expires" in entry and parse_timestamp(entry["expires"]) <= old_expires:
+        old_expires = parse_timestamp(entry["expires"])
+    else:
+        old_entry["expires"] = DoubleQuotedScalarString(format_timestamp(old_expires))
     # The old secret goes in just above; the entry itself (and the comments around it) stays,
     # with the new secret in it.
     keys.insert(list(keys).index(name), old_name, old_entry)
@@ -279,7 +305,7 @@ def rotate(quotas: QuotasFile, proxy: str, name: str, grace: int, now: float) ->
         if field not in fresh:
             del entry[field]
     entry.update(fresh)
-    return secret, old_name
+    return secret, old_name, old_expires
 
 
 def ledger_files(ledger: Path) -> list[Path]:
@@ -400,11 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Revoked key {args.name!r} of proxy {args.proxy!r}.")
     elif args.command == "rotate":
         grace = parse_grace(args.grace)
-        secret, old_name = rotate(quotas, args.proxy, args.name, grace, now)
+        secret, old_name, old_expires = rotate(quotas, args.proxy, args.name, grace, now)
         quotas.save()
         print(
             f"Rotated key {args.name!r} of proxy {args.proxy!r}. The old secret is now "
-            f"{old_name!r} and works until {format_timestamp(now + grace)}. "
+            f"{old_name!r} and works until {format_timestamp(old_expires)}. "
             "The new one is shown only this once:"
         )
         print(secret)

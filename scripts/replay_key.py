@@ -1,8 +1,11 @@
 """Client replay as a caller: `mitmdump -s scripts/replay_key.py -s addons/tokengate.py -C FILE`.
 
 Saved flows never hold the caller's key, so a replayed request would get 401 from the gate. This
-addon, loaded before TokenGate, gives every client-replayed request the key in the environment
-variable TOKENGATE_REPLAY_KEY (an environment variable, not an option, so it is never logged).
+addon, loaded before TokenGate, gives the key in the environment variable TOKENGATE_REPLAY_KEY
+(an environment variable, not an option, so it is never logged) to each client-replayed request
+that the gate governed when it was captured: those carry the gate's saved note, which this addon
+sees before TokenGate's Router drops it. Any other flow passes the gate untouched, key and all, so
+it gets none: the key would go to that upstream and into saved flows.
 mitmproxy's own `modify_headers` cannot do this: script addons run before it.
 """
 
@@ -12,6 +15,7 @@ import logging
 import os
 
 from mitmproxy import http
+from tokengate_core import flowstate
 
 ENV = "TOKENGATE_REPLAY_KEY"
 
@@ -23,7 +27,7 @@ class ReplayKey:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         key = os.environ.get(ENV)
-        if key and flow.is_replay == "request":
+        if key and flow.is_replay == "request" and flowstate.governed(flow) is not None:
             flow.request.headers["authorization"] = f"Bearer {key}"
 
 

@@ -1,12 +1,14 @@
 """What went through the gate, from its audit ledger: per proxy, key and model.
 
     python -m scripts.report .state/ledger.jsonl [more ledgers…] [--since 1h|2026-11-29T14:00Z]
-        [--json] [--png tokens.png]
+        [--replay] [--json] [--png tokens.png]
 
 The table (default) or JSON (`--json`) gives requests, status counts, tokens and the 429s with
 the limit that caused them. `--png` also draws, per proxy and limit, the tokens each key had in
 that limit's rolling window over time, the limit as a horizontal line and 429s as crosses.
-Rotated ledgers (`ledger.jsonl.1`, …) are read when named too.
+Rotated ledgers (`ledger.jsonl.1`, …) are read when named too. Lines of a QA replay
+(`"replay": true`) are what the quotas would have done, not traffic: they are left out, and
+`--replay` reports them alone.
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ def since_epoch(text: str, now: float) -> float:
         return parse_time(text)
 
 
-def read_ledgers(paths: Iterable[Path], since: float | None) -> Iterator[dict[str, Any]]:
+def read_ledgers(
+    paths: Iterable[Path], since: float | None, replay: bool = False
+) -> Iterator[dict[str, Any]]:
+    """The ledger lines from `since` on: live traffic, or with `replay` a QA replay's lines."""
     for path in paths:
         with path.open(encoding="utf-8") as handle:
             for number, text in enumerate(handle, 1):
@@ -58,6 +63,8 @@ def read_ledgers(paths: Iterable[Path], since: float | None) -> Iterator[dict[st
                 except (ValueError, KeyError, TypeError) as e:
                     warning = f"report: {path}:{number}: skipped, not a ledger line ({e})"
                     print(warning, file=sys.stderr)
+                    continue
+                if bool(line.get("replay")) != replay:
                     continue
                 if since is None or line["_epoch"] >= since:
                     yield line
@@ -219,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ledgers", nargs="+", type=Path, help="ledger files (JSON Lines)")
     parser.add_argument("--since", help="only lines from this time: 30m, 2h, 1d or ISO 8601")
+    parser.add_argument(
+        "--replay", action="store_true", help="only the lines of a QA replay (left out otherwise)"
+    )
     parser.add_argument("--json", action="store_true", help="JSON instead of a table")
     parser.add_argument("--png", type=Path, help="also draw tokens over time per key to FILE")
     args = parser.parse_args(argv)
@@ -229,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(path) for path in args.ledgers if not path.is_file()]
     if missing:
         parser.error(f"no such ledger: {', '.join(missing)}")
-    lines = sorted(read_ledgers(args.ledgers, since), key=lambda line: line["_epoch"])
+    lines = sorted(read_ledgers(args.ledgers, since, args.replay), key=lambda line: line["_epoch"])
     rows = summarize(lines)
     if args.json:
         report = {"lines": len(lines), "totals": summarize_totals(rows)}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import threading
 from datetime import UTC, datetime
 
 import pytest
@@ -11,10 +14,19 @@ from mitmproxy.test import tflow, tutils
 from tokengate_core import flowstate
 from tokengate_core.annotate import Annotator
 from tokengate_core.audit import Ledger, LedgerWriter, iso_time, ledger_path
+from tokengate_core.keys import format_timestamp, hash_key
 
-from tests.conftest import ALICE
-from tests.test_addons import gate_addons, quotas, reverse_flow, through  # noqa: F401 (fixtures)
+from tests.conftest import ALICE, key_entries
+from tests.e2e import wait_until, write_quotas
+from tests.test_addons import (  # noqa: F401 (fixtures)
+    PROXIES,
+    gate_addons,
+    quotas,
+    reverse_flow,
+    through,
+)
 
+UPSTREAM = "http://upstream.test:8000"
 USAGE = json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 11}}).encode()
 
 
@@ -62,6 +74,54 @@ def test_writer_keep_zero_starts_over(tmp_path):
         writer.close()
     assert [p.name for p in tmp_path.iterdir()] == ["ledger.jsonl"]
     assert lines_of(path) == [{"n": 2, "pad": "z" * 40}]
+
+
+def test_writer_outlives_a_removed_folder_and_tells_how_many_lines_it_lost(tmp_path, caplog):
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    path = folder / "ledger.jsonl"
+    writer = LedgerWriter(path, max_size=1 << 20, keep=1)
+    try:
+        writer.write({"n": 1})
+        assert wait_until(lambda: path.exists() and path.read_text() == '{"n":1}\n')
+        shutil.rmtree(folder)
+        writer.write({"n": 2})
+        writer.write({"n": 3})
+        assert wait_until(lambda: writer.dropped == 2)
+        folder.mkdir()  # the next batch finds the file again
+        writer.write({"n": 4})
+    finally:
+        writer.close()
+    assert lines_of(path) == [{"n": 4}]
+    assert caplog.text.count("dropping lines until it can be written again") == 1
+    assert caplog.text.count("is written again; 2 line(s) were dropped meanwhile") == 1
+    assert writer.dropped == 0
+
+
+def test_writer_queue_is_bounded_while_the_disk_stalls(tmp_path, caplog):
+    path = tmp_path / "ledger.jsonl"
+    os.mkfifo(path)  # opening it for writing blocks until a reader comes: a stalled disk
+    writer = LedgerWriter(path, max_size=1 << 20, keep=1, max_queued=5)
+    for n in range(8):
+        writer.write({"n": n})
+    dropped, warned = writer.dropped, caplog.text.count("the disk is not keeping up")
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(path.read_bytes()))
+    reader.start()  # the disk moves again
+    writer.close()
+    reader.join(10)
+    assert (dropped, warned) == (3, 1)
+    assert [json.loads(line)["n"] for line in received[0].splitlines()] == [0, 1, 2, 3, 4]
+    assert "is written again; 3 line(s) were dropped meanwhile" in caplog.text
+
+
+def test_writer_starts_on_a_line_of_its_own_after_a_line_cut_short(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"n":1}\n{"n":')  # a crash, or a full disk, in the middle of a line
+    writer = LedgerWriter(path, max_size=1 << 20, keep=1)
+    writer.write({"n": 2})
+    writer.close()
+    assert path.read_text().splitlines() == ['{"n":1}', '{"n":', '{"n":2}']
 
 
 @pytest.fixture
@@ -212,3 +272,83 @@ def test_ledger_folder_that_cannot_be_made_is_refused(gate_addons, ledger, tmp_p
     (tmp_path / "file").write_text("")
     with pytest.raises(exceptions.OptionsError, match="cannot create"):
         tctx.configure(addon, tokengate_ledger=str(tmp_path / "file" / "ledger.jsonl"))
+
+
+async def test_replay_refuses_a_key_that_had_expired_at_the_flows_own_time(
+    gate_addons,  # noqa: F811
+    ledger,
+    tmp_path,
+):
+    tctx, gate, addons = gate_addons
+    addon, path = ledger
+    expires = 1_800_000_000
+    until = format_timestamp(expires)
+    expiring = f'      alice: {{sha256: "{hash_key(ALICE)}", expires: "{until}"}}\n'
+    proxies = PROXIES.replace(key_entries(alice=ALICE), expiring)
+    tctx.configure(
+        addons[0],
+        tokengate_config=str(write_quotas(tmp_path / "expiring.yaml", UPSTREAM, proxies)),
+    )
+    assert not next(iter(gate.proxy("p").keys)).expired(gate.clock())  # live: not yet
+    notes = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    before, at = captured_flow(notes, usage=USAGE), captured_flow(notes, usage=USAGE)
+    before.request.timestamp_start, at.request.timestamp_start = expires - 1, expires
+    for flow in (before, at):
+        await through(addons, ("requestheaders", "request", "response"), flow)
+    addon.done()
+    still_valid, expired = lines_of(path)
+    assert (still_valid["status"], still_valid["decision"]) == (200, "admitted")
+    assert (expired["status"], expired["decision"]) == (401, "unauthorized")
+    assert expired["total_tokens"] == 0
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field"),
+    [
+        ("chat/completions", "max_tokens"),
+        ("chat/completions", "max_completion_tokens"),
+        ("responses", "max_output_tokens"),
+    ],
+)
+async def test_replay_reserves_the_max_tokens_the_caller_asked_for(
+    gate_addons,  # noqa: F811
+    ledger,
+    endpoint,
+    field,
+):
+    """The capture holds the body the gate sent upstream, with its max tokens lowered to 500."""
+    _, _, addons = gate_addons
+    addon, path = ledger
+    request = {"model": "gpt-4o", field: 500}
+    if endpoint == "responses":
+        request["input"] = "Hello!"
+    else:
+        request["messages"] = [{"role": "user", "content": "Hello!"}]
+    notes = {"proxy": "p", "key": "alice", "endpoint": endpoint, "allowed": True}
+    flow = captured_flow(
+        {**notes, "max_tokens_lowered_to": 500, "max_tokens_requested": 5000}, usage=USAGE
+    )
+    flow.request.path = f"/p/{endpoint}"
+    flow.request.content = json.dumps(request).encode()
+    await through(addons, ("requestheaders", "request", "response"), flow)
+    addon.done()
+    (line,) = lines_of(path)
+    # 5000 asked for, more than the whole limit: held as the whole limit (500 would hold less).
+    assert line["reserved"] == 1000
+    assert json.loads(flow.request.content)[field] == 500  # the captured flow is left as it was
+
+
+async def test_replay_without_the_callers_value_reserves_what_was_sent(
+    gate_addons,  # noqa: F811
+    ledger,
+):
+    _, _, addons = gate_addons
+    addon, path = ledger
+    notes = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello!"}]}
+    flow = captured_flow(notes, usage=USAGE)
+    flow.request.content = json.dumps({**body, "max_tokens": 500}).encode()
+    await through(addons, ("requestheaders", "request", "response"), flow)
+    addon.done()
+    (line,) = lines_of(path)
+    assert 500 < line["reserved"] < 1000  # the prompt estimate plus the 500 sent

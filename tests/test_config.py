@@ -551,3 +551,23 @@ def test_fail_open(setup: Path) -> None:
     )
     assert config.proxies["shared"].fail == "open"
     assert config.proxies["rate-limited-proxy"].fail == "closed"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("2026-02-30T00:00:00Z", "bad value '2026-02-30T00:00:00Z' (timestamp): day is out of"),
+        ("0000-01-01", "bad value '0000-01-01' (timestamp): year 0 is out of range"),
+        ("2026-01-01T00:00:00+99:00", "bad value '2026-01-01T00:00:00+99:00' (timestamp)"),
+        ("!!bool maybe", "bad value 'maybe' (bool)"),
+        ("!!binary 'x!'", "bad value 'x!' (binary): failed to decode base64 data"),
+    ],
+    ids=["impossible-date", "year-zero", "offset-too-large", "bad-bool", "bad-binary"],
+)
+def test_a_value_yaml_cannot_construct_names_its_line(setup: Path, value: str, reason: str) -> None:
+    """PyYAML raises ValueError and others for these, not a YAML error: still file:line: reason."""
+    text = replaced(
+        f'      test-key: {{sha256: "{DEMO_HASH}"}}\n',
+        f'      test-key: {{sha256: "{DEMO_HASH}", expires: {value}}}  # HERE\n',
+    )
+    expect_error(write(setup, text), marked_line(text), reason)

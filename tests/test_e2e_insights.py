@@ -165,10 +165,21 @@ def test_client_replay_through_a_live_gate_is_governed(captured, tmp_path, fresh
         "    keys:\n" + key_entries(alice=ALICE)
     )
     quotas = write_quotas(tmp_path / "quotas.yaml", fresh_mock.url, proxies)
+    # Besides the capture, a flow the gate did not govern (no note), sent to the mock directly.
+    stray = read_flows(captured.flows)[0].copy()
+    stray.metadata.clear()
+    stray.request.url = f"{fresh_mock.url}/v1/chat/completions"
+    for name in ("authorization", "x-api-key"):
+        stray.request.headers.pop(name, None)
+    flows = tmp_path / "with-stray.flows"
+    with flows.open("wb") as handle:
+        writer = io.FlowWriter(handle)
+        for flow in [*read_flows(captured.flows), stray]:
+            writer.add(flow)
 
     def client_replay(*scripts: str, **env: str) -> list:
         out = tmp_path / "replayed.flows"
-        argv = [str(MITMDUMP), "-n", "-C", str(captured.flows)]
+        argv = [str(MITMDUMP), "-n", "-C", str(flows)]
         argv += ["--mode", f"reverse:{fresh_mock.url}"]
         for script in (*scripts, "addons/tokengate.py"):
             argv += ["-s", script]
@@ -180,14 +191,18 @@ def test_client_replay_through_a_live_gate_is_governed(captured, tmp_path, fresh
 
     # Saved flows hold no caller key: replayed as they are, the gate refuses every one.
     refused = client_replay()
-    assert [flow.response.status_code for flow in refused] == [401] * len(CAPTURED)
-    assert fresh_mock.stats()["requests"] == 0
+    assert [flow.response.status_code for flow in refused[:-1]] == [401] * len(CAPTURED)
+    assert fresh_mock.stats()["by_endpoint"] == {"chat/completions": 1}  # the stray only
+    fresh_mock.reset()
     # With a key given for the replay, they are admitted and charged like live traffic.
     replayed = client_replay("scripts/replay_key.py", TOKENGATE_REPLAY_KEY=ALICE)
     statuses = [flow.response.status_code for flow in replayed]
     assert statuses[:3] == [200, 429, 429]
     assert replayed[1].response.headers["X-TokenGate-Source"] == "gateway"
     assert fresh_mock.stats()["authorized"] >= 1
+    # The stray reached the mock without the caller's key: only governed flows are given it.
+    assert replayed[-1].response is not None and "authorization" not in replayed[-1].request.headers
+    assert f"Bearer {ALICE}" not in fresh_mock.stats()["auth_headers_seen"]
     saved = (tmp_path / "replayed.flows").read_bytes()
     assert PROVIDER_KEY.encode() not in saved and ALICE.encode() not in saved
 

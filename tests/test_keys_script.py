@@ -9,8 +9,9 @@ import time
 
 import pytest
 from tokengate_core.config import load_config
-from tokengate_core.keys import hash_key
+from tokengate_core.keys import format_timestamp, hash_key
 
+from scripts import keys as keys_script
 from tests.e2e import ROOT
 
 QUOTAS = """\
@@ -147,12 +148,36 @@ def test_rotate_keeps_the_name_and_the_old_secret_for_the_grace_period(config):
     assert previous.name.startswith("app.rotated-")
     assert previous.expires == pytest.approx(time.time() + 3600, abs=5)
     assert "works until" in result.stdout and previous.name in result.stdout
-    # An old secret that expires before the grace ends keeps its earlier expiry.
+    # An old secret that expires before the grace ends keeps its earlier expiry, and says so.
     assert run(config, "expire", "with-keys", "app", "10m").returncode == 0
-    once = secret_of(run(config, "rotate", "with-keys", "app", "--grace", "1d"))
+    again = run(config, "rotate", "with-keys", "app", "--grace", "1d")
+    once = secret_of(again)
     earlier = keys_of(config).find(new)
     assert earlier.expires == pytest.approx(time.time() + 600, abs=5)
+    assert f"works until {format_timestamp(earlier.expires)}." in again.stdout
     assert keys_of(config).find(once).expires is None
+
+
+def test_rotate_a_key_with_the_longest_name(config):
+    name = "a" * 64
+    old = secret_of(run(config, "create", "with-keys", name))
+    new = secret_of(run(config, "rotate", "with-keys", name, "--grace", "1h"))
+    keys = keys_of(config)
+    assert keys.find(new).name == name
+    rotated = keys.find(old).name
+    assert len(rotated) <= 64 and rotated.startswith("a" * 33 + "-")
+    assert ".rotated-" in rotated
+
+
+def test_rotated_names_stay_within_the_limit_and_apart():
+    now = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+    taken: set[str] = set()
+    for name in ("a" * 64, "a" * 64, "a" * 60 + "bbbb", "a" * 40, "app", "app"):
+        rotated = keys_script.rotated_name(name, now, taken)
+        assert len(rotated) <= 64 and rotated not in taken
+        taken.add(rotated)
+    assert {"app.rotated-20270115T080000", "app.rotated-20270115T080000-2"} <= taken
+    assert "a" * 40 + ".rotated-20270115T080000" in taken  # 64 characters: kept whole
 
 
 def test_expire_sets_and_clears(config):
@@ -216,3 +241,13 @@ def test_bad_names_and_grace_periods_are_refused_without_touching_the_file(confi
     grace = run(config, "rotate", "with-keys", "old", "--grace", "2030-01-01T00:00:00Z")
     assert grace.returncode != 0 and "--grace: bad duration" in grace.stderr
     assert config.read_text() == QUOTAS
+
+
+def test_a_date_that_does_not_exist_is_refused_with_its_line(config):
+    broken = QUOTAS.replace('"}\n', '", expires: 2026-02-30T00:00:00Z}\n', 1)
+    config.write_text(broken)
+    for command in (["list"], ["create", "with-keys", "x"]):
+        result = run(config, *command)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert f"{config}:11: bad value '2026-02-30T00:00:00Z'" in result.stderr
+    assert config.read_text() == broken

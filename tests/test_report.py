@@ -40,6 +40,7 @@ def ledger(tmp_path):
         line(20, "alice", 0, status=429),
         line(30, "bob", 7),
         line(90, "alice", 5, model="other"),
+        line(40, "carol", 1000, replay=True),  # a QA replay's line: not traffic
     ):
         writer.write(entry)
     writer.close()
@@ -75,6 +76,16 @@ def test_json_groups_by_proxy_key_and_model(ledger, capsys):
     assert alice["statuses"] == {"200": 2, "429": 1}
     assert alice["refused_by"] == {"total_tokens-1m": 1}
     assert [row["total_tokens"] for row in out["rows"]] == [110, 5, 7]
+
+
+def test_replay_lines_are_left_out_unless_asked_for_alone(ledger, capsys):
+    report.main([str(ledger), "--json"])
+    live = json.loads(capsys.readouterr().out)
+    assert "carol" not in {row["key"] for row in live["rows"]}
+    report.main([str(ledger), "--json", "--replay"])
+    replayed = json.loads(capsys.readouterr().out)
+    assert replayed["lines"] == 1 and replayed["totals"]["total_tokens"] == 1000
+    assert [row["key"] for row in replayed["rows"]] == ["carol"]
 
 
 def test_since_filters_and_table_shows_totals(ledger, capsys):

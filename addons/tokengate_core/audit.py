@@ -7,13 +7,15 @@ file is rotated by size to `ledger.jsonl.1`, `.2`, … (`.1` the newest).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import queue
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mitmproxy import ctx, exceptions, http
 
@@ -34,6 +36,8 @@ GATE_DECISIONS = {
     503: "unavailable",
 }
 BATCH_LINES = 1000  # lines written per write() call at most
+# Lines waiting for the disk at most (some 20 MB): beyond, they are dropped and counted.
+MAX_QUEUED_LINES = 50_000
 
 
 def iso_time(timestamp: float) -> str:
@@ -98,43 +102,136 @@ def live_entry(flow: http.HTTPFlow, state: dict[str, Any]) -> dict[str, Any]:
 
 
 class LedgerWriter:
-    """Appends lines from a queue on its own thread, rotating the file by size."""
+    """Appends lines from a queue on its own thread, rotating the file by size.
 
-    def __init__(self, path: Path, max_size: int, keep: int) -> None:
+    It outlives a file it cannot write (disk full, folder removed): lines are dropped and
+    counted meanwhile, every batch tries the file again, and the log says once that writing
+    stopped and once that it resumed, with the number of lines lost. The queue is bounded, so a
+    disk that stalls cannot make it grow without limit: beyond the cap, lines are dropped and
+    counted the same way.
+    """
+
+    def __init__(
+        self, path: Path, max_size: int, keep: int, max_queued: int = MAX_QUEUED_LINES
+    ) -> None:
         self.path = path
         self.max_size = max_size
         self.keep = keep
-        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._queue: queue.Queue[str | None] = queue.Queue(max_queued)
+        self._dropped = 0  # lines lost since the last successful write
+        self._dropped_lock = threading.Lock()
+        self._failing = False  # the last write failed (the writer thread's own state)
+        self._handle: BinaryIO | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the open file
+        self._size = 0
         self._thread = threading.Thread(target=self._run, name="tokengate-ledger", daemon=True)
         self._thread.start()
 
+    @property
+    def dropped(self) -> int:
+        """Lines lost since the last successful write (0 while all is well)."""
+        return self._dropped
+
     def write(self, line: dict[str, Any]) -> None:
-        self._queue.put(json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n")
+        text = json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n"
+        try:
+            self._queue.put_nowait(text)
+        except queue.Full:
+            if self._lose(1) == 1:
+                log.error(
+                    "tokengate: ledger %s: %d lines wait to be written, the disk is not keeping "
+                    "up; dropping lines until it does",
+                    self.path,
+                    self._queue.maxsize,
+                )
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the thread."""
-        self._queue.put(None)
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            log.error("tokengate: ledger %s: stuck; queued lines are not written", self.path)
+            return
         self._thread.join(timeout)
 
+    def _lose(self, lines: int) -> int:
+        with self._dropped_lock:
+            self._dropped += lines
+            return self._dropped
+
     def _run(self) -> None:
-        handle = None
         try:
-            handle = self.path.open("ab")
+            try:
+                self._ensure_open()  # at once, so a file that cannot be opened shows at start
+            except OSError as e:
+                self._failed(e, [])
             while True:
                 batch, stop = self._next_batch()
-                data = "".join(batch).encode()
-                if data and handle.tell() and handle.tell() + len(data) > self.max_size:
-                    handle.close()
-                    self._rotate()
-                    handle = self.path.open("ab")
-                handle.write(data)
-                handle.flush()
+                if batch:
+                    self._append(batch)
                 if stop:
-                    return
-        except OSError as e:
-            log.error("tokengate: ledger %s: %s; no more lines are written", self.path, e)
+                    break
         finally:
-            if handle is not None:
+            self._close_file()
+        if self._dropped:
+            log.error("tokengate: ledger %s: %d line(s) were not written", self.path, self._dropped)
+
+    def _append(self, batch: list[str]) -> None:
+        data = "".join(batch).encode()
+        try:
+            self._ensure_open()
+            if self._size and self._size + len(data) > self.max_size:
+                self._close_file()
+                self._rotate()
+                self._ensure_open()
+            self._handle.write(data)
+            self._handle.flush()
+        except OSError as e:
+            self._failed(e, batch)
+            return
+        self._size += len(data)
+        if self._queue.qsize() > self._queue.maxsize // 2:
+            return  # still far behind: the lines lost are told once the backlog is down
+        with self._dropped_lock:
+            dropped, self._dropped = self._dropped, 0
+        if self._failing or dropped:
+            log.warning(
+                "tokengate: ledger %s is written again; %d line(s) were dropped meanwhile",
+                self.path,
+                dropped,
+            )
+        self._failing = False
+
+    def _failed(self, error: OSError, batch: list[str]) -> None:
+        self._close_file()
+        self._lose(len(batch))
+        if not self._failing:
+            self._failing = True
+            log.error(
+                "tokengate: ledger %s: %s; dropping lines until it can be written again",
+                self.path,
+                error,
+            )
+
+    def _ensure_open(self) -> None:
+        """Open the file, again if it was removed or replaced since (folder removed, rotated by
+        another tool): writing on would go to a file nobody can read any more."""
+        if self._handle is not None and self._identity == _identity(self.path):
+            return
+        self._close_file()
+        handle = self.path.open("ab")
+        stat = os.fstat(handle.fileno())
+        self._handle, self._identity, self._size = handle, (stat.st_dev, stat.st_ino), stat.st_size
+        if self._size and _torn(self.path):
+            # A line cut short (a crash, a full disk) ends here: start on a line of our own.
+            handle.write(b"\n")
+            self._size += 1
+
+    def _close_file(self) -> None:
+        handle, self._handle, self._identity = self._handle, None, None
+        if handle is not None:
+            # What it still held cannot be written: those lines are counted already.
+            with contextlib.suppress(OSError):
                 handle.close()
 
     def _next_batch(self) -> tuple[list[str], bool]:
@@ -158,6 +255,21 @@ class LedgerWriter:
         for index in range(len(names) - 2, -1, -1):
             if names[index].exists():
                 names[index].replace(names[index + 1])
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _torn(path: Path) -> bool:
+    """Whether the non-empty file at `path` ends in the middle of a line."""
+    with path.open("rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) != b"\n"
 
 
 def ledger_path(option: str, quotas_path: str) -> Path | None:

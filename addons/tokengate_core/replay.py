@@ -23,6 +23,7 @@ from .metering import (
     completion_reserve,
     estimate,
     json_object,
+    max_tokens_field,
     note_windows,
     usage_record,
 )
@@ -83,7 +84,8 @@ class CaptureReplay:
     ) -> tuple[int | None, str]:
         """(status the caller would get now, decision) for one captured flow."""
         proxy = self.gate.proxy(state["proxy"] or "")
-        if proxy is None or not any(key.name == state["key"] for key in proxy.keys):
+        key = next((key for key in proxy.keys if key.name == state["key"]), None) if proxy else None
+        if key is None or key.expired(self.clock.now):  # as live: the gate's clock decides
             return 401, "unauthorized"
         if not saved.get("allowed"):
             return 403, "forbidden"
@@ -98,6 +100,7 @@ class CaptureReplay:
         body = json_object(raw)
         if body is None:
             return 400, "invalid"
+        as_requested(body, saved)
         model = body.get("model") if isinstance(body.get("model"), str) else None
         prompt = await estimate(state["endpoint"], body, len(raw))
         state.update(model=model, stream=body.get("stream") is True)
@@ -129,6 +132,20 @@ class CaptureReplay:
         note_windows(state, await self.store.settle(reservation, metered.usage))
         state["usage"] = usage_record(metered)
         return status, "admitted"
+
+
+def as_requested(body: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Put back the caller's own max tokens where the gate had lowered them (in place).
+
+    The capture holds the request as it was sent upstream, after the gate lowered its
+    `max_tokens` (or `max_completion_tokens`, `max_output_tokens`) to what was left then; the
+    gate notes the caller's value as `max_tokens_requested`. Replay reserves what the caller
+    asked for, as live would now.
+    """
+    field = max_tokens_field(body)
+    requested = saved.get("max_tokens_requested")
+    if field is not None and type(requested) is int and requested >= 0:
+        body[field] = requested
 
 
 def captured_usage(response: http.Response, prompt: int, model: str | None) -> Metered:

@@ -83,9 +83,18 @@ class _Builder:
 
 
 def _scalar(node: yaml.Node, path: Path) -> Any:
+    line = node.start_mark.line + 1
     if not isinstance(node, yaml.ScalarNode):
-        raise ConfigError(path, node.start_mark.line + 1, "expected a plain value here")
-    return yaml.constructor.SafeConstructor().construct_object(node)
+        raise ConfigError(path, line, "expected a plain value here")
+    try:
+        return yaml.constructor.SafeConstructor().construct_object(node)
+    except Exception as e:
+        # PyYAML converts the text itself, and its errors are not all YAMLErrors: an unquoted
+        # 2026-02-30T00:00:00Z raises ValueError, `!!bool maybe` KeyError, `!!timestamp x`
+        # AttributeError. Each is the file's fault, so it gets the file's line like any other.
+        detail = e.problem if isinstance(e, yaml.MarkedYAMLError) else str(e)
+        kind = node.tag.rsplit(":", 1)[-1]
+        raise ConfigError(path, line, f"bad value {node.value!r} ({kind}): {detail}") from e
 
 
 def load_document(path: Path | str) -> Document:
