@@ -28,7 +28,7 @@ from .limiter import Bucket, Decision, Demand, LimitStatus, Usage, held_back_by_
 from .settings import Gate
 from .stores import Reservation, StoreUnavailable
 from .streaming import StreamRelay, trailer_comment
-from .usage import BodyMeter, BoundedBuffer, Metered, StreamMeter, meter_json
+from .usage import BodyMeter, BoundedBuffer, Metered, StreamMeter, meter_json, whole_number
 
 log = logging.getLogger("tokengate")
 
@@ -66,8 +66,7 @@ def buckets_for(proxy, key_name: str) -> tuple[Bucket, ...]:
 def max_tokens_field(body: dict[str, Any]) -> str | None:
     """The field by which the caller bounds the completion, if it set one."""
     for field in MAX_TOKEN_FIELDS:
-        value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if whole_number(body.get(field)):
             return field
     return None
 
@@ -75,7 +74,7 @@ def max_tokens_field(body: dict[str, Any]) -> str | None:
 def _count_field(body: dict[str, Any], field: str) -> int:
     """A count the caller set (`n`, `best_of`), 1 if absent or invalid (the provider refuses it)."""
     value = body.get(field)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+    return value if whole_number(value, 1) else 1
 
 
 def completions_requested(body: dict[str, Any], endpoint: str) -> int:

@@ -30,7 +30,7 @@ from .metering import (
 from .routing import USAGE_ENDPOINT
 from .settings import Gate
 from .stores.memory import MemoryStore
-from .usage import Metered, StreamMeter, meter_json
+from .usage import Metered, StreamMeter, meter_json, whole_number
 
 
 class CaptureClock:
@@ -144,7 +144,7 @@ def as_requested(body: dict[str, Any], saved: dict[str, Any]) -> None:
     """
     field = max_tokens_field(body)
     requested = saved.get("max_tokens_requested")
-    if field is not None and type(requested) is int and requested >= 0:
+    if field is not None and whole_number(requested):
         body[field] = requested
 
 

@@ -25,10 +25,13 @@ class Metered:
     source: str  # "reported" or "estimated"
 
 
+def whole_number(value: Any, minimum: int = 0) -> bool:
+    """A JSON integer >= minimum (JSON's true/false are not counts, though Python's bool is int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _count(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return value if 0 <= value <= MAX_BELIEVABLE_TOKENS else None
+    return value if whole_number(value) and value <= MAX_BELIEVABLE_TOKENS else None
 
 
 def reported_usage(payload: Any) -> Usage | None:
