@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
 from datetime import UTC, datetime
 
@@ -25,6 +26,7 @@ from tests.test_addons import (  # noqa: F401 (fixtures)
     reverse_flow,
     through,
 )
+from tests.test_metering import nested_in_content
 
 UPSTREAM = "http://upstream.test:8000"
 USAGE = json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 11}}).encode()
@@ -352,3 +354,18 @@ async def test_replay_without_the_callers_value_reserves_what_was_sent(
     addon.done()
     (line,) = lines_of(path)
     assert 500 < line["reserved"] < 1000  # the prompt estimate plus the 500 sent
+
+
+async def test_replay_of_a_body_too_deep_to_count_is_invalid_as_live(
+    gate_addons,  # noqa: F811
+    ledger,
+):
+    _, _, addons = gate_addons
+    addon, path = ledger
+    notes = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    flow = captured_flow(notes, usage=USAGE)
+    flow.request.content = nested_in_content(sys.getrecursionlimit() + 100).encode()
+    await through(addons, ("requestheaders", "request", "response"), flow)
+    addon.done()
+    (line,) = lines_of(path)
+    assert (line["status"], line["decision"], line["reserved"]) == (400, "invalid", 0)

@@ -305,9 +305,7 @@ def test_meter_json_unbelievable_usage_falls_back_to_estimate() -> None:
 NESTED = b'{"usage": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # json.loads gives up (RecursionError)
 
 
-@pytest.mark.parametrize(
-    "body", [b"", b"{not json", b"\xff\xfe\x00", b"<html>502</html>", NESTED]
-)
+@pytest.mark.parametrize("body", [b"", b"{not json", b"\xff\xfe\x00", b"<html>502</html>", NESTED])
 def test_meter_json_invalid_json(body: bytes) -> None:
     assert meter_json(body, prompt_estimate=13, model="gpt-4o") == Metered(
         Usage(13, 0), "estimated"

@@ -161,6 +161,21 @@ def usage_record(metered: Metered) -> dict[str, Any]:
     }
 
 
+def note_decision(
+    state: dict[str, Any], decision: Decision, reservation: Reservation | None
+) -> None:
+    """What a reserve decided, for the ledger and the flow's comment: the limit that refused, or
+    what was held."""
+    note_windows(state, decision.statuses)
+    if reservation is None:
+        state["refused_by"] = decision.blocking.limit.name if decision.blocking else None
+    else:
+        state["reserved"] = {
+            "prompt_tokens": reservation.amounts.prompt,
+            "completion_tokens": reservation.amounts.completion,
+        }
+
+
 def note_windows(state: dict[str, Any], statuses: tuple[LimitStatus, ...] | None) -> None:
     """Each limit and what is left of it, for the ledger and the flow's comment.
 
@@ -241,7 +256,7 @@ class Metering:
             if inflight is None:  # not sent yet: refuse it rather than guess its cost
                 flowstate.answer(flow, responses.invalid_request(400, BAD_JSON, None))
             return
-        model = body.get("model") if isinstance(body.get("model"), str) else None
+        model = tokens.model_of(body)
         state.update(model=model, stream=body.get("stream") is True, prompt_estimate=prompt)
         if inflight is not None:  # admitted at requestheaders; now its estimate is known
             inflight.model, inflight.prompt_estimate = model, prompt
@@ -271,19 +286,14 @@ class Metering:
             else:
                 flowstate.answer(flow, responses.store_unavailable(STORE_RETRY_AFTER))
             return
-        note_windows(state, decision.statuses)
+        note_decision(state, decision, reservation)
         if reservation is None:
             refusal = responses.rate_limited(decision, self.gate.clock(), proxy.name, demand.prompt)
             flowstate.answer(flow, refusal)
-            state["refused_by"] = decision.blocking.limit.name if decision.blocking else None
             return
         self._inflight[flow.id] = InFlight(
             reservation, state.get("model"), demand.prompt, decision.statuses
         )
-        state["reserved"] = {
-            "prompt_tokens": reservation.amounts.prompt,
-            "completion_tokens": reservation.amounts.completion,
-        }
 
     async def _queue(
         self,

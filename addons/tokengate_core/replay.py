@@ -24,12 +24,14 @@ from .metering import (
     estimate,
     json_object,
     max_tokens_field,
+    note_decision,
     note_windows,
     usage_record,
 )
 from .routing import USAGE_ENDPOINT
 from .settings import Gate
 from .stores.memory import MemoryStore
+from .tokens import model_of
 from .usage import Metered, StreamMeter, meter_json, whole_number
 
 
@@ -98,24 +100,18 @@ class CaptureReplay:
             return captured, "answered"
         raw = flow.request.get_content(strict=False) or b""
         body = json_object(raw)
-        if body is None:
+        prompt = None if body is None else await estimate(state["endpoint"], body, len(raw))
+        if body is None or prompt is None:  # as live: unreadable, refused before it leaves
             return 400, "invalid"
         as_requested(body, saved)
-        model = body.get("model") if isinstance(body.get("model"), str) else None
-        prompt = await estimate(state["endpoint"], body, len(raw))
+        model = model_of(body)
         state.update(model=model, stream=body.get("stream") is True)
         reserve = completion_reserve(body, state["endpoint"], proxy.completion_reserve)
-        demand = Demand(prompt, reserve)
-        decision, reservation = await self.store.reserve(flow.id, buckets, demand)
-        note_windows(state, decision.statuses)
+        decision, reservation = await self.store.reserve(flow.id, buckets, Demand(prompt, reserve))
+        note_decision(state, decision, reservation)
         if reservation is None:
-            state["refused_by"] = decision.blocking.limit.name if decision.blocking else None
             return 429, "refused"
         amounts = reservation.amounts
-        state["reserved"] = {
-            "prompt_tokens": amounts.prompt,
-            "completion_tokens": amounts.completion,
-        }
         if saved.get("answered_by_gate"):
             # The gate refused it then, so the capture holds no provider answer to go by: the
             # reservation is charged, as an estimate.

@@ -177,9 +177,15 @@ def _count_token_arrays_or_text(value: Any, model: str | None) -> int:
     return _count_parts(value, model)
 
 
+def model_of(body: dict) -> str | None:
+    """The model a request names, if it names one as text."""
+    model = body.get("model")
+    return model if isinstance(model, str) else None
+
+
 def estimate_prompt(endpoint: str, body: dict) -> int:
     """The prompt tokens a request will be billed for, estimated before it is sent."""
-    model = body.get("model") if isinstance(body.get("model"), str) else None
+    model = model_of(body)
     if endpoint == "chat/completions":
         return _count_messages(body.get("messages"), model) + _count_tools(body, model)
     if endpoint == "responses":
