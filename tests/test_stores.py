@@ -640,6 +640,21 @@ async def test_sqlite_two_stores_on_one_file_stay_within_the_limit(tmp_path):
         await two.close()
 
 
+async def test_sqlite_two_stores_opening_a_new_file_at_once_both_work(tmp_path):
+    """Two gateways starting together on a new file race to switch it to WAL; neither fails."""
+    for attempt in range(40):
+        path = tmp_path / f"new-{attempt}.sqlite"
+        one, two = SqliteStore(path, FakeClock()), SqliteStore(path, FakeClock())
+        bs = buckets(total(100))
+        try:
+            await asyncio.gather(
+                one.reserve("a", bs, Demand(1, 1)), two.reserve("b", bs, Demand(1, 1))
+            )
+        finally:
+            await one.close()
+            await two.close()
+
+
 async def test_sqlite_unusable_file_raises_then_recovers(tmp_path):
     blocker = tmp_path / "state"
     blocker.write_text("a file where the state folder should be")

@@ -98,7 +98,7 @@ class SqliteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
             try:
-                db.execute("PRAGMA journal_mode=WAL")
+                self._use_wal(db)
                 # With WAL, NORMAL survives a crash of the process (not of the machine's power).
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
@@ -137,6 +137,20 @@ class SqliteStore:
         except (OSError, sqlite3.DatabaseError) as e:
             self._drop_connection()  # reconnect on the next call, e.g. once the disk is back
             raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
+
+    def _use_wal(self, db: sqlite3.Connection) -> None:
+        """Switch the file to WAL. Another process opening a new file at the same moment makes
+        the switch fail with "locked" at once (SQLite's busy handler does not cover it), so
+        look again until the busy timeout, as for any other lock."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)  # on the store's worker thread, never the event loop
 
     def _fit_windows(self, db: sqlite3.Connection, buckets: tuple[Bucket, ...]) -> dict:
         """Give a bucket's rows the duration its limit has now (a reload may have changed it),
