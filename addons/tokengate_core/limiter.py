@@ -7,6 +7,11 @@ a response that costs more than was left keeps its full charge (debt) until it e
 
 Every store (memory, SQLite, Redis) keeps the charges its own way but decides with these rules,
 so the same trace gives the same decisions everywhere.
+
+Settled charges are merged into time slots (`slot_of`, `merged`) so that a window holds at most
+SLOTS + 1 settled records whatever the traffic; reservations in flight stay one record each (a
+settle or release must find them). The stores apply the same merge rule, so their windows, and
+so their decisions, stay identical.
 """
 
 from __future__ import annotations
@@ -17,8 +22,12 @@ from dataclasses import dataclass, replace
 
 from .config import REQUESTS, Limit
 
+# Slots per window duration. A power of two, so `stamp * SLOTS` is exact in every store (Python,
+# SQLite and Redis's Lua all compute in IEEE doubles) and they agree on every slot.
+SLOTS = 64
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class Charge:
     stamp: float
     amount: int
@@ -86,6 +95,22 @@ class Decision:
     reserved: Usage | None = None  # what was reserved, when admitted
     blocking: LimitStatus | None = None  # the limit that refused, when not admitted
     retry_at: float | None = None  # when the refused request would fit; None: never
+
+
+def slot_of(stamp: float, seconds: int) -> int:
+    """The slot a charge stamped `stamp` settles into, in a window of `seconds`: slots are
+    seconds / SLOTS wide and counted from the epoch, so every store and process agrees."""
+    return math.floor(stamp * SLOTS / seconds)
+
+
+def merged(slot: Charge | None, stamp: float, amount: int) -> Charge:
+    """A slot after a settled charge joins it. The slot keeps the newest stamp merged into it and
+    leaves the window with that stamp: a lone charge keeps its exact stamp, the others leave at
+    most one slot width (seconds / SLOTS) late, never early, so usage is never under-counted and
+    a reset time computed from the slots is when the budget really comes back."""
+    if slot is None:
+        return Charge(stamp, amount, settled=True)
+    return Charge(max(slot.stamp, stamp), slot.amount + amount, settled=True)
 
 
 def live(charges: Iterable[Charge], seconds: int, now: float) -> list[Charge]:

@@ -7,76 +7,93 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..config import Limit
-from ..limiter import Bucket, Charge, Decision, Demand, LimitStatus, Usage, decide_on
+from ..limiter import (
+    Bucket,
+    Charge,
+    Decision,
+    Demand,
+    LimitStatus,
+    Usage,
+    decide_on,
+    merged,
+    slot_of,
+)
 from . import STALE_AFTER, Reservation
 
 Clock = Callable[[], float]
 
 
 class Window:
-    """One bucket's live charges in stamp order, with running totals so a check is O(1).
+    """One bucket's charges: settled ones merged into slots (`limiter.slot_of`), reservations in
+    flight one by one, with running totals so a check is O(1).
 
-    Charges are keyed by reservation id; a dict keeps insertion order, which is stamp order
-    because stamps never go backwards (a clock that does is clamped to the last stamp).
-    `pending` holds the unsettled ones in the same order, so stale ones are found from the front.
+    `pending` keeps insertion order, which is stamp order because stamps never go backwards in
+    a window (a clock that does is clamped to the newest stamp), so stale ones are found from the
+    front. `oldest` is never later than any stamp held: until it leaves the window nothing does,
+    so most checks skip pruning. Slots are keyed by (duration, slot): after a duration edit the
+    old slots keep their own width and leave the window by their stamp and the new duration.
     """
 
-    __slots__ = ("charges", "pending", "reserved", "used")
+    __slots__ = ("newest", "oldest", "pending", "reserved", "slots", "used")
 
-    def __init__(self) -> None:
-        self.charges: dict[str, Charge] = {}
+    def __init__(self, stamp: float) -> None:
+        self.slots: dict[tuple[int, int], Charge] = {}
         self.pending: dict[str, Charge] = {}
         self.used = 0
         self.reserved = 0
+        self.newest = self.oldest = stamp
 
-    @property
-    def last_stamp(self) -> float:
-        return next(reversed(self.charges.values())).stamp if self.charges else float("-inf")
-
-    def prune(self, seconds: int, now: float, stale_after: float) -> None:
-        """Drop expired charges; count reservations older than `stale_after` as settled."""
-        while self.charges:
-            oldest_id = next(iter(self.charges))
-            oldest = self.charges[oldest_id]
-            if oldest.stamp + seconds > now:
-                break
-            del self.charges[oldest_id]
-            self.pending.pop(oldest_id, None)
-            self._count(oldest, -1)
+    def prune(self, seconds: int, now: float, stale_after: float) -> bool:
+        """Drop what left the window; count reservations older than `stale_after` as settled.
+        False when nothing is left."""
+        if self.oldest + seconds <= now:
+            kept = {key: slot for key, slot in self.slots.items() if slot.stamp + seconds > now}
+            if len(kept) != len(self.slots):
+                self.slots = kept
+                self.used = sum(slot.amount for slot in kept.values())
+            while self.pending:
+                reservation_id, oldest = next(iter(self.pending.items()))
+                if oldest.stamp + seconds > now:
+                    break
+                del self.pending[reservation_id]
+                self.reserved -= oldest.amount
+            if not self.slots and not self.pending:
+                return False
+            self.oldest = min(charge.stamp for charge in self.charges())
         while self.pending:
-            oldest_id = next(iter(self.pending))
-            if self.pending[oldest_id].stamp + stale_after > now:
+            reservation_id, oldest = next(iter(self.pending.items()))
+            if oldest.stamp + stale_after > now:
                 break
-            self._replace(oldest_id, self.pending.pop(oldest_id).amount)
-
-    def _count(self, charge: Charge, sign: int) -> None:
-        if charge.settled:
-            self.used += sign * charge.amount
-        else:
-            self.reserved += sign * charge.amount
+            self.settle(reservation_id, oldest.amount, seconds)
+        return True
 
     def hold(self, reservation_id: str, charge: Charge) -> None:
-        self.charges[reservation_id] = self.pending[reservation_id] = charge
-        self._count(charge, +1)
+        self.pending[reservation_id] = charge
+        self.reserved += charge.amount
+        self.newest = charge.stamp  # stamps never go backwards in a window
 
-    def settle(self, reservation_id: str, amount: int | None) -> None:
-        """Replace an unsettled charge by `amount`, or drop it when `amount` is None."""
-        if self.pending.pop(reservation_id, None) is not None:
-            self._replace(reservation_id, amount)
+    def settle(self, reservation_id: str, amount: int | None, seconds: int) -> None:
+        """Merge a pending charge into its slot at `amount`, or drop it when `amount` is None."""
+        held = self.pending.pop(reservation_id, None)
+        if held is None:
+            return
+        self.reserved -= held.amount
+        if amount is not None:
+            key = (seconds, slot_of(held.stamp, seconds))
+            self.slots[key] = merged(self.slots.get(key), held.stamp, amount)
+            self.used += amount
+        elif held.stamp == self.newest and not self.empty:
+            self.newest = max(charge.stamp for charge in self.charges())
 
-    def _replace(self, reservation_id: str, amount: int | None) -> None:
-        held = self.charges[reservation_id]
-        self._count(held, -1)
-        if amount is None:
-            del self.charges[reservation_id]
-        else:
-            settled = Charge(held.stamp, amount, settled=True)
-            self.charges[reservation_id] = settled
-            self._count(settled, +1)
+    @property
+    def empty(self) -> bool:
+        return not self.slots and not self.pending
 
-    def status(self, limit: Limit, now: float) -> LimitStatus:
-        reset_at = self.last_stamp + limit.seconds if self.charges else now
-        return LimitStatus(limit, self.used, self.reserved, reset_at)
+    def charges(self) -> list[Charge]:
+        return [*self.slots.values(), *self.pending.values()]
+
+    def status(self, limit: Limit) -> LimitStatus:
+        return LimitStatus(limit, self.used, self.reserved, self.newest + limit.seconds)
 
 
 class MemoryStore:
@@ -92,45 +109,55 @@ class MemoryStore:
         self.stale_after = stale_after
         self._windows: dict[str, Window] = {}
 
-    def _window(self, bucket: Bucket, now: float) -> Window:
+    def _window(self, bucket: Bucket, now: float) -> Window | None:
+        """The bucket's window, pruned to `now`; None when it holds nothing."""
         window = self._windows.get(bucket.key)
-        if window is None:
-            window = self._windows[bucket.key] = Window()
-        window.prune(bucket.limit.seconds, now, self.stale_after)
+        if window is not None and not window.prune(bucket.limit.seconds, now, self.stale_after):
+            del self._windows[bucket.key]
+            return None
         return window
 
+    @staticmethod
+    def _status(window: Window | None, limit: Limit, now: float) -> LimitStatus:
+        return LimitStatus(limit, 0, 0, now) if window is None else window.status(limit)
+
     def _statuses(self, buckets: tuple[Bucket, ...], now: float) -> tuple[LimitStatus, ...]:
-        statuses = tuple(self._window(b, now).status(b.limit, now) for b in buckets)
-        for bucket in buckets:
-            if not self._windows[bucket.key].charges:
-                del self._windows[bucket.key]
-        return statuses
+        return tuple(self._status(self._window(b, now), b.limit, now) for b in buckets)
 
     async def reserve(
         self, reservation_id: str, buckets: tuple[Bucket, ...], demand: Demand
     ) -> tuple[Decision, Reservation | None]:
         now = self.clock()
         windows = [self._window(b, now) for b in buckets]
-        stamp = max([now, *(w.last_stamp for w in windows)])
-        statuses = [w.status(b.limit, now) for w, b in zip(windows, buckets, strict=True)]
-        decision = decide_on(statuses, lambda i: list(windows[i].charges.values()), demand, now)
+        statuses = [self._status(w, b.limit, now) for w, b in zip(windows, buckets, strict=True)]
+        decision = decide_on(
+            statuses, lambda i: windows[i].charges() if windows[i] else [], demand, now
+        )
         if not decision.admitted:
-            self._statuses(buckets, now)  # drops the windows this look created
             return decision, None
+        stamp = max([now, *(w.newest for w in windows if w is not None)])
         amounts = decision.reserved
         for window, bucket in zip(windows, buckets, strict=True):
+            if window is None:
+                window = self._windows[bucket.key] = Window(stamp)
             window.hold(
                 reservation_id, Charge(stamp, amounts.amount(bucket.limit.dimension), False)
             )
         # Report the windows as they stand with this reservation held.
-        decision = replace(decision, statuses=self._statuses(buckets, now))
+        statuses = tuple(self._windows[b.key].status(b.limit) for b in buckets)
+        decision = replace(decision, statuses=statuses)
         return decision, Reservation(reservation_id, stamp, buckets, amounts)
 
     def _replace(self, reservation: Reservation, usage: Usage | None) -> tuple[LimitStatus, ...]:
         now = self.clock()
         for bucket in reservation.buckets:
+            window = self._window(bucket, now)
+            if window is None:
+                continue
             amount = None if usage is None else usage.amount(bucket.limit.dimension)
-            self._window(bucket, now).settle(reservation.id, amount)
+            window.settle(reservation.id, amount, bucket.limit.seconds)
+            if window.empty:
+                del self._windows[bucket.key]
         return self._statuses(reservation.buckets, now)
 
     async def settle(self, reservation: Reservation, usage: Usage) -> tuple[LimitStatus, ...]:

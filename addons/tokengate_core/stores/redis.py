@@ -6,13 +6,16 @@ disagree still agree on the windows. The scripts apply the rules of `limiter.dec
 per dimension, completion capped by what is left, debt kept, `fits_at` for the retry time); the
 conformance suite (tests/test_stores.py) holds them to the memory store's decisions.
 
-Per bucket, four keys: `charges` (reservation id -> stamp, sorted), `amounts` (id -> amount),
-`pending` (the unsettled ids, by stamp, so stale ones are found from the front) and `totals`
-(running `used` and `reserved`, so a decision does not sum the window). Every key is hash-tagged
-with the bucket's `proxy:scope` (`tokengate:{proxy:alice}:total_tokens-1m:charges`): all the
-buckets of one request, which share that scope, live in one slot, so the scripts could run on
-Redis Cluster unchanged (the client here is the single-node one; a Cluster client is not wired).
-Every key gets a TTL of its window plus `stale_after`, refreshed on each write.
+Per bucket, one hash (`tokengate:{proxy:alice}:total_tokens-1m`): its head (`used`, `reserved`,
+`newest` stamp, lower bounds `oldest` and `since` on the oldest stamp and the oldest pending
+one), its settled charges merged into slots (`slot:<duration>:<slot>` -> "stamp amount", as
+`limiter.slot_of` and `limiter.merged` say) and its reservations in flight (`rid:<id>` -> "stamp
+amount"). A call reads the heads; the other fields are read only when the lower bounds say
+something may have left the window or gone stale, and by a refused request. The key is
+hash-tagged with the bucket's `proxy:scope`: all the buckets of one request, which share that
+scope, live in one slot, so the scripts could run on Redis Cluster unchanged (the client here
+is the single-node one; a Cluster client is not wired). Every key gets a TTL of its window plus
+`stale_after`, refreshed on each write, and is deleted when its window empties.
 """
 
 from __future__ import annotations
@@ -26,24 +29,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ..limiter import Bucket, Decision, Demand, LimitStatus, Usage
+from ..limiter import SLOTS, Bucket, Decision, Demand, LimitStatus, Usage
 from . import STALE_AFTER, Reservation, StoreUnavailable
 
 TIMEOUT = 1.0  # seconds for connecting and for each reply: a store that is down answers fast
-KEY_PARTS = ("charges", "amounts", "pending", "totals")
 
-# Shared by both scripts. KEYS hold four keys per bucket, in KEY_PARTS order.
+# Shared by both scripts. KEYS hold one hash per bucket.
 _COMMON = """
+local SLOTS = @SLOTS@
+
 local function clock(arg)
     if arg ~= '' then return tonumber(arg) end
     local t = redis.call('TIME')
     return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-
-local function keys_of(i)
-    local base = (i - 1) * 4
-    return {charges = KEYS[base + 1], amounts = KEYS[base + 2],
-            pending = KEYS[base + 3], totals = KEYS[base + 4]}
 end
 
 local function amount_of(dimension, prompt, completion)
@@ -53,61 +51,105 @@ local function amount_of(dimension, prompt, completion)
     return 1
 end
 
--- Drop expired charges (stamp + seconds <= now) and count stale reservations
--- (stamp + stale <= now) as settled. The score bound has a second of slack; the test in the
--- loop is exact, with the same arithmetic as the other stores.
-local function prune(k, seconds, stale, now)
-    local used, reserved = 0, 0
-    local old = redis.call('ZRANGEBYSCORE', k.charges, '-inf', now - seconds + 1, 'WITHSCORES')
-    for i = 1, #old, 2 do
-        local id, stamp = old[i], tonumber(old[i + 1])
-        if stamp + seconds > now then break end
-        local amount = tonumber(redis.call('HGET', k.amounts, id))
-        redis.call('ZREM', k.charges, id)
-        redis.call('HDEL', k.amounts, id)
-        if redis.call('ZREM', k.pending, id) == 1 then
-            reserved = reserved - amount
-        else
-            used = used - amount
-        end
-    end
-    local due = redis.call('ZRANGEBYSCORE', k.pending, '-inf', now - stale + 1, 'WITHSCORES')
-    for i = 1, #due, 2 do
-        local id, stamp = due[i], tonumber(due[i + 1])
-        if stamp + stale > now then break end
-        local amount = tonumber(redis.call('HGET', k.amounts, id))
-        redis.call('ZREM', k.pending, id)
-        reserved = reserved - amount
-        used = used + amount
-    end
-    if redis.call('ZCARD', k.charges) == 0 then
-        redis.call('DEL', k.amounts, k.pending, k.totals)
-        return
-    end
-    if used ~= 0 then redis.call('HINCRBY', k.totals, 'used', used) end
-    if reserved ~= 0 then redis.call('HINCRBY', k.totals, 'reserved', reserved) end
-end
-
--- used, reserved, newest stamp (nil when empty)
-local function window(k)
-    local totals = redis.call('HMGET', k.totals, 'used', 'reserved')
-    local newest = redis.call('ZRANGE', k.charges, -1, -1, 'WITHSCORES')
-    return tonumber(totals[1]) or 0, tonumber(totals[2]) or 0, tonumber(newest[2])
-end
-
-local function refresh(k, ttl)
-    for _, key in pairs(k) do redis.call('EXPIRE', key, ttl) end
-end
-
 local function exact(x) return string.format('%.17g', x) end
 
-local function status_reply(out, k, seconds, now)
-    local used, reserved, newest = window(k)
-    out[#out + 1] = used
-    out[#out + 1] = reserved
-    out[#out + 1] = exact(newest and newest + seconds or now)
+local function pair(value)
+    local stamp, amount = string.match(value, '^(%S+) (%S+)$')
+    return tonumber(stamp), tonumber(amount)
 end
-"""
+
+-- limiter.slot_of and limiter.merged: a settled charge joins its slot, which keeps the newest
+-- stamp merged into it and the sum of the amounts
+local function merge(key, seconds, stamp, amount)
+    local slot = math.floor(stamp * SLOTS / seconds)
+    local field = 'slot:' .. seconds .. ':' .. string.format('%.0f', slot)
+    local held = redis.call('HGET', key, field)
+    if held then
+        local was, sum = pair(held)
+        if was > stamp then stamp = was end
+        amount = amount + sum
+    end
+    redis.call('HSET', key, field, exact(stamp) .. ' ' .. exact(amount))
+end
+
+-- used, reserved, newest, oldest, since; nil when the window is empty
+local function head(key)
+    local h = redis.call('HMGET', key, 'used', 'reserved', 'newest', 'oldest', 'since')
+    if not h[3] then return nil end
+    return {used = tonumber(h[1]), reserved = tonumber(h[2]), newest = tonumber(h[3]),
+            oldest = tonumber(h[4]), since = tonumber(h[5])}
+end
+
+-- every slot and reservation of a window
+local function records(key)
+    local all, out = redis.call('HGETALL', key), {}
+    for i = 1, #all, 2 do
+        local field = all[i]
+        local settled = string.sub(field, 1, 5) == 'slot:'
+        if settled or string.sub(field, 1, 4) == 'rid:' then
+            local stamp, amount = pair(all[i + 1])
+            out[#out + 1] = {field = field, stamp = stamp, amount = amount, settled = settled}
+        end
+    end
+    return out
+end
+
+-- the head written anew from the records; nil (and the key deleted) when nothing is left
+local function rebuild(key)
+    local h = {used = 0, reserved = 0}
+    for _, r in ipairs(records(key)) do
+        if r.settled then
+            h.used = h.used + r.amount
+        else
+            h.reserved = h.reserved + r.amount
+            if not h.since or r.stamp < h.since then h.since = r.stamp end
+        end
+        if not h.newest or r.stamp > h.newest then h.newest = r.stamp end
+        if not h.oldest or r.stamp < h.oldest then h.oldest = r.stamp end
+    end
+    if not h.newest then
+        redis.call('DEL', key)
+        return nil
+    end
+    redis.call('HSET', key, 'used', h.used, 'reserved', h.reserved,
+               'newest', exact(h.newest), 'oldest', exact(h.oldest))
+    if h.since then
+        redis.call('HSET', key, 'since', exact(h.since))
+    else
+        redis.call('HDEL', key, 'since')
+    end
+    return h
+end
+
+-- memory.Window.prune: drop what left the window (stamp + seconds <= now), then count stale
+-- reservations (stamp + stale <= now) as settled; only when the head's bounds say one is due
+local function prune(key, h, seconds, stale, now)
+    if not h or (h.oldest + seconds > now and not (h.since and h.since + stale <= now)) then
+        return h
+    end
+    local live = {}
+    for _, r in ipairs(records(key)) do
+        if r.stamp + seconds <= now then
+            redis.call('HDEL', key, r.field)
+        elseif not r.settled then
+            live[#live + 1] = r
+        end
+    end
+    for _, r in ipairs(live) do
+        if r.stamp + stale <= now then
+            redis.call('HDEL', key, r.field)
+            merge(key, seconds, r.stamp, r.amount)
+        end
+    end
+    return rebuild(key)
+end
+
+local function status_reply(out, h, seconds, now)
+    out[#out + 1] = h and h.used or 0
+    out[#out + 1] = h and h.reserved or 0
+    out[#out + 1] = exact(h and h.newest + seconds or now)
+end
+""".replace("@SLOTS@", str(SLOTS))
 
 # ARGV: now ('' = server TIME), stale_after, reservation id, prompt, completion, then per bucket:
 # dimension, count, seconds. Reply: admitted, stamp, prompt, completion, blocking (1-based,
@@ -117,35 +159,32 @@ RESERVE = (
     + """
 local now, stale, id = clock(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local prompt, completion = tonumber(ARGV[4]), tonumber(ARGV[5])
-local n = #KEYS / 4
-local limits, statuses = {}, {}
-for i = 1, n do
-    local k = keys_of(i)
+local field = 'rid:' .. id
+local limits = {}
+for i = 1, #KEYS do
     local at = 6 + (i - 1) * 3
-    local lim = {dimension = ARGV[at], count = tonumber(ARGV[at + 1]),
-                 seconds = tonumber(ARGV[at + 2]), k = k}
-    if redis.call('HEXISTS', k.amounts, id) == 1 then
+    local lim = {key = KEYS[i], dimension = ARGV[at], count = tonumber(ARGV[at + 1]),
+                 seconds = tonumber(ARGV[at + 2])}
+    if redis.call('HEXISTS', lim.key, field) == 1 then
         return redis.error_reply('reservation id already held: ' .. id)
     end
-    prune(k, lim.seconds, stale, now)
-    lim.used, lim.reserved, lim.newest = window(k)
-    lim.remaining = math.max(0, lim.count - lim.used - lim.reserved)
+    lim.h = prune(lim.key, head(lim.key), lim.seconds, stale, now)
+    local used, reserved = lim.h and lim.h.used or 0, lim.h and lim.h.reserved or 0
+    lim.remaining = math.max(0, lim.count - used - reserved)
     limits[i] = lim
 end
 
 -- limiter.fits_at: the earliest time >= now at which `need` fits, nil if never
 local function fits_at(lim, need)
     if need > lim.count then return nil end
-    local live = redis.call('ZRANGE', lim.k.charges, 0, -1, 'WITHSCORES')
-    local amounts, held = {}, 0
-    for i = 1, #live, 2 do
-        amounts[i] = tonumber(redis.call('HGET', lim.k.amounts, live[i]))
-        held = held + amounts[i]
-    end
+    local live = records(lim.key)
+    table.sort(live, function(a, b) return a.stamp < b.stamp end)
+    local held = 0
+    for _, r in ipairs(live) do held = held + r.amount end
     if lim.count - held >= need then return now end
-    for i = 1, #live, 2 do
-        held = held - amounts[i]
-        if lim.count - held >= need then return tonumber(live[i + 1]) + lim.seconds end
+    for _, r in ipairs(live) do
+        held = held - r.amount
+        if lim.count - held >= need then return r.stamp + lim.seconds end
     end
     return now
 end
@@ -171,11 +210,7 @@ local out
 if never or blocking then
     if never then blocking, retry_at = never, nil end
     out = {0, '', 0, 0, blocking, retry_at and exact(retry_at) or ''}
-    for i, lim in ipairs(limits) do
-        out[#out + 1] = lim.used
-        out[#out + 1] = lim.reserved
-        out[#out + 1] = exact(lim.newest and lim.newest + lim.seconds or now)
-    end
+    for _, lim in ipairs(limits) do status_reply(out, lim.h, lim.seconds, now) end
     return out
 end
 
@@ -189,18 +224,19 @@ end
 completion = math.max(0, completion)
 local stamp = now  -- stamps never go backwards in a window, even if a clock does
 for _, lim in ipairs(limits) do
-    if lim.newest and lim.newest > stamp then stamp = lim.newest end
+    if lim.h and lim.h.newest > stamp then stamp = lim.h.newest end
 end
 out = {1, exact(stamp), prompt, completion, 0, ''}
 for _, lim in ipairs(limits) do
-    local k = lim.k
+    local key, h = lim.key, lim.h or {used = 0, reserved = 0, oldest = stamp}
     local amount = amount_of(lim.dimension, prompt, completion)
-    redis.call('ZADD', k.charges, stamp, id)
-    redis.call('HSET', k.amounts, id, amount)
-    redis.call('ZADD', k.pending, stamp, id)
-    redis.call('HINCRBY', k.totals, 'reserved', amount)
-    refresh(k, math.ceil(lim.seconds + stale))
-    status_reply(out, k, lim.seconds, now)
+    redis.call('HSET', key, field, exact(stamp) .. ' ' .. exact(amount), 'newest', exact(stamp),
+               'oldest', exact(h.oldest), 'since', exact(h.since or stamp))
+    h.reserved = redis.call('HINCRBY', key, 'reserved', amount)
+    if not lim.h then redis.call('HSET', key, 'used', 0) end
+    h.newest = stamp
+    redis.call('EXPIRE', key, math.ceil(lim.seconds + stale))
+    status_reply(out, h, lim.seconds, now)
 end
 return out
 """
@@ -214,28 +250,27 @@ SETTLE = (
     + """
 local now, stale, id, mode = clock(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local prompt, completion = tonumber(ARGV[5]), tonumber(ARGV[6])
+local field = 'rid:' .. id
 local out = {}
-for i = 1, #KEYS / 4 do
-    local k = keys_of(i)
+for i = 1, #KEYS do
+    local key = KEYS[i]
     local dimension, seconds = ARGV[7 + (i - 1) * 2], tonumber(ARGV[8 + (i - 1) * 2])
-    prune(k, seconds, stale, now)
-    if mode ~= 'status' and redis.call('ZREM', k.pending, id) == 1 then
-        local held = tonumber(redis.call('HGET', k.amounts, id))
-        redis.call('HINCRBY', k.totals, 'reserved', 0 - held)  -- -0 is no integer
+    local h = prune(key, head(key), seconds, stale, now)
+    local held = h and mode ~= 'status' and redis.call('HGET', key, field)
+    if held then
+        local stamp, amount = pair(held)
+        redis.call('HDEL', key, field)
         if mode == 'release' then
-            redis.call('ZREM', k.charges, id)
-            redis.call('HDEL', k.amounts, id)
-            if redis.call('ZCARD', k.charges) == 0 then
-                redis.call('DEL', k.amounts, k.pending, k.totals)
-            end
+            h = rebuild(key)  -- the newest stamp may go back, or the window empty
         else
-            local amount = amount_of(dimension, prompt, completion)
-            redis.call('HSET', k.amounts, id, amount)
-            redis.call('HINCRBY', k.totals, 'used', amount)
+            local settled = amount_of(dimension, prompt, completion)
+            merge(key, seconds, stamp, settled)
+            h.used = redis.call('HINCRBY', key, 'used', settled)
+            h.reserved = redis.call('HINCRBY', key, 'reserved', 0 - amount)  -- -0 is no integer
         end
-        refresh(k, math.ceil(seconds + stale))
+        if h then redis.call('EXPIRE', key, math.ceil(seconds + stale)) end
     end
-    status_reply(out, k, seconds, now)
+    status_reply(out, h, seconds, now)
 end
 return out
 """
@@ -284,25 +319,24 @@ class RedisStore:
         )
         self._reserve = self.redis.register_script(RESERVE)
         self._settle = self.redis.register_script(SETTLE)
-        self._keys: dict[str, list[str]] = {}
+        self._keys: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"RedisStore({self.where!r}, prefix={self.prefix!r})"
 
-    def keys_of(self, bucket: Bucket) -> list[str]:
-        """The bucket's four keys, tagged by its `proxy:scope` (the key up to its last colon)."""
-        keys = self._keys.get(bucket.key)
-        if keys is None:
+    def key_of(self, bucket: Bucket) -> str:
+        """The bucket's hash, tagged by its `proxy:scope` (the key up to its last colon)."""
+        key = self._keys.get(bucket.key)
+        if key is None:
             scope, _, limit = bucket.key.rpartition(":")
-            base = f"{self.prefix}:{{{scope or bucket.key}}}:{limit}"
-            keys = self._keys[bucket.key] = [f"{base}:{part}" for part in KEY_PARTS]
-        return keys
+            key = self._keys[bucket.key] = f"{self.prefix}:{{{scope or bucket.key}}}:{limit}"
+        return key
 
     def _now(self) -> str:
         return "" if self.clock is None else repr(float(self.clock()))
 
     async def _call(self, script, buckets: tuple[Bucket, ...], args: list) -> list:
-        keys = [key for bucket in buckets for key in self.keys_of(bucket)]
+        keys = [self.key_of(bucket) for bucket in buckets]
         try:
             return await script(keys=keys, args=args)
         except (RedisError, OSError) as e:

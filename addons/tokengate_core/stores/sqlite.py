@@ -1,11 +1,13 @@
 """Charges in a SQLite file (WAL mode): spent budget survives a restart of mitmdump.
 
-One row per (reservation, bucket). Triggers keep a running total per bucket exact on every
-insert, update and delete, so a decision reads two numbers and the newest charge instead of
-summing a window; only a refused request reads its windows' charges (to tell when it will fit).
-Every operation is one `BEGIN IMMEDIATE` transaction, so several processes on one file stay
-atomic. All sqlite work runs on one dedicated thread that owns the connection: the event loop
-never waits on the disk.
+Per bucket: one `windows` row (running `used` and `reserved`, the newest stamp, and lower
+bounds on the oldest stamp and the oldest pending one), settled charges merged into at most
+SLOTS + 1 `slots` rows per duration (`limiter.slot_of`), and one `pending` row per reservation
+in flight. A decision reads the `windows` rows of all its buckets in one statement; the slots
+and pending rows are only read when something may have left the window or gone stale (the lower
+bounds say when) and by a refused request (to tell when it will fit). Every operation is one
+`BEGIN IMMEDIATE` transaction, so several processes on one file stay atomic. All sqlite work
+runs on one dedicated thread that owns the connection: the event loop never waits on the disk.
 
 A reservation left unsettled for `stale_after` seconds (its process died, or its settle never
 came) counts as settled at its reserved amount: never lost, and a late settle finds it settled
@@ -21,55 +23,55 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..limiter import Bucket, Charge, Decision, Demand, LimitStatus, Usage, decide_on
+from ..limiter import Bucket, Charge, Decision, Demand, LimitStatus, Usage, decide_on, slot_of
 from . import STALE_AFTER, Reservation, StoreUnavailable
 
 BUSY_TIMEOUT = 2.0  # seconds to wait for another process's transaction before giving up
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS charges (
+CREATE TABLE IF NOT EXISTS windows (
+    bucket TEXT PRIMARY KEY,
+    used INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    newest REAL NOT NULL,  -- the newest stamp held: the window is whole again at newest + duration
+    oldest REAL NOT NULL,  -- no stamp held is older: nothing leaves before oldest + duration
+    since REAL             -- no pending stamp is older; NULL when nothing is pending
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slots (
+    bucket TEXT NOT NULL,
+    span INTEGER NOT NULL,  -- the window's duration when the slot was made (slot width: span/SLOTS)
+    slot INTEGER NOT NULL,
+    stamp REAL NOT NULL,    -- the newest stamp merged in: the slot leaves the window with it
+    amount INTEGER NOT NULL,
+    PRIMARY KEY (bucket, span, slot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending (
     rid TEXT NOT NULL,
     bucket TEXT NOT NULL,
     stamp REAL NOT NULL,
-    expires REAL NOT NULL,  -- stamp + the bucket's window: when it leaves the window
     amount INTEGER NOT NULL,
-    settled INTEGER NOT NULL,
-    UNIQUE (rid, bucket)
-);
-CREATE INDEX IF NOT EXISTS charges_by_bucket ON charges (bucket, stamp);
-CREATE INDEX IF NOT EXISTS charges_by_expiry ON charges (expires);
-CREATE INDEX IF NOT EXISTS pending_by_stamp ON charges (stamp) WHERE settled = 0;
-CREATE TABLE IF NOT EXISTS totals (
-    bucket TEXT PRIMARY KEY,
-    used INTEGER NOT NULL DEFAULT 0,
-    reserved INTEGER NOT NULL DEFAULT 0
-);
-CREATE TRIGGER IF NOT EXISTS charge_added AFTER INSERT ON charges BEGIN
-    INSERT OR IGNORE INTO totals (bucket) VALUES (NEW.bucket);
-    UPDATE totals SET used = used + NEW.amount * NEW.settled,
-                      reserved = reserved + NEW.amount * (1 - NEW.settled)
-    WHERE bucket = NEW.bucket;
-END;
-CREATE TRIGGER IF NOT EXISTS charge_changed AFTER UPDATE ON charges BEGIN
-    INSERT OR IGNORE INTO totals (bucket) VALUES (NEW.bucket);
-    UPDATE totals SET used = used - OLD.amount * OLD.settled + NEW.amount * NEW.settled,
-                      reserved = reserved - OLD.amount * (1 - OLD.settled)
-                                          + NEW.amount * (1 - NEW.settled)
-    WHERE bucket = NEW.bucket;
-END;
-CREATE TRIGGER IF NOT EXISTS charge_removed AFTER DELETE ON charges BEGIN
-    UPDATE totals SET used = used - OLD.amount * OLD.settled,
-                      reserved = reserved - OLD.amount * (1 - OLD.settled)
-    WHERE bucket = OLD.bucket;
-    DELETE FROM totals WHERE bucket = OLD.bucket AND used = 0 AND reserved = 0;
-END;
+    PRIMARY KEY (rid, bucket)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pending_by_bucket ON pending (bucket, stamp);
 """
 
-WINDOW = """
-SELECT (SELECT used FROM totals WHERE bucket = :bucket),
-       (SELECT reserved FROM totals WHERE bucket = :bucket),
-       (SELECT MAX(stamp) FROM charges WHERE bucket = :bucket)
+MERGE = (
+    "INSERT INTO slots (bucket, span, slot, stamp, amount) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (bucket, span, slot) DO UPDATE "
+    "SET stamp = max(stamp, excluded.stamp), amount = amount + excluded.amount"
+)
+CHARGES = """
+SELECT stamp, amount, 1 AS settled FROM slots WHERE bucket = :bucket
+UNION ALL SELECT stamp, amount, 0 FROM pending WHERE bucket = :bucket
 """
+# used, reserved, newest, oldest, oldest pending, records: a window's head, from its rows.
+HEAD = f"""
+SELECT TOTAL(amount * settled), TOTAL(amount * (1 - settled)), MAX(stamp), MIN(stamp),
+       MIN(CASE WHEN settled = 0 THEN stamp END), COUNT(*)
+FROM ({CHARGES})
+"""
+
+Head = list  # [used, reserved, newest, oldest, since]: a `windows` row while it is worked on
 
 
 class SqliteStore:
@@ -87,7 +89,6 @@ class SqliteStore:
         self.stale_after = stale_after
         self.busy_timeout = busy_timeout
         self._db: sqlite3.Connection | None = None  # used only on the worker thread
-        self._seconds: dict[str, int] = {}  # bucket -> the duration its rows expire by
         self._closed = False
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokengate-sqlite")
 
@@ -101,34 +102,23 @@ class SqliteStore:
                 self._use_wal(db)
                 # With WAL, NORMAL survives a crash of the process (not of the machine's power).
                 db.execute("PRAGMA synchronous=NORMAL")
-                db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+                db.executescript(f"BEGIN IMMEDIATE; {SCHEMA}")
+                self._migrate(db)
+                db.execute("COMMIT")
             except BaseException:
                 db.close()
                 raise
             self._db = db
         return self._db
 
-    def _transaction(
-        self, buckets: tuple[Bucket, ...], work: Callable[[sqlite3.Connection, float], object]
-    ):
-        """Run `work(db, now)` in one write transaction, after expiring and settling stale rows."""
+    def _transaction(self, work: Callable[[sqlite3.Connection, float], object]):
+        """Run `work(db, now)` in one write transaction."""
         try:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
             try:
-                now = self.clock()
-                fitted = self._fit_windows(db, buckets)
-                db.execute("DELETE FROM charges WHERE expires <= ?", (now,))
-                # The first bound lets the partial index find the rows; the second is the exact
-                # test, written as the other stores write it (stamp + stale_after <= now).
-                db.execute(
-                    "UPDATE charges SET settled = 1 WHERE settled = 0 AND stamp <= :cut "
-                    "AND stamp + :stale <= :now",
-                    {"cut": now - self.stale_after + 1, "stale": self.stale_after, "now": now},
-                )
-                result = work(db, now)
+                result = work(db, self.clock())
                 db.execute("COMMIT")
-                self._seconds.update(fitted)
                 return result
             except BaseException:
                 if db.in_transaction:
@@ -152,22 +142,6 @@ class SqliteStore:
                     raise
             time.sleep(0.01)  # on the store's worker thread, never the event loop
 
-    def _fit_windows(self, db: sqlite3.Connection, buckets: tuple[Bucket, ...]) -> dict:
-        """Give a bucket's rows the duration its limit has now (a reload may have changed it),
-        so a window is read with its current duration, as the other stores read it. Done once
-        per bucket and duration in this process; returns what to remember after the commit."""
-        fitted = {}
-        for bucket in buckets:
-            seconds = bucket.limit.seconds
-            if self._seconds.get(bucket.key) != seconds:
-                db.execute(
-                    "UPDATE charges SET expires = stamp + :s WHERE bucket = :b "
-                    "AND expires <> stamp + :s",
-                    {"s": seconds, "b": bucket.key},
-                )
-                fitted[bucket.key] = seconds
-        return fitted
-
     def _drop_connection(self) -> None:
         if self._db is not None:
             try:
@@ -176,85 +150,163 @@ class SqliteStore:
                 self._db = None
 
     @staticmethod
-    def _windows(db: sqlite3.Connection, buckets: tuple[Bucket, ...]) -> list[tuple]:
-        """(used, reserved, newest stamp) per bucket; None where the window is empty."""
-        return [db.execute(WINDOW, {"bucket": b.key}).fetchone() for b in buckets]
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Fold a file written before slots (one `charges` row per reservation and bucket) into
+        slots and pending rows, so an upgrade keeps the spent budget."""
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'charges'").fetchone():
+            return
+        rows = db.execute("SELECT rid, bucket, stamp, expires, amount, settled FROM charges")
+        buckets = set()
+        for rid, bucket, stamp, expires, amount, settled in rows.fetchall():
+            buckets.add(bucket)
+            if settled:
+                span = round(expires - stamp)
+                db.execute(MERGE, (bucket, span, slot_of(stamp, span), stamp, amount))
+            else:
+                db.execute("INSERT INTO pending VALUES (?, ?, ?, ?)", (rid, bucket, stamp, amount))
+        db.execute("DROP TABLE charges")
+        db.execute("DROP TABLE IF EXISTS totals")
+        for bucket in buckets:
+            SqliteStore._rebuild(db, bucket)
+
+    @staticmethod
+    def _rebuild(db: sqlite3.Connection, key: str) -> Head | None:
+        """Write a bucket's `windows` row anew from its slots and pending rows; None if empty."""
+        used, reserved, newest, oldest, since, records = db.execute(
+            HEAD, {"bucket": key}
+        ).fetchone()
+        if not records:
+            db.execute("DELETE FROM windows WHERE bucket = ?", (key,))
+            return None
+        head = [int(used), int(reserved), newest, oldest, since]
+        db.execute("INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)", (key, *head))
+        return head
+
+    def _prune(self, db: sqlite3.Connection, bucket: Bucket, head: Head, now: float) -> Head | None:
+        """Drop what left the window, count stale reservations as settled (as memory.Window
+        does); only called when the head's lower bounds say something may be due."""
+        seconds, key = bucket.limit.seconds, bucket.key
+        if head[3] + seconds <= now:
+            where = "WHERE bucket = :b AND stamp <= :cut AND stamp + :s <= :now"
+            bounds = {"b": key, "s": seconds, "now": now, "cut": now - seconds + 1}
+            db.execute(f"DELETE FROM slots {where}", bounds)
+            db.execute(f"DELETE FROM pending {where}", bounds)
+        stale = db.execute(
+            "DELETE FROM pending WHERE bucket = :b AND stamp <= :cut AND stamp + :s <= :now "
+            "RETURNING stamp, amount",
+            {"b": key, "s": self.stale_after, "now": now, "cut": now - self.stale_after + 1},
+        ).fetchall()
+        merges = [(key, seconds, slot_of(stamp, seconds), stamp, amount) for stamp, amount in stale]
+        db.executemany(MERGE, merges)
+        return self._rebuild(db, key)
+
+    def _heads(
+        self, db: sqlite3.Connection, buckets: tuple[Bucket, ...], now: float
+    ) -> list[Head | None]:
+        """The buckets' heads in one statement, each pruned first when something may be due."""
+        marks = ", ".join("?" * len(buckets))
+        rows = db.execute(
+            f"SELECT bucket, used, reserved, newest, oldest, since FROM windows "
+            f"WHERE bucket IN ({marks})",
+            [b.key for b in buckets],
+        )
+        found = {key: list(head) for key, *head in rows}
+        heads = []
+        for bucket in buckets:
+            head = found.get(bucket.key)
+            if head is not None and (
+                head[3] + bucket.limit.seconds <= now
+                or (head[4] is not None and head[4] + self.stale_after <= now)
+            ):
+                head = self._prune(db, bucket, head, now)
+            heads.append(head)
+        return heads
+
+    @staticmethod
+    def _write(db: sqlite3.Connection, buckets: tuple[Bucket, ...], heads: list) -> None:
+        db.executemany(
+            "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)",
+            [(b.key, *head) for b, head in zip(buckets, heads, strict=True) if head is not None],
+        )
 
     @staticmethod
     def _statuses(
-        buckets: tuple[Bucket, ...], windows: list[tuple], now: float
+        buckets: tuple[Bucket, ...], heads: list[Head | None], now: float
     ) -> tuple[LimitStatus, ...]:
         return tuple(
-            LimitStatus(
-                bucket.limit,
-                used or 0,
-                reserved or 0,
-                now if last is None else last + bucket.limit.seconds,
-            )
-            for bucket, (used, reserved, last) in zip(buckets, windows, strict=True)
+            LimitStatus(bucket.limit, 0, 0, now)
+            if head is None
+            else LimitStatus(bucket.limit, head[0], head[1], head[2] + bucket.limit.seconds)
+            for bucket, head in zip(buckets, heads, strict=True)
         )
 
     @staticmethod
     def _charges(db: sqlite3.Connection, bucket: Bucket) -> list[Charge]:
-        rows = db.execute(
-            "SELECT stamp, amount, settled FROM charges WHERE bucket = ? ORDER BY stamp",
-            (bucket.key,),
-        )
+        rows = db.execute(CHARGES, {"bucket": bucket.key})
         return [Charge(stamp, amount, bool(settled)) for stamp, amount, settled in rows]
 
     def _reserve(
         self, reservation_id: str, buckets: tuple[Bucket, ...], demand: Demand
     ) -> tuple[Decision, Reservation | None]:
         def work(db: sqlite3.Connection, now: float):
-            rows = self._windows(db, buckets)
-            statuses = self._statuses(buckets, rows, now)
+            heads = self._heads(db, buckets, now)
+            statuses = self._statuses(buckets, heads, now)
             decision = decide_on(statuses, lambda i: self._charges(db, buckets[i]), demand, now)
             if not decision.admitted:
                 return decision, None
             # Stamps never go backwards in a window, even if a clock does (as in memory.py).
-            stamp = max([now, *(last for _, _, last in rows if last is not None)])
+            stamp = max([now, *(head[2] for head in heads if head is not None)])
             amounts = decision.reserved
-            db.executemany(
-                "INSERT INTO charges (rid, bucket, stamp, expires, amount, settled) "
-                "VALUES (?, ?, ?, ?, ?, 0)",
-                [
-                    (
-                        reservation_id,
-                        b.key,
-                        stamp,
-                        stamp + b.limit.seconds,
-                        amounts.amount(b.limit.dimension),
-                    )
-                    for b in buckets
-                ],
-            )
-            after = self._statuses(buckets, self._windows(db, buckets), now)
-            held = Decision(True, after, reserved=amounts)
+            pending = []
+            for index, bucket in enumerate(buckets):
+                amount = amounts.amount(bucket.limit.dimension)
+                pending.append((reservation_id, bucket.key, stamp, amount))
+                head = heads[index] or [0, 0, stamp, stamp, None]
+                head[1] += amount
+                head[2] = stamp
+                if head[4] is None:
+                    head[4] = stamp
+                heads[index] = head
+            db.executemany("INSERT INTO pending VALUES (?, ?, ?, ?)", pending)
+            self._write(db, buckets, heads)
+            held = Decision(True, self._statuses(buckets, heads, now), reserved=amounts)
             return held, Reservation(reservation_id, stamp, buckets, amounts)
 
-        return self._transaction(buckets, work)
+        return self._transaction(work)
 
     def _replace(self, reservation: Reservation, usage: Usage | None) -> tuple[LimitStatus, ...]:
-        def work(db: sqlite3.Connection, now: float):
-            for bucket in reservation.buckets:
-                where = (reservation.id, bucket.key)
-                if usage is None:
-                    db.execute(
-                        "DELETE FROM charges WHERE rid = ? AND bucket = ? AND settled = 0", where
-                    )
-                else:
-                    db.execute(
-                        "UPDATE charges SET amount = ?, settled = 1 "
-                        "WHERE rid = ? AND bucket = ? AND settled = 0",
-                        (usage.amount(bucket.limit.dimension), *where),
-                    )
-            return self._statuses(reservation.buckets, self._windows(db, reservation.buckets), now)
+        buckets = reservation.buckets
 
-        return self._transaction(reservation.buckets, work)
+        def work(db: sqlite3.Connection, now: float):
+            heads = self._heads(db, buckets, now)
+            held = db.execute(
+                "DELETE FROM pending WHERE rid = ? RETURNING bucket, stamp, amount",
+                (reservation.id,),
+            ).fetchall()
+            if not held:  # settled or released already, or stale: nothing changes
+                return self._statuses(buckets, heads, now)
+            index_of = {bucket.key: index for index, bucket in enumerate(buckets)}
+            merges = []
+            for key, stamp, amount in held:
+                index = index_of[key]
+                if usage is None:  # the newest stamp may go back: read the window anew
+                    heads[index] = self._rebuild(db, key)
+                    continue
+                limit = buckets[index].limit
+                settled = usage.amount(limit.dimension)
+                merges.append((key, limit.seconds, slot_of(stamp, limit.seconds), stamp, settled))
+                heads[index][0] += settled
+                heads[index][1] -= amount
+            if merges:
+                db.executemany(MERGE, merges)
+                self._write(db, buckets, heads)
+            return self._statuses(buckets, heads, now)
+
+        return self._transaction(work)
 
     def _status(self, buckets: tuple[Bucket, ...]) -> tuple[LimitStatus, ...]:
         return self._transaction(
-            buckets, lambda db, now: self._statuses(buckets, self._windows(db, buckets), now)
+            lambda db, now: self._statuses(buckets, self._heads(db, buckets, now), now)
         )
 
     # -- the Store interface (event loop side) -----------------------------------------------
