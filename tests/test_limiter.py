@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tokengate_core.config import REQUESTS, Limit
 from tokengate_core.limiter import (
+    SLOTS,
     Bucket,
     Charge,
     Demand,
@@ -617,6 +618,16 @@ class ModelCharge:
     amount: int
     settled: bool
     reserved: int  # what the reservation held, to tell debt apart
+    leaves: float = 0.0  # leaves the window at `leaves` + duration: its stamp, or its slot's
+
+    def __post_init__(self) -> None:
+        self.leaves = self.stamp
+
+
+def same_slot(lim: Limit, one: float, other: float) -> bool:
+    """Whether two stamps fall in one of the window's SLOTS equal slots, counted from 0."""
+    width = lim.seconds / SLOTS
+    return int(one // width) == int(other // width)
 
 
 def need_of(lim: Limit, demand: Demand) -> int:
@@ -647,7 +658,7 @@ class LimiterMachine(RuleBasedStateMachine):
     # -- the model ---------------------------------------------------------------------------
 
     def live(self, lim: Limit, at: float) -> list[ModelCharge]:
-        return [c for c in self.model[lim.name].values() if c.stamp + lim.seconds > at]
+        return [c for c in self.model[lim.name].values() if c.leaves + lim.seconds > at]
 
     def held(self, lim: Limit, at: float) -> int:
         return sum(c.amount for c in self.live(lim, at))
@@ -660,7 +671,7 @@ class LimiterMachine(RuleBasedStateMachine):
             return None
         moments = {now}
         for lim in M_LIMITS:
-            moments |= {c.stamp + lim.seconds for c in self.live(lim, now)}
+            moments |= {c.leaves + lim.seconds for c in self.live(lim, now)}
         for at in sorted(moments):
             if self.fits(demand, at):
                 return at
@@ -668,7 +679,7 @@ class LimiterMachine(RuleBasedStateMachine):
 
     def windows_at(self, at: float) -> list[tuple[Bucket, list[Charge]]]:
         return [
-            (b, [Charge(c.stamp, c.amount, c.settled) for c in self.live(b.limit, at)])
+            (b, [Charge(c.leaves, c.amount, c.settled) for c in self.live(b.limit, at)])
             for b in self.bs
         ]
 
@@ -759,6 +770,16 @@ class LimiterMachine(RuleBasedStateMachine):
                 held.settled = True
                 if held.amount > held.reserved:
                     event("settle: debt")
+                # Settled charges of one slot leave the window together, with the newest.
+                slot = [
+                    c
+                    for c in self.live(lim, now)
+                    if c.settled and same_slot(lim, c.stamp, held.stamp)
+                ]
+                if len(slot) > 1:
+                    event("settle: merged into a slot")
+                for charge in slot:
+                    charge.leaves = max(c.leaves for c in slot)
         self.check_statuses(self.run(self.store.settle(reservation, usage)), now)
 
     @rule(index=st.integers(0, 1_000))
@@ -774,6 +795,11 @@ class LimiterMachine(RuleBasedStateMachine):
     @rule(halves=st.integers(1, 140))
     def advance(self, halves: int) -> None:
         self.clock.advance(halves * 0.5)
+
+    @rule(eighths=st.integers(1, 8))
+    def tick(self, eighths: int) -> None:
+        """Steps shorter than a slot, so that charges share slots and straddle their edges."""
+        self.clock.advance(eighths * 0.125)
 
     # -- invariants --------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 from tokengate_core import responses
 from tokengate_core.config import REQUESTS
-from tokengate_core.limiter import Bucket, Decision, Demand, Usage
+from tokengate_core.limiter import SLOTS, Bucket, Decision, Demand, Usage
 from tokengate_core.metering import buckets_for
 from tokengate_core.stores import STALE_AFTER, Reservation, Store, StoreUnavailable
 from tokengate_core.stores.memory import MemoryStore
@@ -343,6 +343,66 @@ async def a_changed_duration_reads_the_same_window_anew(r: Recorder, clock: Fake
     assert s.used == 10
 
 
+# Slots (limiter.SLOTS = 64): a 1m window has slots of 0.9375 s, from the epoch. T0 = 1000.0 is
+# in the slot [999.375, 1000.3125); the next starts at SLOT_EDGE.
+SLOT_EDGE = T0 + 0.3125
+
+
+@scenario
+async def charges_of_one_slot_leave_with_the_newest(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(total(100))
+    for index, at in enumerate((T0, T0 + 0.125, T0 + 0.25)):
+        clock.at(at)
+        await r.reserve(f"s{index}", bs, Demand(10, 0))
+    for index in (2, 0, 1):  # settled out of order: the slot keeps the newest stamp
+        (s,) = await r.finish(f"s{index}", Usage(10, 20))
+    assert (s.used, s.reset_at) == (90, T0 + 60.25)
+    clock.at(T0 + 60)  # "s0" alone would have left now: merged, it stays (never early)
+    decision, _ = await r.reserve("big", bs, Demand(20, 0))
+    assert not decision.admitted and decision.retry_at == T0 + 60.25  # when the slot leaves
+    clock.at(decision.retry_at)  # G4: waiting until then is enough
+    decision, _ = await r.reserve("after", bs, Demand(20, 0))
+    assert decision.admitted and decision.statuses[0].used == 0
+
+
+@scenario
+async def charges_straddling_a_slot_edge_leave_slot_by_slot(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(total(100))
+    for index, at in enumerate((T0, T0 + 0.25, SLOT_EDGE, T0 + 0.5)):
+        clock.at(at)
+        await r.reserve(f"s{index}", bs, Demand(5, 0))
+        await r.finish(f"s{index}", Usage(5, 5 * index))
+    # Slot [999.375, SLOT_EDGE) holds 5 + 10 (newest T0 + 0.25), the next 15 + 20 (T0 + 0.5).
+    for at, used in ((T0 + 60.125, 50), (T0 + 60.25, 35), (SLOT_EDGE + 60, 35), (T0 + 60.5, 0)):
+        clock.at(at)
+        (s,) = await r.status(bs)
+        assert s.used == used, at
+
+
+@scenario
+async def a_changed_duration_keeps_the_old_slots_apart(r: Recorder, clock: FakeClock) -> None:
+    """Slots merged under one duration keep their width after an edit and leave the window by
+    their newest stamp and the new duration; new charges merge into slots of the new width."""
+    key = "p:k:total_tokens#0"
+    minute = (Bucket(key, limit("total_tokens", 1000, 60, "1m")),)
+    hour = (Bucket(key, TOTAL_1000_1H),)
+    for name, at, used in (("a", T0, 30), ("b", T0 + 10, 20)):  # one 56.25 s slot of 1h
+        clock.at(at)
+        await r.reserve(name, hour, Demand(1, 0))
+        await r.finish(name, Usage(used, 0))
+    clock.at(T0 + 65)
+    (s,) = await r.status(minute)  # "a" is 65 s old, but its slot's newest stamp is 55 s old
+    assert (s.used, s.reset_at) == (50, T0 + 70)
+    await r.reserve("c", minute, Demand(1, 0))
+    await r.finish("c", Usage(5, 0))
+    clock.at(T0 + 70)
+    (s,) = await r.status(minute)
+    assert (s.used, s.reset_at) == (5, T0 + 125)
+    clock.at(T0 + 100)
+    (s,) = await r.status(hour)  # lengthened again: what the minute dropped stays dropped
+    assert (s.used, s.reset_at) == (5, T0 + 65 + 3600)
+
+
 @pytest.mark.parametrize("name", SCENARIOS)
 async def test_same_trace_same_answers(name, kind, open_store):
     clock, reference_clock = FakeClock(), FakeClock()
@@ -370,6 +430,7 @@ steps = st.lists(
         st.tuples(st.just("settle"), st.integers(0, 50), st.integers(0, 120), st.integers(0, 90)),
         st.tuples(st.just("release"), st.integers(0, 50)),
         st.tuples(st.just("advance"), st.integers(1, 60)),
+        st.tuples(st.just("tick"), st.integers(1, 8)),  # within a slot, or across its edge
         st.tuples(st.just("status"), st.booleans()),
     ),
     max_size=30,
@@ -394,6 +455,8 @@ async def play(store: Store, clock: FakeClock, trace: list) -> list:
                 await r.finish(name, Usage(args[1], args[2]) if op == "settle" else None)
             elif op == "advance":
                 clock.advance(args[0] * 0.5)
+            elif op == "tick":
+                clock.advance(args[0] * 0.125)
             elif op == "status":
                 await r.status(scopes[args[0]])
     finally:
@@ -417,6 +480,68 @@ def test_random_traces_agree_across_stores(trace, tmp_path_factory, redis_server
     logs = asyncio.run(run_all())
     assert logs["sqlite"] == logs["memory"]
     assert logs["redis"] == logs["memory"]
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded state: per bucket, at most SLOTS + 1 slots and the reservations in flight
+
+
+def records_held(store: Store, bucket: Bucket, redis_url: str | None) -> tuple[int, int]:
+    """(slots, reservations in flight) the store holds for `bucket`, read from its own state."""
+    if isinstance(store, MemoryStore):
+        window = store._windows.get(bucket.key)
+        return (len(window.slots), len(window.pending)) if window else (0, 0)
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(store.path) as db:
+            return tuple(
+                db.execute(f"SELECT COUNT(*) FROM {table} WHERE bucket = ?", (bucket.key,))
+                .fetchone()[0]
+                for table in ("slots", "pending")
+            )
+    client = redis_sync.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        fields = client.hkeys(store.key_of(bucket))
+    finally:
+        client.close()
+    return sum(f.startswith("slot:") for f in fields), sum(f.startswith("rid:") for f in fields)
+
+
+async def test_state_per_bucket_is_bounded_whatever_the_traffic(kind, open_store, request):
+    """10,000 requests of one key over an hour, 8 in flight, under a 1-day and a 1-minute
+    limit: without slots a store would hold every charge of the day (10,000 records)."""
+    redis_url = request.getfixturevalue("redis_server").url if kind == "redis" else None
+    clock = FakeClock()
+    store = open_store(clock)
+    day, minute = bs = buckets(total(10**9, 86_400), limit(REQUESTS, 10**6, 60))
+    in_flight: list[Reservation] = []
+    for index in range(10_000):
+        clock.advance(0.36)
+        decision, reservation = await store.reserve(f"q{index}", bs, Demand(3, 4))
+        assert decision.admitted
+        in_flight.append(reservation)
+        if len(in_flight) > 8:
+            await store.settle(in_flight.pop(0), Usage(3, 4))
+    # The hour (T0 to T0 + 3600) touches 4 of the day's 22.5-minute slots.
+    assert records_held(store, day, redis_url) == (4, 8)
+    slots, pending = records_held(store, minute, redis_url)
+    # Unmerged, the minute would hold 160 settled charges; the newest 8 (3 slots) are in flight.
+    assert SLOTS - 4 <= slots <= SLOTS + 1 and pending == 8
+    day_status, minute_status = await store.status(bs)
+    assert (day_status.used, day_status.reserved) == ((10_000 - 8) * 7, 8 * 7)  # none lost
+    assert minute_status.used + minute_status.reserved <= 60 / 0.36 + 3  # a slot late at most
+    for reservation in in_flight:
+        await store.settle(reservation, Usage(3, 4))
+    clock.advance(86_400)
+    assert [s.used for s in await store.status(bs)] == [0, 0]
+    # An empty window holds nothing: no window object, no rows, no Redis key.
+    assert records_held(store, day, redis_url) == records_held(store, minute, redis_url) == (0, 0)
+    if isinstance(store, MemoryStore):
+        assert not store._windows
+    elif isinstance(store, SqliteStore):
+        with sqlite3.connect(store.path) as db:
+            assert db.execute("SELECT COUNT(*) FROM windows").fetchone()[0] == 0
+    else:
+        assert redis_keys(request.getfixturevalue("redis_server"), store.prefix) == []
 
 
 # --------------------------------------------------------------------------------------------
