@@ -58,9 +58,9 @@ local function pair(value)
     return tonumber(stamp), tonumber(amount)
 end
 
--- limiter.slot_of and limiter.merged: a settled charge joins its slot, which keeps the newest
--- stamp merged into it and the sum of the amounts
-local function merge(key, seconds, stamp, amount)
+-- limiter.slot_of and limiter.merged: the slot a settled charge joins, and the slot's value
+-- after (the newest stamp merged into it, the sum of the amounts), as field and value
+local function merged(key, seconds, stamp, amount)
     local slot = math.floor(stamp * SLOTS / seconds)
     local field = 'slot:' .. seconds .. ':' .. string.format('%.0f', slot)
     local held = redis.call('HGET', key, field)
@@ -69,15 +69,16 @@ local function merge(key, seconds, stamp, amount)
         if was > stamp then stamp = was end
         amount = amount + sum
     end
-    redis.call('HSET', key, field, exact(stamp) .. ' ' .. exact(amount))
+    return field, exact(stamp) .. ' ' .. exact(amount)
 end
 
--- used, reserved, newest, oldest, since; nil when the window is empty
-local function head(key)
-    local h = redis.call('HMGET', key, 'used', 'reserved', 'newest', 'oldest', 'since')
-    if not h[3] then return nil end
+-- used, reserved, newest, oldest, since (nil when the window is empty), and the value of
+-- one more field read in the same call
+local function head(key, field)
+    local h = redis.call('HMGET', key, 'used', 'reserved', 'newest', 'oldest', 'since', field)
+    if not h[3] then return nil, h[6] end
     return {used = tonumber(h[1]), reserved = tonumber(h[2]), newest = tonumber(h[3]),
-            oldest = tonumber(h[4]), since = tonumber(h[5])}
+            oldest = tonumber(h[4]), since = tonumber(h[5])}, h[6]
 end
 
 -- every slot and reservation of a window
@@ -138,22 +139,25 @@ local function prune(key, h, seconds, stale, now)
     for _, r in ipairs(live) do
         if r.stamp + stale <= now then
             redis.call('HDEL', key, r.field)
-            merge(key, seconds, r.stamp, r.amount)
+            redis.call('HSET', key, merged(key, seconds, r.stamp, r.amount))
         end
     end
     return rebuild(key)
 end
 
 local function status_reply(out, h, seconds, now)
-    out[#out + 1] = h and h.used or 0
-    out[#out + 1] = h and h.reserved or 0
+    out[#out + 1] = exact(h and h.used or 0)
+    out[#out + 1] = exact(h and h.reserved or 0)
     out[#out + 1] = exact(h and h.newest + seconds or now)
 end
 """.replace("@SLOTS@", str(SLOTS))
 
+# Replies are one string of space-separated words: one bulk reply is cheaper for the client to
+# read than an array of them.
+
 # ARGV: now ('' = server TIME), stale_after, reservation id, prompt, completion, then per bucket:
-# dimension, count, seconds. Reply: admitted, stamp, prompt, completion, blocking (1-based,
-# 0 = none), retry_at ('' = never), then per bucket: used, reserved, reset_at.
+# dimension, count, seconds. Reply: admitted, stamp ('-' = refused), prompt, completion, blocking
+# (1-based, 0 = none), retry_at ('-' = never), then per bucket: used, reserved, reset_at.
 RESERVE = (
     _COMMON
     + """
@@ -165,10 +169,9 @@ for i = 1, #KEYS do
     local at = 6 + (i - 1) * 3
     local lim = {key = KEYS[i], dimension = ARGV[at], count = tonumber(ARGV[at + 1]),
                  seconds = tonumber(ARGV[at + 2])}
-    if redis.call('HEXISTS', lim.key, field) == 1 then
-        return redis.error_reply('reservation id already held: ' .. id)
-    end
-    lim.h = prune(lim.key, head(lim.key), lim.seconds, stale, now)
+    local h, held = head(lim.key, field)
+    if held then return redis.error_reply('reservation id already held: ' .. id) end
+    lim.h = prune(lim.key, h, lim.seconds, stale, now)
     local used, reserved = lim.h and lim.h.used or 0, lim.h and lim.h.reserved or 0
     lim.remaining = math.max(0, lim.count - used - reserved)
     limits[i] = lim
@@ -209,9 +212,9 @@ end
 local out
 if never or blocking then
     if never then blocking, retry_at = never, nil end
-    out = {0, '', 0, 0, blocking, retry_at and exact(retry_at) or ''}
+    out = {0, '-', 0, 0, blocking, retry_at and exact(retry_at) or '-'}
     for _, lim in ipairs(limits) do status_reply(out, lim.h, lim.seconds, now) end
-    return out
+    return table.concat(out, ' ')
 end
 
 for _, lim in ipairs(limits) do
@@ -226,19 +229,18 @@ local stamp = now  -- stamps never go backwards in a window, even if a clock doe
 for _, lim in ipairs(limits) do
     if lim.h and lim.h.newest > stamp then stamp = lim.h.newest end
 end
-out = {1, exact(stamp), prompt, completion, 0, ''}
+out = {1, exact(stamp), exact(prompt), exact(completion), 0, '-'}
 for _, lim in ipairs(limits) do
-    local key, h = lim.key, lim.h or {used = 0, reserved = 0, oldest = stamp}
+    local h = lim.h or {used = 0, reserved = 0, oldest = stamp}
     local amount = amount_of(lim.dimension, prompt, completion)
-    redis.call('HSET', key, field, exact(stamp) .. ' ' .. exact(amount), 'newest', exact(stamp),
-               'oldest', exact(h.oldest), 'since', exact(h.since or stamp))
-    h.reserved = redis.call('HINCRBY', key, 'reserved', amount)
-    if not lim.h then redis.call('HSET', key, 'used', 0) end
-    h.newest = stamp
-    redis.call('EXPIRE', key, math.ceil(lim.seconds + stale))
+    h.reserved, h.newest, h.since = h.reserved + amount, stamp, h.since or stamp
+    redis.call('HSET', lim.key, field, exact(stamp) .. ' ' .. exact(amount), 'used', h.used,
+               'reserved', h.reserved, 'newest', exact(stamp), 'oldest', exact(h.oldest),
+               'since', exact(h.since))
+    redis.call('EXPIRE', lim.key, math.ceil(lim.seconds + stale))
     status_reply(out, h, lim.seconds, now)
 end
-return out
+return table.concat(out, ' ')
 """
 )
 
@@ -255,24 +257,27 @@ local out = {}
 for i = 1, #KEYS do
     local key = KEYS[i]
     local dimension, seconds = ARGV[7 + (i - 1) * 2], tonumber(ARGV[8 + (i - 1) * 2])
-    local h = prune(key, head(key), seconds, stale, now)
-    local held = h and mode ~= 'status' and redis.call('HGET', key, field)
-    if held then
+    local read, held = head(key, field)
+    local h = prune(key, read, seconds, stale, now)
+    if h ~= read and held then  -- pruned: the reservation may have left or gone stale since
+        held = redis.call('HGET', key, field)
+    end
+    if h and held and mode ~= 'status' then
         local stamp, amount = pair(held)
         redis.call('HDEL', key, field)
         if mode == 'release' then
             h = rebuild(key)  -- the newest stamp may go back, or the window empty
         else
             local settled = amount_of(dimension, prompt, completion)
-            merge(key, seconds, stamp, settled)
-            h.used = redis.call('HINCRBY', key, 'used', settled)
-            h.reserved = redis.call('HINCRBY', key, 'reserved', 0 - amount)  -- -0 is no integer
+            h.used, h.reserved = h.used + settled, h.reserved - amount
+            local slot, value = merged(key, seconds, stamp, settled)
+            redis.call('HSET', key, slot, value, 'used', h.used, 'reserved', h.reserved)
         end
         if h then redis.call('EXPIRE', key, math.ceil(seconds + stale)) end
     end
     status_reply(out, h, seconds, now)
 end
-return out
+return table.concat(out, ' ')
 """
 )
 
@@ -335,17 +340,18 @@ class RedisStore:
     def _now(self) -> str:
         return "" if self.clock is None else repr(float(self.clock()))
 
-    async def _call(self, script, buckets: tuple[Bucket, ...], args: list) -> list:
+    async def _call(self, script, buckets: tuple[Bucket, ...], args: list) -> list[str]:
+        """The script's reply, split into its words."""
         keys = [self.key_of(bucket) for bucket in buckets]
         try:
-            return await script(keys=keys, args=args)
+            return (await script(keys=keys, args=args)).split(" ")
         except (RedisError, OSError) as e:
             message = f"redis store {self.where}: {type(e).__name__}: {e}"
             # Unless the connection was never made, the script may have run on the server.
             raise StoreUnavailable(message, maybe_applied=not _never_sent(e)) from e
 
     @staticmethod
-    def _statuses(buckets: tuple[Bucket, ...], reply: list) -> tuple[LimitStatus, ...]:
+    def _statuses(buckets: tuple[Bucket, ...], reply: list[str]) -> tuple[LimitStatus, ...]:
         return tuple(
             LimitStatus(bucket.limit, int(used), int(reserved), float(reset_at))
             for bucket, used, reserved, reset_at in zip(
@@ -362,9 +368,10 @@ class RedisStore:
         reply = await self._call(self._reserve, buckets, args)
         admitted, stamp, prompt, completion, blocking, retry_at = reply[:6]
         statuses = self._statuses(buckets, reply[6:])
-        if not int(admitted):
-            retry = float(retry_at) if retry_at else None
-            return Decision(False, statuses, blocking=statuses[blocking - 1], retry_at=retry), None
+        if admitted == "0":
+            retry = None if retry_at == "-" else float(retry_at)
+            refusing = statuses[int(blocking) - 1]
+            return Decision(False, statuses, blocking=refusing, retry_at=retry), None
         amounts = Usage(int(prompt), int(completion))
         decision = Decision(True, statuses, reserved=amounts)
         return decision, Reservation(reservation_id, float(stamp), buckets, amounts)
