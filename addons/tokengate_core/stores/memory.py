@@ -29,7 +29,8 @@ class Window:
 
     `pending` keeps insertion order, which is stamp order because stamps never go backwards in
     a window (a clock that does is clamped to the newest stamp), so stale ones are found from the
-    front. `oldest` is never later than any stamp held: until it leaves the window nothing does,
+    front; it is None while nothing is in flight (most windows of idle keys), to save the empty
+    dict. `oldest` is never later than any stamp held: until it leaves the window nothing does,
     so most checks skip pruning. Slots are keyed by (duration, slot): after a duration edit the
     old slots keep their own width and leave the window by their stamp and the new duration.
     """
@@ -38,7 +39,7 @@ class Window:
 
     def __init__(self, stamp: float) -> None:
         self.slots: dict[tuple[int, int], Charge] = {}
-        self.pending: dict[str, Charge] = {}
+        self.pending: dict[str, Charge] | None = None
         self.used = 0
         self.reserved = 0
         self.newest = self.oldest = stamp
@@ -57,6 +58,7 @@ class Window:
                     break
                 del self.pending[reservation_id]
                 self.reserved -= oldest.amount
+            self.pending = self.pending or None
             if not self.slots and not self.pending:
                 return False
             self.oldest = min(charge.stamp for charge in self.charges())
@@ -68,15 +70,18 @@ class Window:
         return True
 
     def hold(self, reservation_id: str, charge: Charge) -> None:
+        if self.pending is None:
+            self.pending = {}
         self.pending[reservation_id] = charge
         self.reserved += charge.amount
         self.newest = charge.stamp  # stamps never go backwards in a window
 
     def settle(self, reservation_id: str, amount: int | None, seconds: int) -> None:
         """Merge a pending charge into its slot at `amount`, or drop it when `amount` is None."""
-        held = self.pending.pop(reservation_id, None)
+        held = self.pending.pop(reservation_id, None) if self.pending else None
         if held is None:
             return
+        self.pending = self.pending or None
         self.reserved -= held.amount
         if amount is not None:
             key = (seconds, slot_of(held.stamp, seconds))
@@ -90,7 +95,7 @@ class Window:
         return not self.slots and not self.pending
 
     def charges(self) -> list[Charge]:
-        return [*self.slots.values(), *self.pending.values()]
+        return [*self.slots.values(), *(self.pending or {}).values()]
 
     def status(self, limit: Limit) -> LimitStatus:
         return LimitStatus(limit, self.used, self.reserved, self.newest + limit.seconds)
