@@ -752,6 +752,43 @@ async def test_sqlite_survives_a_restart_and_ends_a_dead_process_reservations(tm
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+async def test_sqlite_keeps_the_books_of_a_file_written_before_slots(tmp_path):
+    """An upgrade: a file with one `charges` row per reservation and bucket (the layout before
+    slots) is folded into slots and pending rows on open, and nothing spent is lost."""
+    path = tmp_path / "usage.sqlite"
+    (minute,) = bs = buckets(total(1000))
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE charges (rid TEXT, bucket TEXT, stamp REAL, expires REAL, "
+            "amount INTEGER, settled INTEGER)"
+        )
+        db.execute("CREATE TABLE totals (bucket TEXT, used INTEGER, reserved INTEGER)")
+        db.executemany(
+            "INSERT INTO charges VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                ("a", minute.key, T0, T0 + 60, 30, 1),
+                ("b", minute.key, T0 + 0.25, T0 + 60.25, 20, 1),  # a's slot
+                ("c", minute.key, T0 + 10, T0 + 70, 50, 0),
+            ],
+        )
+    clock = FakeClock(T0 + 20)
+    store = SqliteStore(path, clock)
+    try:
+        (s,) = await store.status(bs)
+        assert (s.used, s.reserved, s.reset_at) == (50, 50, T0 + 70)
+        (s,) = await store.settle(Reservation("c", T0 + 10, bs, Usage(25, 25)), Usage(5, 5))
+        assert (s.used, s.reserved) == (60, 0)
+        clock.at(T0 + 60)  # "a" and "b" share a slot: they leave together, with "b"
+        assert [s.used for s in await store.status(bs)] == [60]
+        clock.at(T0 + 60.25)
+        assert [s.used for s in await store.status(bs)] == [10]
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    assert "charges" not in tables and "totals" not in tables
+
+
 async def test_sqlite_two_stores_on_one_file_stay_within_the_limit(tmp_path):
     path = tmp_path / "usage.sqlite"
     one, two = SqliteStore(path, FakeClock()), SqliteStore(path, FakeClock())
