@@ -494,8 +494,9 @@ def records_held(store: Store, bucket: Bucket, redis_url: str | None) -> tuple[i
     if isinstance(store, SqliteStore):
         with sqlite3.connect(store.path) as db:
             return tuple(
-                db.execute(f"SELECT COUNT(*) FROM {table} WHERE bucket = ?", (bucket.key,))
-                .fetchone()[0]
+                db.execute(
+                    f"SELECT COUNT(*) FROM {table} WHERE bucket = ?", (bucket.key,)
+                ).fetchone()[0]
                 for table in ("slots", "pending")
             )
     client = redis_sync.Redis.from_url(redis_url, decode_responses=True)

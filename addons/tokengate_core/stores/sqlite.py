@@ -21,8 +21,10 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import Limit
 from ..limiter import Bucket, Charge, Decision, Demand, LimitStatus, Usage, decide_on, slot_of
 from . import STALE_AFTER, Reservation, StoreUnavailable
 
@@ -70,7 +72,28 @@ SELECT TOTAL(amount * settled), TOTAL(amount * (1 - settled)), MAX(stamp), MIN(s
 FROM ({CHARGES})
 """
 
-Head = list  # [used, reserved, newest, oldest, since]: a `windows` row while it is worked on
+
+@dataclass(slots=True)
+class Head:
+    """A `windows` row while a transaction works on it."""
+
+    used: int
+    reserved: int
+    newest: float
+    oldest: float
+    since: float | None
+
+    def row(self, key: str) -> tuple:
+        return (key, self.used, self.reserved, self.newest, self.oldest, self.since)
+
+    def status(self, limit: Limit) -> LimitStatus:
+        return LimitStatus(limit, self.used, self.reserved, self.newest + limit.seconds)
+
+    def due(self, seconds: int, stale_after: float, now: float) -> bool:
+        """Whether something may have left the window or gone stale by `now`."""
+        return self.oldest + seconds <= now or (
+            self.since is not None and self.since + stale_after <= now
+        )
 
 
 def marks(buckets: tuple[Bucket, ...]) -> str:
@@ -182,15 +205,15 @@ class SqliteStore:
         if not records:
             db.execute("DELETE FROM windows WHERE bucket = ?", (key,))
             return None
-        head = [int(used), int(reserved), newest, oldest, since]
-        db.execute("INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)", (key, *head))
+        head = Head(int(used), int(reserved), newest, oldest, since)
+        db.execute("INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)", head.row(key))
         return head
 
     def _prune(self, db: sqlite3.Connection, bucket: Bucket, head: Head, now: float) -> Head | None:
         """Drop what left the window, count stale reservations as settled (as memory.Window
         does); only called when the head's lower bounds say something may be due."""
         seconds, key = bucket.limit.seconds, bucket.key
-        if head[3] + seconds <= now:
+        if head.oldest + seconds <= now:
             where = "WHERE bucket = :b AND stamp <= :cut AND stamp + :s <= :now"
             bounds = {"b": key, "s": seconds, "now": now, "cut": now - seconds + 1}
             db.execute(f"DELETE FROM slots {where}", bounds)
@@ -213,14 +236,11 @@ class SqliteStore:
             f"WHERE bucket IN ({marks(buckets)})",
             [b.key for b in buckets],
         )
-        found = {key: list(head) for key, *head in rows}
+        found = {key: Head(*head) for key, *head in rows}
         heads = []
         for bucket in buckets:
             head = found.get(bucket.key)
-            if head is not None and (
-                head[3] + bucket.limit.seconds <= now
-                or (head[4] is not None and head[4] + self.stale_after <= now)
-            ):
+            if head is not None and head.due(bucket.limit.seconds, self.stale_after, now):
                 head = self._prune(db, bucket, head, now)
             heads.append(head)
         return heads
@@ -229,7 +249,7 @@ class SqliteStore:
     def _write(db: sqlite3.Connection, buckets: tuple[Bucket, ...], heads: list) -> None:
         db.executemany(
             "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)",
-            [(b.key, *head) for b, head in zip(buckets, heads, strict=True) if head is not None],
+            [head.row(b.key) for b, head in zip(buckets, heads, strict=True) if head is not None],
         )
 
     @staticmethod
@@ -237,9 +257,7 @@ class SqliteStore:
         buckets: tuple[Bucket, ...], heads: list[Head | None], now: float
     ) -> tuple[LimitStatus, ...]:
         return tuple(
-            LimitStatus(bucket.limit, 0, 0, now)
-            if head is None
-            else LimitStatus(bucket.limit, head[0], head[1], head[2] + bucket.limit.seconds)
+            LimitStatus(bucket.limit, 0, 0, now) if head is None else head.status(bucket.limit)
             for bucket, head in zip(buckets, heads, strict=True)
         )
 
@@ -258,18 +276,17 @@ class SqliteStore:
             if not decision.admitted:
                 return decision, None
             # Stamps never go backwards in a window, even if a clock does (as in memory.py).
-            stamp = max([now, *(head[2] for head in heads if head is not None)])
+            stamp = max([now, *(head.newest for head in heads if head is not None)])
             amounts = decision.reserved
             pending = []
             for index, bucket in enumerate(buckets):
                 amount = amounts.amount(bucket.limit.dimension)
                 pending.append((bucket.key, reservation_id, stamp, amount))
-                head = heads[index] or [0, 0, stamp, stamp, None]
-                head[1] += amount
-                head[2] = stamp
-                if head[4] is None:
-                    head[4] = stamp
-                heads[index] = head
+                head = heads[index] = heads[index] or Head(0, 0, stamp, stamp, None)
+                head.reserved += amount
+                head.newest = stamp
+                if head.since is None:
+                    head.since = stamp
             db.executemany("INSERT INTO pending VALUES (?, ?, ?, ?)", pending)
             self._write(db, buckets, heads)
             held = Decision(True, self._statuses(buckets, heads, now), reserved=amounts)
@@ -299,8 +316,8 @@ class SqliteStore:
                 limit = buckets[index].limit
                 settled = usage.amount(limit.dimension)
                 merges.append((key, limit.seconds, slot_of(stamp, limit.seconds), stamp, settled))
-                heads[index][0] += settled
-                heads[index][1] -= amount
+                heads[index].used += settled
+                heads[index].reserved -= amount
             if merges:
                 db.executemany(MERGE, merges)
                 self._write(db, buckets, heads)
