@@ -6,7 +6,7 @@ disagree still agree on the windows. The scripts apply the rules of `limiter.dec
 per dimension, completion capped by what is left, debt kept, `fits_at` for the retry time); the
 conformance suite (tests/test_stores.py) holds them to the memory store's decisions.
 
-Per bucket, one hash (`tokengate:{proxy:alice}:total_tokens-1m`): its head (`used`, `reserved`,
+Per bucket, one hash (`tokengate:{proxy:alice}:total_tokens#0`): its head (`used`, `reserved`,
 `newest` stamp, lower bounds `oldest` and `since` on the oldest stamp and the oldest pending
 one), its settled charges merged into slots (`slot:<duration>:<slot>` -> "stamp amount", as
 `limiter.slot_of` and `limiter.merged` say) and its reservations in flight (`rid:<id>` -> "stamp
