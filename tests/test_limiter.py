@@ -29,9 +29,11 @@ from tokengate_core.limiter import (
     decide,
     fits_at,
     held_back_by_reservations,
+    merged,
     most_restrictive,
     seconds_until,
     settled_view,
+    slot_of,
     status_of,
 )
 from tokengate_core.metering import buckets_for
@@ -490,6 +492,22 @@ def test_seconds_until_rounds_up():
     assert seconds_until(1000.001, 1000.0) == 1
     assert seconds_until(1000.0, 1000.0) == 0
     assert seconds_until(990.0, 1000.0) == 0
+
+
+def test_slots_are_a_64th_of_the_window_counted_from_the_epoch():
+    assert SLOTS == 64
+    # A minute's slots are 0.9375 s wide: T0 = 1000.0 is in [999.375, 1000.3125).
+    assert [slot_of(at, 60) for at in (999.375, T0, 1000.3124, 1000.3125)] == [1066] * 3 + [1067]
+    assert slot_of(T0, 3600) == slot_of(T0 + 12.4, 3600) == 17  # [956.25, 1012.5)
+    assert slot_of(T0 + 12.5, 3600) == 18
+
+
+def test_a_merged_slot_keeps_the_newest_stamp_and_the_sum():
+    slot = merged(None, T0, 5)
+    assert slot == Charge(T0, 5, settled=True)  # a lone charge keeps its exact stamp
+    slot = merged(slot, T0 + 0.25, 7)
+    assert slot == Charge(T0 + 0.25, 12, settled=True)
+    assert merged(slot, T0 + 0.125, 0) == Charge(T0 + 0.25, 12, settled=True)  # settled late
 
 
 # --------------------------------------------------------------------------------------------
