@@ -806,6 +806,30 @@ async def test_sqlite_two_stores_on_one_file_stay_within_the_limit(tmp_path):
         await two.close()
 
 
+async def test_sqlite_operations_queued_together_fail_alone(tmp_path):
+    """Operations queued at once share the worker's next transaction, each in a savepoint: one
+    that fails (a reservation id already held) answers its own error and the others stand."""
+    store = SqliteStore(tmp_path / "usage.sqlite", FakeClock())
+    bs = buckets(total(1000))
+    try:
+        await store.reserve("twice", bs, Demand(1, 1))
+        answers = await asyncio.gather(
+            *(store.reserve(name, bs, Demand(1, 1)) for name in ("a", "twice", "b", "c")),
+            return_exceptions=True,
+        )
+        assert isinstance(answers[1], StoreUnavailable)
+        assert [answers[i][0].admitted for i in (0, 2, 3)] == [True, True, True]
+        (s,) = await store.status(bs)
+        assert s.reserved == 2 * 4  # "twice" once, "a", "b", "c"
+    finally:
+        await store.close()
+    reopened = SqliteStore(tmp_path / "usage.sqlite", FakeClock())  # and they were committed
+    try:
+        assert [s.reserved for s in await reopened.status(bs)] == [8]
+    finally:
+        await reopened.close()
+
+
 async def test_sqlite_two_stores_opening_a_new_file_at_once_both_work(tmp_path):
     """Two gateways starting together on a new file race to switch it to WAL; neither fails."""
     for attempt in range(40):

@@ -5,9 +5,11 @@ bounds on the oldest stamp and the oldest pending one), settled charges merged i
 SLOTS + 1 `slots` rows per duration (`limiter.slot_of`), and one `pending` row per reservation
 in flight. A decision reads the `windows` rows of all its buckets in one statement; the slots
 and pending rows are only read when something may have left the window or gone stale (the lower
-bounds say when) and by a refused request (to tell when it will fit). Every operation is one
-`BEGIN IMMEDIATE` transaction, so several processes on one file stay atomic. All sqlite work
-runs on one dedicated thread that owns the connection: the event loop never waits on the disk.
+bounds say when) and by a refused request (to tell when it will fit). All sqlite work runs on
+one dedicated thread that owns the connection: the event loop never waits on the disk. The
+operations queued while that thread is busy run together in its next `BEGIN IMMEDIATE`
+transaction, each in a savepoint of its own: each is atomic, several processes on one file stay
+atomic, and under concurrency one commit serves many requests.
 
 A reservation left unsettled for `stale_after` seconds (its process died, or its settle never
 came) counts as settled at its reserved amount: never lost, and a late settle finds it settled
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +76,20 @@ FROM ({CHARGES})
 """
 
 
+Job = tuple[Callable, tuple, "asyncio.Future"]  # an operation, its arguments, its answer
+
+
+def _answer(answers: list[asyncio.Future], outcomes: list[tuple[bool, object]]) -> None:
+    """On the event loop: hand each queued operation its result or its exception."""
+    for answer, (ok, value) in zip(answers, outcomes, strict=True):
+        if answer.done():  # its caller was cancelled
+            continue
+        if ok:
+            answer.set_result(value)
+        else:
+            answer.set_exception(value)
+
+
 @dataclass(slots=True)
 class Head:
     """A `windows` row while a transaction works on it."""
@@ -118,6 +135,7 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None  # used only on the worker thread
         self._closed = False
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokengate-sqlite")
+        self._queue: deque[Job] = deque()  # appended on the event loop, taken on the worker
 
     # -- the worker thread -------------------------------------------------------------------
 
@@ -138,22 +156,49 @@ class SqliteStore:
             self._db = db
         return self._db
 
-    def _transaction(self, work: Callable[[sqlite3.Connection, float], object]):
-        """Run `work(db, now)` in one write transaction."""
+    def _batch(self, jobs: list[Job]) -> list[tuple[bool, object]]:
+        """Run queued operations in one write transaction (a savepoint each, so one that fails
+        leaves the others), and return (ok, result or exception) for each, once committed."""
         try:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
             try:
-                result = work(db, self.clock())
+                outcomes = [self._one(db, function, args) for function, args, _ in jobs]
                 db.execute("COMMIT")
-                return result
+                return outcomes
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
         except (OSError, sqlite3.DatabaseError) as e:
             self._drop_connection()  # reconnect on the next call, e.g. once the disk is back
-            raise StoreUnavailable(f"sqlite store {self.path}: {e}") from e
+            return [(False, StoreUnavailable(f"sqlite store {self.path}: {e}"))] * len(jobs)
+
+    def _one(self, db: sqlite3.Connection, function: Callable, args: tuple) -> tuple[bool, object]:
+        db.execute("SAVEPOINT operation")
+        try:
+            result = function(db, self.clock(), *args)
+        except Exception as e:
+            db.execute("ROLLBACK TO operation")
+            db.execute("RELEASE operation")
+            if isinstance(e, (OSError, sqlite3.DatabaseError)):
+                e = StoreUnavailable(f"sqlite store {self.path}: {e}")
+            return False, e
+        db.execute("RELEASE operation")
+        return True, result
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Take every operation queued so far and answer each on the event loop."""
+        jobs: list[Job] = []
+        while self._queue:
+            jobs.append(self._queue.popleft())
+        if not jobs:
+            return
+        try:
+            outcomes = self._batch(jobs)
+        except BaseException as e:  # nothing may leave a caller waiting forever
+            outcomes = [(False, e)] * len(jobs)
+        loop.call_soon_threadsafe(_answer, [job[2] for job in jobs], outcomes)
 
     def _use_wal(self, db: sqlite3.Connection) -> None:
         """Switch the file to WAL. Another process opening a new file at the same moment makes
@@ -267,73 +312,80 @@ class SqliteStore:
         return [Charge(stamp, amount, bool(settled)) for stamp, amount, settled in rows]
 
     def _reserve(
-        self, reservation_id: str, buckets: tuple[Bucket, ...], demand: Demand
+        self,
+        db: sqlite3.Connection,
+        now: float,
+        reservation_id: str,
+        buckets: tuple[Bucket, ...],
+        demand: Demand,
     ) -> tuple[Decision, Reservation | None]:
-        def work(db: sqlite3.Connection, now: float):
-            heads = self._heads(db, buckets, now)
-            statuses = self._statuses(buckets, heads, now)
-            decision = decide_on(statuses, lambda i: self._charges(db, buckets[i]), demand, now)
-            if not decision.admitted:
-                return decision, None
-            # Stamps never go backwards in a window, even if a clock does (as in memory.py).
-            stamp = max([now, *(head.newest for head in heads if head is not None)])
-            amounts = decision.reserved
-            pending = []
-            for index, bucket in enumerate(buckets):
-                amount = amounts.amount(bucket.limit.dimension)
-                pending.append((bucket.key, reservation_id, stamp, amount))
-                head = heads[index] = heads[index] or Head(0, 0, stamp, stamp, None)
-                head.reserved += amount
-                head.newest = stamp
-                if head.since is None:
-                    head.since = stamp
-            db.executemany("INSERT INTO pending VALUES (?, ?, ?, ?)", pending)
-            self._write(db, buckets, heads)
-            held = Decision(True, self._statuses(buckets, heads, now), reserved=amounts)
-            return held, Reservation(reservation_id, stamp, buckets, amounts)
+        heads = self._heads(db, buckets, now)
+        statuses = self._statuses(buckets, heads, now)
+        decision = decide_on(statuses, lambda i: self._charges(db, buckets[i]), demand, now)
+        if not decision.admitted:
+            return decision, None
+        # Stamps never go backwards in a window, even if a clock does (as in memory.py).
+        stamp = max([now, *(head.newest for head in heads if head is not None)])
+        amounts = decision.reserved
+        pending = []
+        for index, bucket in enumerate(buckets):
+            amount = amounts.amount(bucket.limit.dimension)
+            pending.append((bucket.key, reservation_id, stamp, amount))
+            head = heads[index] = heads[index] or Head(0, 0, stamp, stamp, None)
+            head.reserved += amount
+            head.newest = stamp
+            if head.since is None:
+                head.since = stamp
+        db.executemany("INSERT INTO pending VALUES (?, ?, ?, ?)", pending)
+        self._write(db, buckets, heads)
+        held = Decision(True, self._statuses(buckets, heads, now), reserved=amounts)
+        return held, Reservation(reservation_id, stamp, buckets, amounts)
 
-        return self._transaction(work)
-
-    def _replace(self, reservation: Reservation, usage: Usage | None) -> tuple[LimitStatus, ...]:
+    def _replace(
+        self, db: sqlite3.Connection, now: float, reservation: Reservation, usage: Usage | None
+    ) -> tuple[LimitStatus, ...]:
         buckets = reservation.buckets
-
-        def work(db: sqlite3.Connection, now: float):
-            heads = self._heads(db, buckets, now)
-            held = db.execute(
-                f"DELETE FROM pending WHERE bucket IN ({marks(buckets)}) AND rid = ? "
-                "RETURNING bucket, stamp, amount",
-                [*(b.key for b in buckets), reservation.id],
-            ).fetchall()
-            if not held:  # settled or released already, or stale: nothing changes
-                return self._statuses(buckets, heads, now)
-            index_of = {bucket.key: index for index, bucket in enumerate(buckets)}
-            merges = []
-            for key, stamp, amount in held:
-                index = index_of[key]
-                if usage is None:  # the newest stamp may go back: read the window anew
-                    heads[index] = self._rebuild(db, key)
-                    continue
-                limit = buckets[index].limit
-                settled = usage.amount(limit.dimension)
-                merges.append((key, limit.seconds, slot_of(stamp, limit.seconds), stamp, settled))
-                heads[index].used += settled
-                heads[index].reserved -= amount
-            if merges:
-                db.executemany(MERGE, merges)
-                self._write(db, buckets, heads)
+        heads = self._heads(db, buckets, now)
+        held = db.execute(
+            f"DELETE FROM pending WHERE bucket IN ({marks(buckets)}) AND rid = ? "
+            "RETURNING bucket, stamp, amount",
+            [*(b.key for b in buckets), reservation.id],
+        ).fetchall()
+        if not held:  # settled or released already, or stale: nothing changes
             return self._statuses(buckets, heads, now)
+        index_of = {bucket.key: index for index, bucket in enumerate(buckets)}
+        merges = []
+        for key, stamp, amount in held:
+            index = index_of[key]
+            if usage is None:  # the newest stamp may go back: read the window anew
+                heads[index] = self._rebuild(db, key)
+                continue
+            limit = buckets[index].limit
+            settled = usage.amount(limit.dimension)
+            merges.append((key, limit.seconds, slot_of(stamp, limit.seconds), stamp, settled))
+            heads[index].used += settled
+            heads[index].reserved -= amount
+        if merges:
+            db.executemany(MERGE, merges)
+            self._write(db, buckets, heads)
+        return self._statuses(buckets, heads, now)
 
-        return self._transaction(work)
-
-    def _status(self, buckets: tuple[Bucket, ...]) -> tuple[LimitStatus, ...]:
-        return self._transaction(
-            lambda db, now: self._statuses(buckets, self._heads(db, buckets, now), now)
-        )
+    def _status(
+        self, db: sqlite3.Connection, now: float, buckets: tuple[Bucket, ...]
+    ) -> tuple[LimitStatus, ...]:
+        return self._statuses(buckets, self._heads(db, buckets, now), now)
 
     # -- the Store interface (event loop side) -----------------------------------------------
 
-    async def _run(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
+    async def _run(self, function: Callable, *args):
+        """Queue `function(db, now, *args)` for the worker thread. Operations queued while it
+        is busy run together in its next transaction: under concurrency, one commit serves many
+        requests (each still atomic, in a savepoint of its own)."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._queue.append((function, args, answer))
+        self._worker.submit(self._drain, loop)
+        return await answer
 
     async def reserve(
         self, reservation_id: str, buckets: tuple[Bucket, ...], demand: Demand
@@ -354,5 +406,6 @@ class SqliteStore:
         if self._closed:
             return
         self._closed = True
-        await self._run(self._drop_connection)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._worker, self._drop_connection)  # after queued work
         self._worker.shutdown(wait=True)
