@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 
 from .config import REQUESTS, Limit
 
-# Slots per window duration. A power of two, so `stamp * SLOTS` is exact in every store (Python,
-# SQLite and Redis's Lua all compute in IEEE doubles) and they agree on every slot.
+# Slots per window duration. A power of two, so `stamp * SLOTS` is exact, and Python (memory,
+# SQLite) and Redis's Lua, both in IEEE doubles, agree on every slot.
 SLOTS = 64
 
 
