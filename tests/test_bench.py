@@ -1,0 +1,66 @@
+"""The side-by-side benchmark runs end to end in its tiny configuration (`--quick`): every
+target and phase produces figures, and every request was answered 200. Times are not asserted:
+they depend on the machine."""
+
+from __future__ import annotations
+
+from scripts.bench import markdown
+from tests.e2e import run_benchmark
+from tests.redis_server import require_redis_server
+
+TARGETS = {"direct", "mitmdump", "memory", "sqlite", "redis"}
+
+
+def test_quick_run_measures_every_target_and_phase():
+    require_redis_server()
+    report = run_benchmark("bench", "--quick", timeout=180)
+
+    load = report["load"]
+    assert (load["rounds"], load["concurrency"], load["truncated"]) == (1, [1, 2], False)
+    assert set(load["targets"]) == TARGETS
+    for name, target in load["targets"].items():
+        assert target["startup_ms"] > 0 and target["rss_mib"] > 0, name
+        assert set(target["levels"]) == {"1", "2"}, name
+        for level, figures in target["levels"].items():
+            assert (figures["requests"], figures["non_200"]) == (load["requests"], 0), (name, level)
+            for key in ("rps", "p50_ms", "p99_ms", "rps_ratio", "p50_ms_ratio", "client_cpu_s"):
+                assert figures[key] > 0, (name, level, key)
+            assert figures["p50_ms"] <= figures["p99_ms"], (name, level)
+    baseline = load["targets"]["mitmdump"]
+    assert baseline["rss_mib_ratio"] == baseline["levels"]["1"]["rps_ratio"] == 1
+    assert baseline["levels"]["1"]["added_p50_ms"] == 0
+
+    stream = report["stream"]
+    assert set(stream["targets"]) == TARGETS and not stream["truncated"]
+    for name, figures in stream["targets"].items():
+        assert (figures["requests"], figures["non_200"]) == (stream["requests"], 0), name
+        assert 0 < figures["ttfb_p50_ms"] <= figures["ttfb_p99_ms"], name
+
+    sizes = report["estimate"]["sizes"]
+    assert list(sizes) == ["1000", "10000", "100000"]
+    for size, figures in sizes.items():
+        # Verified prompt size, plus the chat framing: 3 per message, 3 for the reply, the role.
+        assert figures["text_tokens"] == int(size) and figures["estimate"] == int(size) + 7
+        assert figures["ms"] > 0
+
+    keys = report["keys"]
+    assert set(keys["targets"]) == {"mitmdump", "memory", "sqlite"} and not keys["truncated"]
+    for name, figures in keys["targets"].items():
+        assert (figures["requests"], figures["non_200"]) == (keys["keys"], 0), name
+        assert figures["rss_mib"] > 0 and figures["startup_ms"] > 0, name
+
+    stores = report["stores"]
+    assert stores["rounds"] == 1 and not stores["truncated"]
+    for kind in ("memory", "sqlite", "redis"):
+        for mode in ("sequential", "concurrent"):
+            figures = stores["stores"][kind][mode]
+            assert figures["reserve_us"] > 0 and figures["settle_us"] > 0, (kind, mode)
+            assert figures["both_ratio_to_memory"] > 0, (kind, mode)
+
+    checked = {row["target"] for row in report["targets_met"]}
+    assert "sqlite: req/s vs mitmdump at c=2" in checked
+    assert "100,000-token estimate (ms)" in checked
+    assert all(row["met"] in (True, False) for row in report["targets_met"])
+
+    text = markdown(report)  # the README's tables come from the same report
+    assert text.count("| --- |") == 7 and "TokenGate, Redis" in text
