@@ -26,18 +26,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import secrets
-import socket
 import sqlite3
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from tokengate_core import tokens
 from tokengate_core.config import REQUESTS, Limit
@@ -48,7 +46,8 @@ from tokengate_core.stores.memory import MemoryStore
 from tokengate_core.stores.redis import RedisStore
 from tokengate_core.stores.sqlite import SqliteStore
 
-from scripts import benchkit
+from scripts import benchkit, benchprofile
+from scripts.benchclient import Run, drive, encode_request
 from scripts.benchkit import (
     Budget,
     Column,
@@ -82,8 +81,6 @@ MODEL = "gpt-4o-mini"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 5}
 STREAM_BODY = {**BODY, "stream": True}
 STREAM_DELAY = "0.002"  # seconds between the mock's stream events (its default is 0.01)
-WARMUP = 3  # untimed requests per connection: connection set-up, first-call caches
-REQUEST_TIMEOUT = 10.0  # past the level's time cap, for the requests still in flight
 ESTIMATE_SIZES = (1_000, 10_000, 100_000)
 ESTIMATE_TARGET_MS = 50.0
 TARGET_THROUGHPUT = {"memory": 0.9, "sqlite": 0.9, "redis": 0.8}
@@ -97,117 +94,6 @@ STORE_BUCKETS = (
 STORE_DEMAND = Demand(20, 100)
 STORE_USAGE = Usage(20, 42)
 STORE_MODES = ("sequential", "concurrent")
-
-
-# --- the load client ------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """What one load level measured: per-request seconds, answers, and what the client cost."""
-
-    latencies: list[float] = field(default_factory=list)
-    statuses: Counter = field(default_factory=Counter)  # status -> count; 0: no answer
-    seconds: float = 0.0
-    client_cpu: float = 0.0
-    cut: bool = False  # the time cap ended it before the request count
-
-    @property
-    def failed(self) -> int:
-        return sum(count for status, count in self.statuses.items() if status != 200)
-
-
-def encode_request(port: int, path: str, key: str, body: dict) -> bytes:
-    """The whole HTTP/1.1 request, encoded once: sending it costs the client nothing more."""
-    data = json.dumps(body).encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-    )
-    return head.encode() + data
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, float]:
-    """Status, header block and when the first body byte came; the body is read and dropped."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    lowered = head.lower()
-    if b"\r\ntransfer-encoding: chunked\r\n" in lowered:
-        first = 0.0
-        while size := int((await reader.readline()).split(b";")[0], 16):
-            first = first or time.perf_counter()
-            await reader.readexactly(size + 2)
-        while await reader.readline() not in (b"\r\n", b""):  # trailers
-            pass
-        return status, head, first or time.perf_counter()
-    marker = lowered.find(b"\r\ncontent-length:")
-    if marker < 0:
-        raise ValueError("an answer without Content-Length or chunked encoding")
-    length = int(lowered[marker + 17 : lowered.index(b"\r\n", marker + 2)])
-    await reader.readexactly(length)
-    return status, head, time.perf_counter()
-
-
-async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return reader, writer
-
-
-async def drive(
-    port: int,
-    requests: Sequence[bytes],
-    total: int,
-    concurrency: int,
-    seconds: float,
-    first_byte: bool = False,
-    expect_header: bytes | None = None,
-) -> Run:
-    """`total` requests over `concurrency` keep-alive connections, for at most `seconds`.
-
-    Request i is `requests[i % len(requests)]`. A latency ends at the last body byte, or with
-    `first_byte` at the first. The warm-up answers must carry `expect_header` (the gate's), so a
-    target that is not what it claims fails loudly instead of being measured.
-    """
-    run = Run()
-    connections = [await connect(port) for _ in range(concurrency)]
-    try:
-        for reader, writer in connections:
-            for i in range(WARMUP):
-                writer.write(requests[i % len(requests)])
-                status, head, _ = await read_response(reader)
-                if status != 200 or (expect_header and expect_header not in head.lower()):
-                    raise RuntimeError(f"warm-up answer on port {port}:\n{head.decode()}")
-        counter = itertools.count()
-        cap = time.monotonic() + seconds
-
-        async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            while (i := next(counter)) < total:
-                if time.monotonic() > cap:
-                    run.cut = True
-                    return
-                began = time.perf_counter()
-                writer.write(requests[i % len(requests)])
-                try:
-                    status, _, first = await read_response(reader)
-                except (OSError, ValueError, asyncio.IncompleteReadError):
-                    run.statuses[0] += 1  # no answer: the connection is gone, so is the worker
-                    return
-                run.latencies.append((first if first_byte else time.perf_counter()) - began)
-                run.statuses[status] += 1
-
-        cpu, began = time.process_time(), time.perf_counter()
-        try:
-            async with asyncio.timeout(seconds + REQUEST_TIMEOUT):
-                await asyncio.gather(*(worker(*connection) for connection in connections))
-        except TimeoutError:
-            run.cut = True
-        run.seconds = time.perf_counter() - began
-        run.client_cpu = time.process_time() - cpu
-    finally:
-        for _, writer in connections:
-            writer.close()
-    return run
 
 
 # --- targets --------------------------------------------------------------------------------
@@ -228,6 +114,7 @@ class Target:
     """A running target: where to send requests, and the process whose memory counts."""
 
     name: str
+    run: int  # numbers the session's launches
     process: Child  # the proxy; for `direct`, the mock
     port: int
     path: str
@@ -321,7 +208,7 @@ def launched(
             key, path = session.caller_key, f"{CONTEXT}/chat/completions"
         port = int(benchkit.url_of(process, deadline).rsplit(":", 1)[1])
         assert process.startup is not None
-        yield Target(name, process, port, path, key, process.startup)
+        yield Target(name, run, process, port, path, key, process.startup)
 
 
 def rotated(names: Sequence[str], round_: int) -> list[str]:
@@ -345,7 +232,7 @@ def summary_of(run: Run) -> dict:
         "p50_ms": percentile(run.latencies, 50) * 1000 if answered else None,
         "p99_ms": percentile(run.latencies, 99) * 1000 if answered else None,
         "client_cpu_s": run.client_cpu,
-        "seconds": run.seconds,
+        "client_cpu_share": run.client_cpu / run.seconds if run.seconds else None,
     }
 
 
@@ -357,16 +244,21 @@ def add_ratios(per_target: dict[str, dict], figures: Sequence[str]) -> None:
             figures_of[f"{name}_ratio"] = ratio(figures_of.get(name), base.get(name))
 
 
-def medians(rounds: list[dict[str, dict]], names: Sequence[str]) -> dict[str, dict]:
-    """Per target: the median over rounds of each figure; counts are summed."""
-    merged: dict[str, dict] = {}
-    for target in dict.fromkeys(t for one in rounds for t in one):
-        seen = [one[target] for one in rounds if target in one]
-        merged[target] = {name: median([one.get(name) for one in seen]) for name in names}
-        merged[target]["requests"] = sum(one["requests"] for one in seen)
-        merged[target]["non_200"] = sum(one["non_200"] for one in seen)
-        merged[target]["cut"] = any(one["cut"] for one in seen)
-    return merged
+def by_target(rounds: list[dict[str, dict]]) -> dict[str, list[dict]]:
+    """Rounds of {target: figures} as {target: [its figures in each round]}."""
+    return {
+        target: [one[target] for one in rounds if target in one]
+        for target in dict.fromkeys(t for one in rounds for t in one)
+    }
+
+
+def merged(seen: list[dict], names: Sequence[str]) -> dict:
+    """The median over rounds of each of `names`; requests and non-200 answers summed."""
+    figures = {name: median([one.get(name) for one in seen]) for name in names}
+    figures["requests"] = sum(one["requests"] for one in seen)
+    figures["non_200"] = sum(one["non_200"] for one in seen)
+    figures["cut"] = any(one["cut"] for one in seen)
+    return figures
 
 
 # --- phases ---------------------------------------------------------------------------------
@@ -379,23 +271,21 @@ def load_run(target: Target, args, budget: Budget) -> dict:
     """Every concurrency level against one running target, then its peak RSS."""
     levels = {}
     expect = b"x-tokens-consumed" if target.gated else None
-    for concurrency in args.concurrency:
-        seconds = min(args.level_seconds, budget.left())
-        if seconds <= 0:
-            budget.exhausted = True
-            break
-        run = asyncio.run(
-            drive(
-                target.port,
-                target.requests(BODY),
-                args.requests,
-                concurrency,
-                seconds,
-                expect_header=expect,
+    with contextlib.ExitStack() as stack:
+        if args.profile and target.name != "direct":
+            output = args.profile / f"{target.name}-{target.run}.folded"
+            stack.enter_context(benchprofile.sampled(target.process.popen.pid, output))
+        for concurrency in args.concurrency:
+            seconds = min(args.level_seconds, budget.left())
+            if seconds <= 0:
+                budget.exhausted = True
+                break
+            requests = target.requests(BODY)
+            run = asyncio.run(
+                drive(target.port, requests, args.requests, concurrency, seconds, False, expect)
             )
-        )
-        levels[str(concurrency)] = summary_of(run)
-        budget.exhausted |= run.cut
+            levels[str(concurrency)] = summary_of(run)
+            budget.exhausted |= run.cut
     rss = target.process.memory_kib()
     return {
         "startup_ms": target.startup * 1000,
@@ -452,7 +342,7 @@ def proxy_phases(session: Session, args, budgets: dict[str, Budget]) -> dict:
             "requests": args.stream_requests,
             "rounds": len(stream_rounds),
             "truncated": budgets["stream"].exhausted,
-            "targets": medians(stream_rounds, names),
+            "targets": {t: merged(seen, names) for t, seen in by_target(stream_rounds).items()},
         }
     return result
 
@@ -472,30 +362,20 @@ def add_load_ratios(load: dict[str, dict], concurrency: Sequence[int]) -> None:
 
 
 def summarize_load(rounds: list[dict[str, dict]], args, budget: Budget) -> dict:
+    """Medians over rounds, per target and per concurrency level."""
     level_names = (*LOAD_FIGURES, *(f"{name}_ratio" for name in LOAD_FIGURES), "added_p50_ms")
+    level_names += ("client_cpu_s", "client_cpu_share")
     targets: dict[str, dict] = {}
-    for name in dict.fromkeys(t for one in rounds for t in one):
-        seen = [one[name] for one in rounds if name in one]
+    for name, seen in by_target(rounds).items():
         targets[name] = {
             key: median([one.get(key) for one in seen])
             for key in ("startup_ms", "startup_ms_ratio", "rss_mib", "rss_mib_ratio")
         }
-        levels = {}
-        for level in map(str, args.concurrency):
-            per_round = [{name: one["levels"][level]} for one in seen if level in one["levels"]]
-            if per_round:
-                levels[level] = medians(per_round, level_names)[name]
-                levels[level]["client_cpu_s"] = median(
-                    [one[name]["client_cpu_s"] for one in per_round]
-                )
-                levels[level]["client_cpu_share"] = median(
-                    [
-                        one[name]["client_cpu_s"] / one[name]["seconds"]
-                        for one in per_round
-                        if one[name]["seconds"]
-                    ]
-                )
-        targets[name]["levels"] = levels
+        targets[name]["levels"] = {
+            level: merged(runs, level_names)
+            for level in map(str, args.concurrency)
+            if (runs := [one["levels"][level] for one in seen if level in one["levels"]])
+        }
     return {
         "requests": args.requests,
         "concurrency": args.concurrency,
@@ -587,16 +467,17 @@ def keys_phase(session: Session, args, budget: Budget, startups: dict[str, float
 
 
 async def store_round(
-    folder: Path, redis_url: str, args, round_: int, deadline: float
+    kinds: Sequence[str], folder: Path, redis_url: str | None, args, round_: int, deadline: float
 ) -> dict[str, dict[str, dict]]:
     """µs per reserve and per settle, by store and mode, for one round of fresh stores."""
     figures: dict[str, dict[str, dict]] = {}
-    for kind in GATES:
+    for kind in kinds:
         if kind == "memory":
             store: Store = MemoryStore()
         elif kind == "sqlite":
             store = SqliteStore(folder / f"round-{round_}.sqlite3")
         else:
+            assert redis_url is not None
             store = RedisStore(redis_url, prefix=f"bench-{round_}")
         try:
             runs = itertools.count()
@@ -621,11 +502,11 @@ async def store_calls(
             raise OutOfTime
         ids = [f"{run}-{start + i}" for i in range(min(batch, requests - start))]
         began = time.perf_counter()
-        held = await asyncio.gather(*(store.reserve(i, STORE_BUCKETS, STORE_DEMAND) for i in ids))
+        held = await together([store.reserve(i, STORE_BUCKETS, STORE_DEMAND) for i in ids])
         reserved = time.perf_counter()
         if any(reservation is None for _, reservation in held):
             raise RuntimeError("the store benchmark's limits refused a request")
-        await asyncio.gather(*(store.settle(r, STORE_USAGE) for _, r in held))
+        await together([store.settle(reservation, STORE_USAGE) for _, reservation in held])
         reserving += reserved - began
         settling += time.perf_counter() - reserved
     return {
@@ -635,26 +516,37 @@ async def store_calls(
     }
 
 
+async def together[T](calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """The calls' results; one call is awaited as such (a gathered one would pay for a task)."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    return await asyncio.gather(*calls)
+
+
 def stores_phase(session: Session, args, budget: Budget) -> dict:
-    """The cost of one limit check per store, in process: what the gate pays per request."""
+    """The cost of one limit check per store, in process: what the gate pays per request.
+
+    Memory, the base of the ratios, always; the other stores when among `--targets`.
+    """
+    kinds = [kind for kind in GATES if kind == "memory" or kind in args.targets]
     rounds = []
-    with budget.running():
+    with budget.running(), contextlib.ExitStack() as stack:
         deadline = budget.deadline()
-        server = RedisServer().start()
-        try:
-            for round_ in range(args.rounds):
-                try:
-                    rounds.append(
-                        asyncio.run(store_round(session.folder, server.url, args, round_, deadline))
-                    )
-                except OutOfTime:
-                    budget.exhausted = True
-                    break
-            redis_server = server.version()
-        finally:
-            server.stop()
+        server = RedisServer().start() if "redis" in kinds else None
+        if server:
+            stack.callback(server.stop)
+        url = server.url if server else None
+        for round_ in range(args.rounds):
+            try:
+                rounds.append(
+                    asyncio.run(store_round(kinds, session.folder, url, args, round_, deadline))
+                )
+            except OutOfTime:
+                budget.exhausted = True
+                break
+        redis_server = server.version() if server else None
     stores: dict[str, dict] = {}
-    for kind in GATES:
+    for kind in kinds:
         stores[kind] = {}
         for mode in STORE_MODES:
             seen = [one[kind][mode] for one in rounds]
@@ -820,9 +712,9 @@ def markdown(report: dict) -> str:
         out += section(
             "One limit check in process (two limits: tokens and requests per minute), "
             f"{stores['requests']} requests per store and mode, concurrent: batches of "
-            f"{stores['batch']} gathered; medians over {stores['rounds']} round(s); redis-server "
-            f"{stores['redis_server']}, redis-py {stores['redis_py']}, SQLite {stores['sqlite']}"
-            f"{truncation(stores)}.",
+            f"{stores['batch']} gathered; medians over {stores['rounds']} round(s); SQLite "
+            f"{stores['sqlite']}, redis-server {stores['redis_server'] or '-'}, redis-py "
+            f"{stores['redis_py']}{truncation(stores)}.",
             figures_table(
                 ["store", "mode"],
                 [
@@ -833,6 +725,27 @@ def markdown(report: dict) -> str:
                 STORE_COLUMNS,
             ),
         )
+    for name, profile in report.get("profiles", {}).items():
+        out += section(
+            f"Profile of {LABELS[name]} under load (py-spy, {profile['samples']} samples, "
+            f"{cell(profile['tokengate_share'], '{:.0%}')} of them in TokenGate's code; the "
+            "sampling slows the proxy, so this run's other figures are not comparable).",
+            table(
+                ["function the samples land in", "share"],
+                [[f"`{frame}`", f"{share:.1%}"] for frame, share in profile["top_functions"]],
+            ),
+        )
+        if profile["top_tokengate_entries"]:
+            out += [
+                "",
+                table(
+                    ["through TokenGate's", "share"],
+                    [
+                        [f"`{frame}`", f"{share:.1%}"]
+                        for frame, share in profile["top_tokengate_entries"]
+                    ],
+                ),
+            ]
     if report["targets_met"]:
         verdict = {True: "yes", False: "**no**", None: "-"}
         out += section(
@@ -902,6 +815,13 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument(
         "--quick", action="store_true", help="a tiny run (for the test): 1 round, few requests"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample each proxy with py-spy during the load phase (folded stacks into DIR); "
+        "the sampling slows the proxies, so this run's figures are not comparable",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.requests, args.concurrency = 1, 12, [1, 2]
@@ -911,6 +831,8 @@ def parse_args(argv: list[str] | None = None):
         parser.error("counts must be at least 1, times positive")
     if {"load", "stream"} & set(args.phases) and BASELINE not in args.targets:
         parser.error("the load and stream phases need the mitmdump target: ratios are to it")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     return args
 
 
@@ -936,6 +858,12 @@ def main(argv: list[str] | None = None) -> int:
             report["keys"] = keys_phase(session, args, budgets["keys"], startups)
         if "stores" in budgets:
             report["stores"] = stores_phase(session, args, budgets["stores"])
+    if args.profile:
+        report["profiles"] = {
+            name: benchprofile.summary(files)
+            for name in args.targets
+            if (files := sorted(args.profile.glob(f"{name}-*.folded")))
+        }
     report["targets_met"] = verdicts(report)
     report["seconds"] = round(time.monotonic() - began, 1)
     benchkit.emit(report, markdown, args.json)
