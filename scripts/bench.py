@@ -727,9 +727,10 @@ def markdown(report: dict) -> str:
         )
     for name, profile in report.get("profiles", {}).items():
         out += section(
-            f"Profile of {LABELS[name]} under load (py-spy, {profile['samples']} samples, "
-            f"{cell(profile['tokengate_share'], '{:.0%}')} of them in TokenGate's code; the "
-            "sampling slows the proxy, so this run's other figures are not comparable).",
+            f"Profile of {LABELS[name]} under load (py-spy: {profile['samples']} samples, "
+            f"busy {cell(profile['busy_ms_per_request'], '{:.2f}')} ms per request, "
+            f"{cell(profile['tokengate_share'], '{:.0%}')} of the samples in TokenGate's code; "
+            "the sampling slows the proxy, so this run's other figures are not comparable).",
             table(
                 ["function the samples land in", "share"],
                 [[f"`{frame}`", f"{share:.1%}"] for frame, share in profile["top_functions"]],
@@ -859,8 +860,12 @@ def main(argv: list[str] | None = None) -> int:
         if "stores" in budgets:
             report["stores"] = stores_phase(session, args, budgets["stores"])
     if args.profile:
+        served = {
+            name: sum(level["requests"] for level in target["levels"].values())
+            for name, target in report.get("load", {}).get("targets", {}).items()
+        }
         report["profiles"] = {
-            name: benchprofile.summary(files)
+            name: benchprofile.summary(files, served.get(name, 0))
             for name in args.targets
             if (files := sorted(args.profile.glob(f"{name}-*.folded")))
         }

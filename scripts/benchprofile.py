@@ -45,8 +45,12 @@ def sampled(pid: int, output: Path) -> Iterator[None]:
         spy.stop()
 
 
-def summary(files: Iterable[Path]) -> dict:
-    """Shares of samples: in TokenGate's code, by leaf function, by TokenGate entry point."""
+def summary(files: Iterable[Path], requests: int) -> dict:
+    """Shares of samples: in TokenGate's code, by leaf function, by TokenGate entry point.
+
+    py-spy leaves out idle threads, so samples per request (in ms at RATE) tell how long the
+    process was busy for each of the `requests` it served while sampled.
+    """
     total = ours = 0
     leaves: Counter[str] = Counter()
     entries: Counter[str] = Counter()
@@ -68,6 +72,7 @@ def summary(files: Iterable[Path]) -> dict:
 
     return {
         "samples": total,
+        "busy_ms_per_request": total / RATE * 1000 / requests if requests else None,
         "tokengate_share": ours / total if total else None,
         "top_functions": shares(leaves) if total else [],
         "top_tokengate_entries": shares(entries) if total else [],

@@ -4,7 +4,14 @@ they depend on the machine."""
 
 from __future__ import annotations
 
+import sys
+import time
+
+import pytest
+
+from scripts import benchprofile
 from scripts.bench import markdown
+from scripts.children import Child
 from tests.e2e import run_benchmark
 from tests.redis_server import require_redis_server
 
@@ -64,3 +71,45 @@ def test_quick_run_measures_every_target_and_phase():
 
     text = markdown(report)  # the README's tables come from the same report
     assert text.count("| --- |") == 7 and "TokenGate, Redis" in text
+
+
+def test_profile_summary_counts_shares_by_function_and_entry(tmp_path):
+    folded = tmp_path / "memory-0.folded"
+    folded.write_text(
+        "run (mitmproxy/master.py:10);request (tokengate_core/metering.py:40);"
+        "estimate (tokengate_core/tokens.py:9) 30\n"
+        "run (mitmproxy/master.py:10);write (asyncio/selector_events.py:1) 60\n"
+        "run (mitmproxy/master.py:12);request (tokengate_core/metering.py:41);"
+        "estimate (tokengate_core/tokens.py:12) 10\n",
+        encoding="utf-8",
+    )
+    summary = benchprofile.summary([folded], requests=50)
+    assert summary["samples"] == 100 and summary["tokengate_share"] == 0.4
+    assert summary["busy_ms_per_request"] == 100 / benchprofile.RATE * 1000 / 50
+    # Line numbers are dropped, so a function's samples add up wherever they landed in it.
+    assert summary["top_functions"] == [
+        ["write (asyncio/selector_events.py)", 0.6],
+        ["estimate (tokengate_core/tokens.py)", 0.4],
+    ]
+    assert summary["top_tokengate_entries"] == [["request (tokengate_core/metering.py)", 0.4]]
+
+
+def test_profile_samples_a_running_python_process(tmp_path):
+    busy = "import time\nprint('listening at x:1', flush=True)\nend = time.time() + 30\n"
+    busy += "while time.time() < end:\n    sum(range(1000))\n"
+    child = Child([sys.executable, "-c", busy])
+    output = tmp_path / "busy.folded"
+    try:
+        assert child.wait_ready(10)
+        try:
+            with benchprofile.sampled(child.popen.pid, output):
+                time.sleep(1)
+        except RuntimeError as e:
+            if "ermission" in str(e):
+                pytest.skip(f"py-spy may not attach to processes here: {e}")
+            raise
+    finally:
+        child.stop()
+    summary = benchprofile.summary([output], requests=1)
+    assert summary["samples"] > 0 and summary["tokengate_share"] == 0
+    assert summary["top_functions"][0][0].startswith("<module> (<string>)")
