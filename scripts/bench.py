@@ -840,6 +840,17 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     benchkit.stop_on_sigterm()
+    try:
+        report = run(args)
+    except KeyboardInterrupt:
+        print("bench: interrupted; the processes it started are stopped", file=sys.stderr)
+        return 130
+    benchkit.emit(report, markdown, args.json)
+    return 0
+
+
+def run(args) -> dict:
+    """Every phase asked for, in order; the report."""
     began = time.monotonic()
     budgets = {phase: Budget(args.phase_seconds) for phase in args.phases}
     report: dict = {"environment": benchkit.environment(), "quick": args.quick}
@@ -871,8 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     report["targets_met"] = verdicts(report)
     report["seconds"] = round(time.monotonic() - began, 1)
-    benchkit.emit(report, markdown, args.json)
-    return 0
+    return report
 
 
 if __name__ == "__main__":

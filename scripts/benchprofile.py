@@ -26,6 +26,7 @@ SAMPLING = re.compile(r"Sampling process")
 OURS = re.compile(r"tokengate_core[/\\]|addons[/\\]tokengate\.py")
 LINE = re.compile(r":\d+\)$")  # a frame's line number: functions are counted whole
 TOP = 8
+NATIVE = "(no Python frame)"  # a thread sampled outside Python code
 
 
 @contextlib.contextmanager
@@ -57,10 +58,10 @@ def summary(files: Iterable[Path], requests: int) -> dict:
     for path in files:
         for line in path.read_text(encoding="utf-8").splitlines():
             stack, _, count = line.rpartition(" ")
-            if not stack or not count.isdigit():
+            if not count.isdigit():
                 continue
             samples = int(count)
-            frames = [LINE.sub(")", frame) for frame in stack.split(";")]
+            frames = [LINE.sub(")", frame) for frame in stack.split(";")] if stack else [NATIVE]
             total += samples
             leaves[frames[-1]] += samples
             if entry := next((frame for frame in frames if OURS.search(frame)), None):

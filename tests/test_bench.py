@@ -1,6 +1,6 @@
 """The side-by-side benchmark runs end to end in its tiny configuration (`--quick`): every
-target and phase produces figures, and every request was answered 200. Times are not asserted:
-they depend on the machine."""
+target and phase produces figures, and every request was answered 200. Its profiler summarises
+folded stacks and samples a real process. Times are not asserted: they depend on the machine."""
 
 from __future__ import annotations
 
@@ -80,18 +80,20 @@ def test_profile_summary_counts_shares_by_function_and_entry(tmp_path):
         "estimate (tokengate_core/tokens.py:9) 30\n"
         "run (mitmproxy/master.py:10);write (asyncio/selector_events.py:1) 60\n"
         "run (mitmproxy/master.py:12);request (tokengate_core/metering.py:41);"
-        "estimate (tokengate_core/tokens.py:12) 10\n",
+        "estimate (tokengate_core/tokens.py:12) 10\n"
+        " 5\n",  # a thread outside Python code: no frames
         encoding="utf-8",
     )
     summary = benchprofile.summary([folded], requests=50)
-    assert summary["samples"] == 100 and summary["tokengate_share"] == 0.4
-    assert summary["busy_ms_per_request"] == 100 / benchprofile.RATE * 1000 / 50
+    assert summary["samples"] == 105 and summary["tokengate_share"] == 40 / 105
+    assert summary["busy_ms_per_request"] == 105 / benchprofile.RATE * 1000 / 50
     # Line numbers are dropped, so a function's samples add up wherever they landed in it.
     assert summary["top_functions"] == [
-        ["write (asyncio/selector_events.py)", 0.6],
-        ["estimate (tokengate_core/tokens.py)", 0.4],
+        ["write (asyncio/selector_events.py)", 60 / 105],
+        ["estimate (tokengate_core/tokens.py)", 40 / 105],
+        [benchprofile.NATIVE, 5 / 105],
     ]
-    assert summary["top_tokengate_entries"] == [["request (tokengate_core/metering.py)", 0.4]]
+    assert summary["top_tokengate_entries"] == [["request (tokengate_core/metering.py)", 40 / 105]]
 
 
 def test_profile_samples_a_running_python_process(tmp_path):
