@@ -94,6 +94,7 @@ STORE_BUCKETS = (
 STORE_DEMAND = Demand(20, 100)
 STORE_USAGE = Usage(20, 42)
 STORE_MODES = ("sequential", "concurrent")
+MAX_COUNT = 100_000  # for any count option: rounds, requests, keys
 
 
 # --- targets --------------------------------------------------------------------------------
@@ -828,8 +829,10 @@ def parse_args(argv: list[str] | None = None):
         args.rounds, args.requests, args.concurrency = 1, 12, [1, 2]
         args.stream_requests, args.keys, args.store_requests = 4, 30, 20
     counts = (args.rounds, args.requests, args.stream_requests, args.keys, args.store_requests)
-    if min(counts) < 1 or args.level_seconds <= 0 or args.phase_seconds <= 0:
-        parser.error("counts must be at least 1, times positive")
+    if min(counts) < 1 or max(counts) > MAX_COUNT:
+        parser.error(f"counts must be 1..{MAX_COUNT:,}")
+    if args.level_seconds <= 0 or args.phase_seconds <= 0:
+        parser.error("--level-seconds and --phase-seconds must be positive")
     if {"load", "stream"} & set(args.phases) and BASELINE not in args.targets:
         parser.error("the load and stream phases need the mitmdump target: ratios are to it")
     if args.profile:
