@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
-import os
 import re
 import secrets
 import sys
@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 from tokengate_core.keys import hash_key
 
-from scripts.bench_latency import MOCK, PROVIDER_ENV, OutOfTime, mitmdump, url_of
-from scripts.children import ROOT, Child
+from scripts import benchkit
+from scripts.benchkit import PROVIDER_ENV, OutOfTime, started, url_of
 
 PROMPT = [{"role": "user", "content": "Hello!"}]  # 9 tokens for gpt-4o-mini
 COMPLETION = 50  # what each request generates: 9 + 50 = 59 tokens
@@ -170,29 +170,21 @@ def run(args: argparse.Namespace) -> dict:
     keys = {scenario: "tg-bench-" + secrets.token_hex(16) for scenario in SCENARIOS}
     outcomes: list[Outcome] = []
     truncated = False
-    children: list[Child] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="bench-burst-") as tmp:
-            mock_argv = [*MOCK, "--expect-key", provider_key]
-            children.append(Child([*mock_argv, "--completion-tokens", str(COMPLETION)]))
-            mock_url = url_of(children[-1], deadline)
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-burst-") as tmp,
+            contextlib.ExitStack() as stack,
+        ):
+            mock = benchkit.mock(provider_key, "--completion-tokens", str(COMPLETION))
+            mock_url = url_of(started(stack, mock), deadline)
             config = write_quotas(Path(tmp) / "quotas.yaml", mock_url, args.limit, keys)
-            gate = mitmdump(
-                mock_url,
-                "-s", str(ROOT / "addons" / "tokengate.py"),
-                "--set", f"tokengate_config={config}",
-                env={**os.environ, PROVIDER_ENV: provider_key},
-            )  # fmt: skip
-            children.append(gate)
-            gate_url = url_of(children[-1], deadline)
+            gate = started(stack, benchkit.gateway(mock_url, config, provider_key))
+            gate_url = url_of(gate, deadline)
             for scenario in SCENARIOS:
                 outcome = burst(gate_url, mock_url, scenario, keys[scenario], args, deadline)
                 outcomes.append(asyncio.run(outcome))
     except OutOfTime:
         truncated = True
-    finally:
-        for child in reversed(children):
-            child.stop()
     return {
         "requests": args.requests,
         "limit": args.limit,
@@ -204,29 +196,33 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+FLAGS = ("max_tokens", "stream", "queue_wait")
+COLUMNS: tuple[benchkit.Column, ...] = (
+    ("admitted", "admitted", "{:d}"),
+    ("429", "refused", "{:d}"),
+    ("served upstream", "served", "{:d}"),
+    ("settled by gate", "settled", "{:d}"),
+    ("overshoot", "overshoot", "{:+d}"),
+    ("utilisation", "utilisation", "{:.0%}"),
+)
+
+
 def markdown(report: dict) -> str:
-    lines = [
-        f"{report['requests']} concurrent chat requests of ~{9 + report['completion']} tokens "
-        f"against a fresh key of L = {report['limit']} total tokens/min; queue_wait "
-        f"{report['queue_wait']} where on"
-        + (": stopped early by --max-seconds." if report["truncated"] else "."),
-        "",
-        "| max_tokens | streamed | queue_wait | admitted | 429 | served upstream | settled by "
-        "gate | overshoot | utilisation |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|",
-    ]
-    for row in report["scenarios"]:
-        flags = ["yes" if row[name] else "no" for name in ("max_tokens", "stream", "queue_wait")]
-        figures = [row["admitted"], row["refused"], row["served"], row["settled"]]
-        lines.append(
-            "| " + " | ".join(flags + [str(f) for f in figures]) + f" | {row['overshoot']:+d} | "
-            f"{row['utilisation']:.0%} |"
-        )
-    return "\n".join(lines)
+    rows = [(["yes" if row[flag] else "no" for flag in FLAGS], row) for row in report["scenarios"]]
+    return "\n".join(
+        [
+            f"{report['requests']} concurrent chat requests of ~{9 + report['completion']} tokens "
+            f"against a fresh key of L = {report['limit']} total tokens/min; queue_wait "
+            f"{report['queue_wait']} where on"
+            + (": stopped early by --max-seconds." if report["truncated"] else "."),
+            "",
+            benchkit.figures_table(["max_tokens", "streamed", "queue_wait"], rows, COLUMNS),
+        ]
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchkit.parser(__doc__)
     parser.add_argument("--requests", type=int, default=50, help="concurrent requests per burst")
     parser.add_argument("--limit", type=int, default=1000, help="total tokens per minute (L)")
     parser.add_argument(
@@ -238,7 +234,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-seconds", type=float, default=120.0, help="overall budget; past it the run stops"
     )
-    parser.add_argument("--json", action="store_true", help="print a JSON object, not Markdown")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.requests > 200 or args.limit < 1:
         parser.error("--requests must be 1..200 and --limit at least 1")
@@ -249,8 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
-    print(json.dumps(report, indent=2) if args.json else markdown(report))
+    benchkit.stop_on_sigterm()
+    benchkit.emit(run(args), markdown, args.json)
     return 0
 
 

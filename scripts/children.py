@@ -55,6 +55,18 @@ class Child:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def memory_kib(self, field: str = "VmHWM") -> int | None:
+        """A memory figure of the process from /proc (Linux), or None where unknown.
+
+        VmHWM: peak resident memory so far; VmRSS: resident memory now.
+        """
+        try:
+            status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        except OSError:
+            return None
+        match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+        return int(match.group(1)) if match else None
+
     def stop(self) -> int | None:
         if self.popen.poll() is None:
             self.popen.terminate()
