@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import taddons, tflow, tutils
 from tokengate_core import flowstate, pipeline
-from tokengate_core.credentials import CredentialSwap
+from tokengate_core.credentials import REDACTED, CredentialSwap
 from tokengate_core.metering import Metering, buckets_for
 from tokengate_core.settings import Gate
 from tokengate_core.usage import MAX_BELIEVABLE_TOKENS
@@ -82,6 +82,18 @@ def harness(tmp_path_factory):
         yield Harness(loop, gate, addons, metering, swap, now)
     loop.close()
     mp.undo()
+
+
+@pytest.fixture
+def harness_free(tmp_path, monkeypatch):
+    """A gate of its own in the test harness, for single async cases."""
+    monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
+    quotas = write_quotas(tmp_path / "quotas.yaml", "http://upstream.test:8000", PROXIES)
+    gate = Gate()
+    addons = pipeline.build(gate)
+    with taddons.context(*addons) as tctx:
+        tctx.configure(addons[0], tokengate_config=str(quotas))
+        yield addons
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -206,6 +218,9 @@ odd_suffixes = st.one_of(
             "",
             "?x",
             "/chat/completions#frag",
+            "/chat/completions?q=\u00e4",
+            "/models/gpt-\u00e4",
+            "/models/a b",
         ]
     ),
     st.text(alphabet="/p%.?#ab2fF", max_size=20),
@@ -443,3 +458,22 @@ def test_hostile_requests_and_replies_keep_the_books(harness, request, reply):
 def test_the_fuzz_ran_its_cases(harness):
     """Runs after the property (file order): it did run every case it was given."""
     assert harness.cases >= CASES
+
+
+async def test_a_request_mitmproxy_refuses_as_malformed_leaves_no_addon_error(harness_free):
+    """mitmproxy runs requestheaders and then error for a request it refuses (say, a bad
+    Content-Length) before it has set the request's host; found by the end-to-end fuzz, where
+    putting the caller's URL back (`://:0/...`) raised in the error hook."""
+    addons = harness_free
+    flow = reverse_flow(path="/p/chat/completions")
+    flow.request.data.host, flow.request.data.port, flow.request.scheme = "", 0, ""
+    await through(addons, ("requestheaders",), flow)
+    assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    flow.error = tflow.terr("HTTP/1 protocol error: Invalid Content-Length")
+    await through(addons, ("error",), flow)
+    assert flow.request.headers["authorization"] == REDACTED
+    assert (flow.request.scheme, flow.request.host, flow.request.path) == (
+        "",
+        "",
+        "/p/chat/completions",
+    )
