@@ -77,6 +77,8 @@ RESET_GRACE = 0.1
 ERROR_MODE = re.compile(r"error:([45]\d\d)")
 DEFAULT_SLOW_DELAY = 2.0
 DEFAULT_MODEL = "mock-model"
+# Like OpenAI's models, the mock refuses (400) to generate more than this in one completion.
+MAX_COMPLETION_TOKENS = 16_384
 STREAM_PIECES = 8
 EMBEDDING_SIZE = 8
 SPLIT_PIECE_BYTES = (1, 40)
@@ -489,7 +491,7 @@ class MockHandler(BaseHTTPRequestHandler):
     def _api(self, raw: bytes) -> None:
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deeply: as unreadable as bad JSON
             body = None
         endpoint = endpoint_of(self._path)
         expected = self.server.expect_key
@@ -520,6 +522,9 @@ class MockHandler(BaseHTTPRequestHandler):
                 data = b'{"id": "x", '
                 self._send_head(200, "application/json", len(data))
                 self.wfile.write(data)
+                # The prompt was read (and would be billed) before the answer broke.
+                tag = self.headers.get("X-Mock-Tag", "-")
+                self.server.stats.add_delivered(tag, tokens.estimate_prompt(endpoint, body))
             else:
                 self._answer(endpoint, body, mode)
 
@@ -535,6 +540,14 @@ class MockHandler(BaseHTTPRequestHandler):
                 self.server.stats.add_delivered(tag, prompt)
             return
         limit = max_tokens(endpoint, body)
+        if limit is not None and limit > MAX_COMPLETION_TOKENS:
+            self._send_error(
+                400,
+                f"max_tokens is too large: {limit}. This model supports at most "
+                f"{MAX_COMPLETION_TOKENS} completion tokens.",
+                "invalid_value",
+            )
+            return
         n = self.server.completion_tokens if limit is None else limit
         completion = Completion(
             model=model or DEFAULT_MODEL,

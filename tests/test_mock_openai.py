@@ -423,3 +423,10 @@ def test_record_file_keeps_every_request(tmp_path):
     ]
     assert ["X-Api-Key", "k1"] in lines[0]["headers"]
     assert json.loads(lines[0]["body"]) == {"input": "x"}
+
+
+def test_max_tokens_above_the_models_maximum_is_refused(http):
+    r = http.post("/v1/chat/completions", json=CHAT | {"max_tokens": 10**20})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_value"
+    assert http.get("/mock/stats").json()["tokens_served"]["total"] == 0
