@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import random
 import socket
 from collections import Counter
@@ -24,8 +25,8 @@ import pytest
 from tests.conftest import ALICE, BOB, key_entries
 from tests.e2e import Gateway, wait_until, write_quotas
 
-CASES = 400
-SEED = 20261129
+CASES = int(os.environ.get("TOKENGATE_FUZZ_CASES", "400"))
+SEED = int(os.environ.get("TOKENGATE_FUZZ_SEED", "20261129"))
 MAX_BODY = 64 * 1024
 # mitmproxy reads a whole request body into memory before any hook can refuse it (the gate's 413
 # included); its own body_size_limit stops that early. Deployments set both (README).
@@ -279,8 +280,9 @@ def check(case: Case, answer: Answer | None) -> str:
             assert set(error) == {"message", "type", "param", "code"}, case.note
     elif source == "mitmproxy":
         assert answer.status in MITMPROXY_STATUSES, (answer.status, case.note, answer.body[:200])
-        if answer.status == 502:
-            assert case.mode in BREAKING_MODES, (case.note, answer.body[:200])
+        if answer.status == 502:  # the provider broke the connection (or refused a path the
+            # gate does not govern, e.g. with a header line longer than it reads)
+            assert case.mode in BREAKING_MODES or case.tag == "stranger", case.note
     elif not answer.complete:
         assert case.mode in BREAKING_MODES, case.note
     return source
