@@ -36,7 +36,7 @@ from tokengate_core.keys import hash_key
 from scripts.bench_latency import MOCK, PROVIDER_ENV, mitmdump, url_of
 from scripts.children import ROOT, Child
 
-BIG_KEYS = ("big-1", "big-2", "big-3")  # proxy /soak: a budget no mix spends
+BIG_KEYS = ("big-1", "big-2", "big-3")  # proxy /soak: a budget no mix spends (per 10 s)
 TIGHT_KEYS = ("tight-1", "tight-2")  # proxy /tight: 1500 tokens per 10 s, so 429s happen
 MODES = (
     ("normal", 80),
@@ -55,7 +55,7 @@ LOG_ERRORS = re.compile(r"Traceback|Addon error|error in ")
 REQUEST_TIMEOUT = 30.0
 
 
-def write_quotas(path: Path, mock_url: str, keys: dict[str, str]) -> Path:
+def write_quotas(path: Path, mock_url: str, keys: dict[str, str], store: str) -> Path:
     def entries(names) -> str:
         return "".join(f'      {n}: {{sha256: "{hash_key(keys[n])}"}}\n' for n in names)
 
@@ -64,10 +64,10 @@ def write_quotas(path: Path, mock_url: str, keys: dict[str, str]) -> Path:
         f"    base_url: {mock_url}/v1\n    api_key_env: {PROVIDER_ENV}\n"
         "proxies:\n"
         "  soak:\n    context: /soak\n    provider: mock\n"
-        "    token_limits:\n      total_tokens:\n        - {count: 1000000000, duration: 1d}\n"
+        "    token_limits:\n      total_tokens:\n        - {count: 1000000000, duration: 10s}\n"
         "    keys:\n" + entries(BIG_KEYS) + "  tight:\n    context: /tight\n    provider: mock\n"
         "    token_limits:\n      total_tokens:\n        - {count: 1500, duration: 10s}\n"
-        "    keys:\n" + entries(TIGHT_KEYS),
+        "    keys:\n" + entries(TIGHT_KEYS) + f"store:\n  kind: {store}\n",
         encoding="utf-8",
     )
     return path
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> dict:
             )  # fmt: skip
             children.append(mock)
             mock_url = url_of(mock, began + 60)
-            config = write_quotas(Path(folder) / "quotas.yaml", mock_url, keys)
+            config = write_quotas(Path(folder) / "quotas.yaml", mock_url, keys, args.store)
             gate = mitmdump(
                 mock_url,
                 "-s", str(ROOT / "addons" / "tokengate.py"),
@@ -247,6 +247,7 @@ def run(args: argparse.Namespace) -> dict:
         "requests": done,
         "concurrency": args.concurrency,
         "seed": args.seed,
+        "store": args.store,
         "seconds": round(time.monotonic() - began, 1),
         "outcomes": dict(sorted(outcomes.items())),
         "rss_kib_after_warm_up": warm,
@@ -263,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
 def text(report: dict) -> str:
     lines = [
         f"{report['requests']} requests, concurrency {report['concurrency']}, seed "
-        f"{report['seed']}, {report['seconds']} s",
+        f"{report['seed']}, {report['store']} store, {report['seconds']} s",
         "answers: " + ", ".join(f"{k}: {v}" for k, v in report["outcomes"].items()),
         f"mitmdump VmRSS: {report['rss_kib_after_warm_up']} KiB after warm-up, "
         f"{report['rss_kib_at_end']} KiB at the end ({report['rss_growth_kib']:+d} KiB)"
@@ -282,6 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--store", choices=("sqlite", "memory"), default="sqlite")
     parser.add_argument(
         "--max-seconds", type=float, default=1800.0, help="overall budget for sending requests"
     )
