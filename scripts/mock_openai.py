@@ -3,8 +3,11 @@
 Usage is computed with the gateway's own tokenizer (``tokengate_core.tokens``), so tests can
 assert exact token accounting. Per request, header ``X-Mock-Mode`` makes it misbehave the way
 real providers do: errors and rate limits, missing usage, slow or cut streams, SSE events split at
-arbitrary byte offsets, broken JSON. ``GET /mock/stats`` tells what reached the provider (which
-keys, how many requests, how many tokens served); ``POST /mock/reset`` zeroes it.
+arbitrary byte offsets, broken JSON, connection resets, answers that never come or drip in byte
+by byte, usage figures that are negative, absurd or not numbers. ``GET /mock/stats`` tells what
+reached the provider (which keys, how many requests, how many tokens served, and per
+``X-Mock-Tag`` how many tokens actually left, cut answers included); ``POST /mock/reset`` zeroes
+it. ``--record FILE`` appends every request received (method, path, headers, body) as a JSON line.
 
     python scripts/mock_openai.py --port 0 --expect-key sk-provider
 """
@@ -19,6 +22,7 @@ import json
 import os
 import random
 import re
+import select
 import signal
 import socket
 import ssl
@@ -42,10 +46,39 @@ MAX_TOKEN_FIELDS = {
     "completions": ("max_tokens",),
     "responses": ("max_output_tokens",),
 }
-MODES = ("normal", "no-usage", "slow", "cut", "split", "invalid-json")  # and "error:CODE"
+MODES = (
+    "normal",
+    "no-usage",
+    "slow",
+    "cut",  # the connection closed mid-body (FIN)
+    "split",
+    "invalid-json",
+    "reset",  # the connection reset (RST) before any byte of the answer
+    "reset-mid",  # the connection reset after the headers and about half the body
+    "hang",  # the request is read and never answered, until the client goes away
+    "drip",  # the answer written one byte at a time
+    "usage-negative",  # usage figures below zero
+    "usage-absurd",  # usage figures of 10^15
+    "usage-float",  # usage figures with a fraction
+    "usage-string",  # usage figures as JSON strings
+)  # and "error:CODE"
+# Usage figures as a misbehaving provider reports them (generation endpoints).
+USAGE_FAULTS = {
+    "usage-negative": lambda n: -(n + 1),
+    "usage-absurd": lambda n: 10**15,
+    "usage-float": lambda n: n + 0.5,
+    "usage-string": str,
+}
+# A "hang" answer gives up after this long (or X-Mock-Delay) even if the client stays.
+HANG_SECONDS = 30.0
+DRIP_DELAY = 0.0005  # seconds between the bytes of a "drip" answer
+# Before a reset, so the bytes already written reach the reader and are not lost with the RST.
+RESET_GRACE = 0.1
 ERROR_MODE = re.compile(r"error:([45]\d\d)")
 DEFAULT_SLOW_DELAY = 2.0
 DEFAULT_MODEL = "mock-model"
+# Like OpenAI's models, the mock refuses (400) to generate more than this in one completion.
+MAX_COMPLETION_TOKENS = 16_384
 STREAM_PIECES = 8
 EMBEDDING_SIZE = 8
 SPLIT_PIECE_BYTES = (1, 40)
@@ -161,6 +194,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     report_usage: bool
+    usage_fault: str | None = None  # a key of USAGE_FAULTS
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -168,12 +202,21 @@ class Completion:
     def text(self) -> str:
         return "".join(self.pieces)
 
+    def _figure(self, count: int) -> Any:
+        """A usage figure as reported: the true count, or the mode's fault."""
+        return USAGE_FAULTS[self.usage_fault](count) if self.usage_fault else count
+
     def _usage(self) -> dict:
         return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens": self._figure(self.prompt_tokens),
+            "completion_tokens": self._figure(self.completion_tokens),
+            "total_tokens": self._figure(self.prompt_tokens + self.completion_tokens),
         }
+
+    def tokens_in_pieces(self, delivered: int) -> int:
+        """Completion tokens in the first `delivered` pieces (each piece is whole tokens)."""
+        size = max(1, -(-self.completion_tokens // STREAM_PIECES))
+        return min(self.completion_tokens, max(0, delivered) * size)
 
     def _head(self, prefix: str, kind: str) -> dict:
         return {
@@ -273,11 +316,11 @@ class Completion:
         if self.report_usage:
             reply["usage"] = (
                 {
-                    "input_tokens": self.prompt_tokens,
+                    "input_tokens": self._figure(self.prompt_tokens),
                     "input_tokens_details": {"cached_tokens": 0},
-                    "output_tokens": self.completion_tokens,
+                    "output_tokens": self._figure(self.completion_tokens),
                     "output_tokens_details": {"reasoning_tokens": 0},
-                    "total_tokens": self.prompt_tokens + self.completion_tokens,
+                    "total_tokens": self._figure(self.prompt_tokens + self.completion_tokens),
                 }
                 if done
                 else None
@@ -356,6 +399,7 @@ class Stats:
                 "auth_headers_seen": [],
                 "other_headers_seen": dict.fromkeys(KEY_HEADERS, 0),
                 "tokens_served": {"prompt": 0, "completion": 0, "total": 0},
+                "delivered_by_tag": {},
                 "last_request": None,
             }
 
@@ -386,6 +430,12 @@ class Stats:
             served["prompt"] += prompt
             served["completion"] += completion
             served["total"] += prompt + completion
+
+    def add_delivered(self, tag: str, total: int) -> None:
+        """Tokens that left in an answer (whole or cut short), for the caller tagged `tag`."""
+        with self._lock:
+            delivered = self._data["delivered_by_tag"]
+            delivered[tag] = delivered.get(tag, 0) + total
 
 
 class MockHandler(BaseHTTPRequestHandler):
@@ -441,12 +491,13 @@ class MockHandler(BaseHTTPRequestHandler):
     def _api(self, raw: bytes) -> None:
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deeply: as unreadable as bad JSON
             body = None
         endpoint = endpoint_of(self._path)
         expected = self.server.expect_key
         authorized = expected is None or self.headers.get("Authorization") == f"Bearer {expected}"
         self.server.stats.record(self._path, endpoint, self.headers, body, authorized)
+        self.server.write_record(self.command, self.path, self.headers, raw)
         if not authorized:
             self._send_error(401, "Incorrect API key provided", "invalid_api_key")
         elif endpoint is None:
@@ -461,12 +512,19 @@ class MockHandler(BaseHTTPRequestHandler):
                 return
             if mode.error_status:
                 self._send_error(mode.error_status, f"Mock provider error ({mode.name})")
+            elif mode.name == "reset":
+                self._reset()
+            elif mode.name == "hang":
+                self._hang(mode)
             elif not isinstance(body, dict):
                 self._send_error(400, "We could not parse the JSON body of your request.")
             elif mode.name == "invalid-json":
                 data = b'{"id": "x", '
                 self._send_head(200, "application/json", len(data))
                 self.wfile.write(data)
+                # The prompt was read (and would be billed) before the answer broke.
+                tag = self.headers.get("X-Mock-Tag", "-")
+                self.server.stats.add_delivered(tag, tokens.estimate_prompt(endpoint, body))
             else:
                 self._answer(endpoint, body, mode)
 
@@ -474,12 +532,22 @@ class MockHandler(BaseHTTPRequestHandler):
         model = body.get("model") if isinstance(body.get("model"), str) else None
         prompt = tokens.estimate_prompt(endpoint, body)
         report_usage = mode.name != "no-usage"
+        tag = self.headers.get("X-Mock-Tag", "-")
         if endpoint == "embeddings":
             reply = embeddings_reply(body, model or DEFAULT_MODEL, prompt, report_usage)
             if self._send_reply(reply, mode):
                 self.server.stats.add_usage(prompt, 0)
+                self.server.stats.add_delivered(tag, prompt)
             return
         limit = max_tokens(endpoint, body)
+        if limit is not None and limit > MAX_COMPLETION_TOKENS:
+            self._send_error(
+                400,
+                f"max_tokens is too large: {limit}. This model supports at most "
+                f"{MAX_COMPLETION_TOKENS} completion tokens.",
+                "invalid_value",
+            )
+            return
         n = self.server.completion_tokens if limit is None else limit
         completion = Completion(
             model=model or DEFAULT_MODEL,
@@ -488,6 +556,7 @@ class MockHandler(BaseHTTPRequestHandler):
             prompt_tokens=prompt,
             completion_tokens=n,
             report_usage=report_usage,
+            usage_fault=mode.name if mode.name in USAGE_FAULTS else None,
         )
         if body.get("stream") is True:
             options = body.get("stream_options")
@@ -497,7 +566,13 @@ class MockHandler(BaseHTTPRequestHandler):
                 "completions": lambda: completion.text_completion_events(include_usage),
                 "responses": completion.response_events,
             }[endpoint]()
-            sent = self._send_stream(events, mode)
+            written = self._send_stream(events, mode)
+            sent = written == len(events)
+            # Events before the first piece: chat's role chunk, the Responses API's four.
+            first_piece = {"chat/completions": 1, "completions": 0, "responses": 4}[endpoint]
+            self.server.stats.add_delivered(
+                tag, prompt + completion.tokens_in_pieces(written - first_piece)
+            )
         else:
             reply = {
                 "chat/completions": completion.chat,
@@ -505,6 +580,8 @@ class MockHandler(BaseHTTPRequestHandler):
                 "responses": completion.response,
             }[endpoint]()
             sent = self._send_reply(reply, mode)
+            if sent:  # a JSON answer cut short is no answer: nothing in it can be used
+                self.server.stats.add_delivered(tag, prompt + n)
         if sent:
             self.server.stats.add_usage(prompt, n)
 
@@ -531,7 +608,13 @@ class MockHandler(BaseHTTPRequestHandler):
         kind, extra = "invalid_request_error", ()
         if status == 429:
             kind, code = "tokens", code or "rate_limit_exceeded"
-            extra = (("x-ratelimit-remaining-tokens", "0"), ("retry-after", "7"))
+            extra = (
+                ("x-ratelimit-limit-tokens", "30000"),
+                ("x-ratelimit-remaining-tokens", "0"),
+                ("x-ratelimit-reset-tokens", "7s"),
+                ("retry-after", "7"),
+                ("retry-after-ms", "7000"),
+            )
         elif status >= 500:
             kind = "server_error"
         error = {"message": message, "type": kind, "param": None, "code": code}
@@ -543,54 +626,90 @@ class MockHandler(BaseHTTPRequestHandler):
             time.sleep(mode.delay)
         data = _dumps(reply).encode()
         self._send_head(200, "application/json", len(data))
-        if mode.name == "cut":
+        if mode.name in ("cut", "reset-mid"):
             self.wfile.write(data[: len(data) // 2])
-            self._cut()
+            self._cut() if mode.name == "cut" else self._reset()
             return False
         if mode.name == "split":
             self._write_pieces(data, mode.seed, chunked=False)
+        elif mode.name == "drip":
+            self._write_pieces(data, mode.seed, chunked=False, sizes=(1, 1), delay=DRIP_DELAY)
         else:
             self.wfile.write(data)
         return True
 
-    def _send_stream(self, events: list[Event], mode: Mode) -> bool:
-        """SSE events, one HTTP chunk each and paced; False when the mode cut it short."""
+    def _send_stream(self, events: list[Event], mode: Mode) -> int:
+        """SSE events, one HTTP chunk each and paced; how many were written (fewer when the
+        mode cut the stream short)."""
         self._send_head(200, "text/event-stream", None)
         if mode.name == "split":
             self._write_pieces(split_payload(events), mode.seed, chunked=True)
+        elif mode.name == "drip":
+            self._write_pieces(
+                b"".join(map(render, events)), mode.seed, True, sizes=(1, 1), delay=DRIP_DELAY
+            )
         else:
             delay = mode.delay if mode.name == "slow" else self.server.stream_delay
-            cut = mode.name == "cut"
-            for i, event in enumerate(events[: max(1, len(events) // 2)] if cut else events):
+            cut = mode.name in ("cut", "reset-mid")
+            sent = events[: max(1, len(events) // 2)] if cut else events
+            for i, event in enumerate(sent):
                 if i:
                     time.sleep(delay)
                 self._write_chunk(render(event))
             if cut:
-                self._cut()
-                return False
+                self._cut() if mode.name == "cut" else self._reset()
+                return len(sent)
         self.wfile.write(b"0\r\n\r\n")
-        return True
+        return len(events)
 
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
 
-    def _write_pieces(self, data: bytes, seed: int, chunked: bool) -> None:
+    def _write_pieces(
+        self,
+        data: bytes,
+        seed: int,
+        chunked: bool,
+        sizes: tuple[int, int] = SPLIT_PIECE_BYTES,
+        delay: float = SPLIT_PIECE_DELAY,
+    ) -> None:
         """Write in random small pieces, so the reader sees splits at arbitrary byte offsets."""
         rng = random.Random(seed)
         start = 0
         while start < len(data):
-            end = start + rng.randint(*SPLIT_PIECE_BYTES)
+            end = start + rng.randint(*sizes)
             piece = data[start:end]
             if chunked:
                 self._write_chunk(piece)
             else:
                 self.wfile.write(piece)
             start = end
-            time.sleep(SPLIT_PIECE_DELAY)
+            time.sleep(delay)
 
     def _cut(self) -> None:
         """Drop the connection mid-body, as a crashing provider would."""
         self.connection.shutdown(socket.SHUT_RDWR)
+        self.close_connection = True
+
+    def _reset(self) -> None:
+        """Abort the connection with a TCP RST (SO_LINGER 0), as a crashed host or a load
+        balancer does; bytes already written are given a moment to reach the reader first."""
+        self.wfile.flush()
+        time.sleep(RESET_GRACE)
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
+
+    def _hang(self, mode: Mode) -> None:
+        """Never answer: wait until the client closes the connection (or a bound passes)."""
+        bound = mode.delay if "X-Mock-Delay" in self.headers else HANG_SECONDS
+        deadline = time.monotonic() + bound
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.connection], [], [], 0.05)
+            if ready:
+                if not self.connection.recv(1, socket.MSG_PEEK):
+                    break  # the client went away
+                time.sleep(0.05)  # it sent more: not read, the answer never comes anyway
         self.close_connection = True
 
 
@@ -610,8 +729,11 @@ class MockServer(ThreadingHTTPServer):
         stream_delay: float,
         ssl_context: ssl.SSLContext | None,
         quiet: bool,
+        record: str | None = None,
     ) -> None:
         super().__init__((host, port), MockHandler)
+        self._record_lock = threading.Lock()
+        self._record = open(record, "a", encoding="utf-8") if record else None  # noqa: SIM115
         self.host = host
         self.expect_key = expect_key
         self.mode = mode
@@ -631,6 +753,27 @@ class MockServer(ThreadingHTTPServer):
     def url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.server_address[1]}"
 
+    def write_record(self, method: str, target: str, headers: Message, raw: bytes) -> None:
+        """One JSON line per request received, when recording (what the provider was sent)."""
+        if self._record is None:
+            return
+        line = _dumps(
+            {
+                "method": method,
+                "target": target,
+                "headers": list(headers.items()),
+                "body": raw.decode("utf-8", "replace"),
+            }
+        )
+        with self._record_lock:
+            self._record.write(line + "\n")
+            self._record.flush()
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self._record is not None:
+            self._record.close()
+
 
 def serve(
     host: str = "127.0.0.1",
@@ -643,6 +786,7 @@ def serve(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     quiet: bool = False,
+    record: str | None = None,
 ) -> tuple[MockServer, threading.Thread]:
     """Start the mock on a background thread; stop it with shutdown() then server_close()."""
     ssl_context = None
@@ -659,6 +803,7 @@ def serve(
         stream_delay=stream_delay,
         ssl_context=ssl_context,
         quiet=quiet,
+        record=record,
     )
     # A short poll interval makes shutdown() return promptly.
     thread = threading.Thread(
@@ -699,6 +844,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--stream-delay", type=float, default=0.01, help="seconds between stream chunks"
     )
     parser.add_argument("--quiet", action="store_true", help="no request log on stderr")
+    parser.add_argument("--record", help="append every request received to this file (JSONL)")
     args = parser.parse_args(argv)
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
@@ -722,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         quiet=args.quiet,
+        record=args.record,
     )
     print(f"mock-openai listening at {server.url}", flush=True)
     stop.wait()

@@ -278,6 +278,7 @@ def test_stats_and_reset(http):
         "auth_headers_seen": [f"Bearer {KEY}", "Bearer no"],
         "other_headers_seen": {"x-api-key": 1, "api-key": 0},
         "tokens_served": {"prompt": prompt, "completion": 4, "total": prompt + 4},
+        "delivered_by_tag": {"-": prompt + 4},
         "last_request": stats["last_request"],
     }
     assert stats["last_request"]["path"] == "/v1/models"
@@ -314,3 +315,118 @@ def test_in_process_with_tls(tmp_path):
         server.server_close()
     thread.join(timeout=1)
     assert not thread.is_alive()
+
+
+def test_429_carries_the_providers_own_rate_limit_headers(http):
+    r = http.post("/v1/chat/completions", json=CHAT, headers={"X-Mock-Mode": "error:429"})
+    assert r.status_code == 429
+    assert r.headers["x-ratelimit-limit-tokens"] == "30000"
+    assert r.headers["x-ratelimit-reset-tokens"] == "7s"
+    assert r.headers["retry-after-ms"] == "7000"
+
+
+def test_reset_modes_abort_with_rst(http):
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        http.post("/v1/chat/completions", json=CHAT, headers={"X-Mock-Mode": "reset"})
+    tagged = {"X-Mock-Mode": "reset-mid", "X-Mock-Tag": "t"}
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+        http.post("/v1/chat/completions", json=CHAT, headers=tagged)
+    received = bytearray()
+    body = CHAT | {"stream": True, "max_tokens": 16}
+    with (
+        pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)),
+        http.stream("POST", "/v1/chat/completions", json=body, headers=tagged) as r,
+    ):
+        for chunk in r.iter_bytes():
+            received += chunk
+    events = sse_events(received.decode())
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    stats = http.get("/mock/stats").json()
+    assert stats["tokens_served"]["total"] == 0  # no answer was completed
+    # What did leave in the cut stream: the prompt and the text before the reset.
+    prompt = tokens.estimate_prompt("chat/completions", body)
+    assert text and stats["delivered_by_tag"] == {"t": prompt + tokens.count_text(text, "gpt-4o")}
+
+
+def test_hang_mode_never_answers(http):
+    with pytest.raises(httpx.ReadTimeout):
+        http.post(
+            "/v1/chat/completions",
+            json=CHAT,
+            headers={"X-Mock-Mode": "hang", "X-Mock-Delay": "5"},
+            timeout=0.3,
+        )
+    assert http.get("/mock/stats").json()["tokens_served"]["total"] == 0
+
+
+def test_drip_mode_carries_the_same_answer_byte_by_byte(http):
+    body = CHAT | {"max_tokens": 8}
+    normal = http.post("/v1/chat/completions", json=body).json()
+    drip = http.post("/v1/chat/completions", json=body, headers={"X-Mock-Mode": "drip"}).json()
+    assert drip["usage"] == normal["usage"]
+    assert drip["choices"] == normal["choices"]
+    stream = body | {"stream": True, "stream_options": {"include_usage": True}}
+    normal = sse_events(http.post("/v1/chat/completions", json=stream).text)
+    with http.stream(
+        "POST", "/v1/chat/completions", json=stream, headers={"X-Mock-Mode": "drip"}
+    ) as r:
+        pieces = list(r.iter_raw())
+    assert len(pieces) > 20  # arrived in many small reads
+    assert sse_events(b"".join(pieces).decode()) == normal
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("usage-negative", lambda n: -(n + 1)),
+        ("usage-absurd", lambda n: 10**15),
+        ("usage-float", lambda n: n + 0.5),
+        ("usage-string", str),
+    ],
+)
+def test_usage_fault_modes(http, mode, expected):
+    prompt = tokens.estimate_prompt("chat/completions", CHAT)
+    reply = http.post(
+        "/v1/chat/completions", json=CHAT | {"max_tokens": 5}, headers={"X-Mock-Mode": mode}
+    ).json()
+    assert reply["usage"]["prompt_tokens"] == expected(prompt)
+    assert reply["usage"]["completion_tokens"] == expected(5)
+    assert tokens.count_text(reply["choices"][0]["message"]["content"], "gpt-4o") == 5
+    stream = http.post(
+        "/v1/responses",
+        json={"model": "gpt-4o", "input": "hi", "max_output_tokens": 3, "stream": True},
+        headers={"X-Mock-Mode": mode},
+    ).text
+    usage = sse_events(stream)[-1]["response"]["usage"]
+    assert usage["output_tokens"] == expected(3)
+    served = http.get("/mock/stats").json()["tokens_served"]
+    assert served["completion"] == 5 + 3  # what it generated, whatever it reported
+
+
+def test_record_file_keeps_every_request(tmp_path):
+    mock = load_mock_module()
+    record = tmp_path / "received.jsonl"
+    server, thread = mock.serve(quiet=True, record=str(record))
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            client.post("/v1/embeddings", json={"input": "x"}, headers={"X-Api-Key": "k1"})
+            client.get("/v1/models?limit=2")
+            client.get("/mock/stats")  # the mock's own endpoints are not provider traffic
+    finally:
+        server.shutdown()
+        server.server_close()
+    thread.join(timeout=1)
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [(line["method"], line["target"]) for line in lines] == [
+        ("POST", "/v1/embeddings"),
+        ("GET", "/v1/models?limit=2"),
+    ]
+    assert ["X-Api-Key", "k1"] in lines[0]["headers"]
+    assert json.loads(lines[0]["body"]) == {"input": "x"}
+
+
+def test_max_tokens_above_the_models_maximum_is_refused(http):
+    r = http.post("/v1/chat/completions", json=CHAT | {"max_tokens": 10**20})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_value"
+    assert http.get("/mock/stats").json()["tokens_served"]["total"] == 0

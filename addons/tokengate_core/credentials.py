@@ -21,7 +21,8 @@ REDACTED = "Bearer [redacted by tokengate]"
 class CredentialSwap:
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self._carrying_key: dict[str, tuple[http.HTTPFlow, str]] = {}  # flow, caller's URL
+        # flow, and the caller's URL as (scheme, host, port, path)
+        self._carrying_key: dict[str, tuple[http.HTTPFlow, tuple[str, str, int, str]]] = {}
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         state = flowstate.governed(flow)
@@ -32,7 +33,10 @@ class CredentialSwap:
         proxy = self.gate.proxy(state.get("proxy", ""))
         if proxy is None or flowstate.answered_by_gate(flow):
             return
-        callers_url = flow.request.url
+        # By its parts: a request mitmproxy refuses as malformed reaches this hook without a
+        # host, and its URL (`://:0/...`) would not parse back.
+        request = flow.request
+        callers_url = (request.scheme, request.host, request.port, request.path)
         if state["upstream_path"] is not None:
             flow.request.url = proxy.provider.base_url + state["upstream_path"]  # updates Host
         flow.request.headers["authorization"] = f"Bearer {proxy.provider.api_key}"
@@ -42,7 +46,8 @@ class CredentialSwap:
         carrying = self._carrying_key.pop(flow.id, None)
         if carrying is not None:
             flow.request.headers["authorization"] = REDACTED
-            flow.request.url = carrying[1]
+            request = flow.request
+            request.scheme, request.host, request.port, request.path = carrying[1]
 
     def request(self, flow: http.HTTPFlow) -> None:
         # A flow the gate answers after reading the body (429, 400) never leaves.
