@@ -32,6 +32,9 @@ TOKENS_PER_NAME = 1
 TOKENS_REPLY_PRIMING = 3
 # An image part cannot be tokenized as text; OpenAI bills a low-detail image at 85 tokens.
 TOKENS_PER_IMAGE = 85
+# Prompt text tokenized exactly per request by default (about 1M tokens, beyond any model's
+# context); the rest is bounded by its bytes. `tokengate_tokenize_max` sets it in the gate.
+EXACT_PROMPT_CHARS = 4 * 1024 * 1024
 
 _load_lock = threading.Lock()
 
@@ -106,6 +109,37 @@ def count_text(text: str, model: str | None) -> int:
     return len(encoding_for_model(model).encode(text, disallowed_special=()))
 
 
+def utf8_length(text: str) -> int:
+    """UTF-8 bytes of `text` (a lone surrogate as the 3 bytes tiktoken's replacement takes)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class PromptCounter:
+    """Counts the texts of one prompt: exactly up to `exact_chars` characters in all, then one
+    token per UTF-8 byte.
+
+    The bound never under-counts: tiktoken's encodings are byte-level BPE, so every token
+    stands for at least one byte of the text. It keeps a huge prompt's estimate bounded in time
+    (tokenizing runs at roughly 5-10 MB/s) while the reservation still covers what the provider
+    can bill; settlement uses the provider's reported usage anyway.
+    """
+
+    def __init__(self, model: str | None, exact_chars: int) -> None:
+        self.model = model
+        self.left = exact_chars
+        self.bounded = False  # some text was counted by its bytes rather than tokenized
+
+    def __call__(self, text: str) -> int:
+        if not text:
+            return 0
+        if len(text) <= self.left:
+            self.left -= len(text)
+            return count_text(text, self.model)
+        self.left = 0
+        self.bounded = True
+        return utf8_length(text)
+
+
 def _text_of(value: Any) -> Iterable[str]:
     """Every string a prompt value carries, whatever the shape (str, parts list, dicts)."""
     if isinstance(value, str):
@@ -132,49 +166,47 @@ def _images_in(value: Any) -> int:
     return 0
 
 
-def _count_parts(value: Any, model: str | None) -> int:
-    return sum(count_text(text, model) for text in _text_of(value)) + TOKENS_PER_IMAGE * _images_in(
-        value
-    )
+def _count_parts(value: Any, count: PromptCounter) -> int:
+    return sum(count(text) for text in _text_of(value)) + TOKENS_PER_IMAGE * _images_in(value)
 
 
-def _count_tools(body: dict, model: str | None) -> int:
+def _count_tools(body: dict, count: PromptCounter) -> int:
     """Tool and function definitions are part of the prompt; count their JSON text."""
     total = 0
     for key in ("tools", "functions", "response_format", "text"):
         value = body.get(key)
         if isinstance(value, (list, dict)) and value:
-            total += count_text(json.dumps(value, separators=(",", ":")), model)
+            total += count(json.dumps(value, separators=(",", ":")))
     return total
 
 
-def _count_messages(messages: Any, model: str | None) -> int:
+def _count_messages(messages: Any, count: PromptCounter) -> int:
     if not isinstance(messages, list):
-        return _count_parts(messages, model)
+        return _count_parts(messages, count)
     total = TOKENS_REPLY_PRIMING
     for message in messages:
         total += TOKENS_PER_MESSAGE
         if not isinstance(message, dict):
-            total += _count_parts(message, model)
+            total += _count_parts(message, count)
             continue
-        total += _count_parts(message.get("content"), model)
+        total += _count_parts(message.get("content"), count)
         if isinstance(message.get("role"), str):
-            total += count_text(message["role"], model)
+            total += count(message["role"])
         if isinstance(message.get("name"), str):
-            total += TOKENS_PER_NAME + count_text(message["name"], model)
+            total += TOKENS_PER_NAME + count(message["name"])
         for call in message.get("tool_calls") or ():
             if isinstance(call, dict):
-                total += count_text(json.dumps(call.get("function", call)), model)
+                total += count(json.dumps(call.get("function", call)))
     return total
 
 
-def _count_token_arrays_or_text(value: Any, model: str | None) -> int:
+def _count_token_arrays_or_text(value: Any, count: PromptCounter) -> int:
     """`prompt` / `input` may be text, a list of texts, token ids, or lists of token ids."""
     if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
         return len(value)
     if isinstance(value, list):
-        return sum(_count_token_arrays_or_text(item, model) for item in value)
-    return _count_parts(value, model)
+        return sum(_count_token_arrays_or_text(item, count) for item in value)
+    return _count_parts(value, count)
 
 
 def model_of(body: dict) -> str | None:
@@ -183,21 +215,22 @@ def model_of(body: dict) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def estimate_prompt(endpoint: str, body: dict) -> int:
-    """The prompt tokens a request will be billed for, estimated before it is sent."""
-    model = model_of(body)
+def estimate_prompt(endpoint: str, body: dict, exact_chars: int = EXACT_PROMPT_CHARS) -> int:
+    """The prompt tokens a request will be billed for, estimated before it is sent: exact up
+    to `exact_chars` characters of text, an upper bound beyond (see PromptCounter)."""
+    count = PromptCounter(model_of(body), exact_chars)
     if endpoint == "chat/completions":
-        return _count_messages(body.get("messages"), model) + _count_tools(body, model)
+        return _count_messages(body.get("messages"), count) + _count_tools(body, count)
     if endpoint == "responses":
-        total = _count_parts(body.get("instructions"), model)
+        total = _count_parts(body.get("instructions"), count)
         items = body.get("input")
         if isinstance(items, list):
-            total += _count_messages(items, model)
+            total += _count_messages(items, count)
         else:
-            total += _count_parts(items, model)
-        return total + _count_tools(body, model)
+            total += _count_parts(items, count)
+        return total + _count_tools(body, count)
     if endpoint == "completions":
-        return _count_token_arrays_or_text(body.get("prompt"), model)
+        return _count_token_arrays_or_text(body.get("prompt"), count)
     if endpoint == "embeddings":
-        return _count_token_arrays_or_text(body.get("input"), model)
+        return _count_token_arrays_or_text(body.get("input"), count)
     return 0
