@@ -141,27 +141,35 @@ def adjust_request(body: dict[str, Any], endpoint: str, reserved: Usage) -> dict
     return notes
 
 
+def prompt_estimate(body: dict[str, Any], endpoint: str, exact_chars: int) -> int | None:
+    """None for a body nested too deeply to walk (as unreadable as bad JSON to the gate)."""
+    try:
+        return tokens.estimate_prompt(endpoint, body, exact_chars)
+    except RecursionError:
+        return None
+
+
 def parse_and_estimate(
     raw: bytes, endpoint: str, exact_chars: int
 ) -> tuple[dict[str, Any] | None, int | None]:
     """The body as a JSON object and its prompt estimate; None for what the gate cannot read
     (not a JSON object, or nested too deeply to parse or to walk)."""
     body = json_object(raw)
-    if body is None:
-        return None, None
-    try:
-        return body, tokens.estimate_prompt(endpoint, body, exact_chars)
-    except RecursionError:
-        return body, None
+    return body, None if body is None else prompt_estimate(body, endpoint, exact_chars)
 
 
 async def read_request(
     raw: bytes, endpoint: str, exact_chars: int
 ) -> tuple[dict[str, Any] | None, int | None]:
-    """`parse_and_estimate`, on a worker thread for a large body."""
-    if len(raw) <= INLINE_TOKENIZE_BYTES:
-        return parse_and_estimate(raw, endpoint, exact_chars)
-    return await asyncio.to_thread(parse_and_estimate, raw, endpoint, exact_chars)
+    """`parse_and_estimate`, on a worker thread for a large body; for a small one on the event
+    loop, once the model's encoding is built (off the loop, the first time)."""
+    if len(raw) > INLINE_TOKENIZE_BYTES:
+        return await asyncio.to_thread(parse_and_estimate, raw, endpoint, exact_chars)
+    body = json_object(raw)
+    if body is None:
+        return None, None
+    await tokens.load_for(tokens.model_of(body))
+    return body, prompt_estimate(body, endpoint, exact_chars)
 
 
 def json_object(raw: bytes) -> dict[str, Any] | None:

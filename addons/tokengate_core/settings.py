@@ -143,7 +143,7 @@ class Settings:
                 log.error("tokengate: refusing to start: %s", e)
                 return
             raise exceptions.OptionsError(f"tokengate: {e}") from e
-        tokens.preload()
+        tokens.build_in_background()
         self._install(config, signature)
 
     def _install(self, config: Config, signature: FileSignature | None, why: str = "") -> None:

@@ -8,14 +8,15 @@ expects, and build fast (Rust) tiktoken encodings from them. Nothing here touche
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
 import importlib.resources
+import io
 import json
 import threading
 from collections.abc import Iterable
-from functools import cache
 from typing import Any
 
 import tiktoken
@@ -37,6 +38,7 @@ TOKENS_PER_IMAGE = 85
 EXACT_PROMPT_CHARS = 4 * 1024 * 1024
 
 _load_lock = threading.Lock()
+_encodings: dict[str, tiktoken.Encoding] = {}  # built so far, by name
 
 
 class EncodingUnavailable(RuntimeError):
@@ -54,22 +56,28 @@ def _packaged_ranks(name: str, expected_hash: str) -> dict[bytes, int]:
         raise EncodingUnavailable(
             f"{name}: packaged BPE file has sha256 {digest}, tiktoken expects {expected_hash}"
         )
-    return {
-        base64.b64decode(token): int(rank)
-        for token, rank in (line.split() for line in raw.splitlines() if line)
-    }
+    ranks = {}
+    for line in io.BytesIO(raw):  # line by line: no list of 200,000 lines at the peak
+        if token_and_rank := line.split():
+            ranks[base64.b64decode(token_and_rank[0])] = int(token_and_rank[1])
+    return ranks
 
 
-@cache
 def get_encoding(name: str) -> tiktoken.Encoding:
-    """A tiktoken encoding built offline from the packaged file.
+    """A tiktoken encoding built offline from the packaged file, once per process.
 
     tiktoken's own constructor supplies the regex, the special tokens and the expected hash; only
-    its loader (which would fetch a URL) is replaced for the duration of the call.
+    its loader (which would fetch a URL) is replaced for the duration of the call. Concurrent
+    first callers (the start-up build and a request's thread) wait for one build.
     """
+    encoding = _encodings.get(name)
+    if encoding is not None:
+        return encoding
     if name not in SHIPPED_ENCODINGS:
         raise EncodingUnavailable(f"{name}: not shipped (have {', '.join(SHIPPED_ENCODINGS)})")
     with _load_lock:
+        if name in _encodings:
+            return _encodings[name]
         original = openai_public.load_tiktoken_bpe
         openai_public.load_tiktoken_bpe = lambda _url, expected_hash: _packaged_ranks(
             name, expected_hash
@@ -78,7 +86,16 @@ def get_encoding(name: str) -> tiktoken.Encoding:
             spec = getattr(openai_public, name)()
         finally:
             openai_public.load_tiktoken_bpe = original
-    return tiktoken.Encoding(**spec)
+        encoding = tiktoken.Encoding(**spec)
+        # tiktoken keeps the Python dict of ranks only to pickle the encoding, which the gate
+        # never does; the Rust side has its own copy. Dropping it frees ~27 MB (o200k_base).
+        encoding._mergeable_ranks = {}
+        _encodings[name] = encoding
+    return encoding
+
+
+def is_built(name: str) -> bool:
+    return name in _encodings
 
 
 def encoding_name_for_model(model: str | None) -> str:
@@ -97,9 +114,27 @@ def encoding_for_model(model: str | None) -> tiktoken.Encoding:
 
 
 def preload() -> None:
-    """Build every shipped encoding now, so the first request does not pay for it."""
+    """Build every shipped encoding now (scripts and tests that want no first-call cost)."""
     for name in SHIPPED_ENCODINGS:
         get_encoding(name)
+
+
+def build_in_background() -> None:
+    """Start building the fallback encoding (the gpt-4o family's) on a thread, so that
+    mitmdump listens without waiting ~0.6 s for it; others are built when a model needs them
+    (`load_for`). The first request that needs an unbuilt encoding waits for it, off the loop."""
+    if not is_built(FALLBACK_ENCODING):
+        threading.Thread(
+            target=get_encoding, args=(FALLBACK_ENCODING,), name="tokengate-tokenizer", daemon=True
+        ).start()
+
+
+async def load_for(model: str | None) -> None:
+    """Make sure the model's encoding is built, building it on a worker thread if not (the
+    event loop never waits for a build)."""
+    name = encoding_name_for_model(model)
+    if not is_built(name):
+        await asyncio.to_thread(get_encoding, name)
 
 
 def count_text(text: str, model: str | None) -> int:
