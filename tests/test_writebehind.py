@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from mitmproxy.test import tutils
 from tokengate_core.metering import buckets_for
 from tokengate_core.settings import Settings
@@ -130,3 +131,26 @@ async def test_caught_up_waits_only_for_what_was_handed_over_before_it():
     release[1].set()
     await writes.caught_up()
     assert writes.pending == 0
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["lazy-tasks", "eager-tasks"])
+async def test_writes_keep_flowing_with_eager_tasks_and_writes_that_never_wait(eager):
+    """mitmproxy sets asyncio's eager task factory: a runner whose writes never suspend (the
+    memory store) finishes inside create_task. Later writes must still start a runner."""
+    loop = asyncio.get_running_loop()
+    if eager:
+        loop.set_task_factory(asyncio.eager_task_factory)
+    try:
+        writes = WriteBehind()
+        done: list[int] = []
+
+        async def write(n: int):
+            done.append(n)
+
+        for batch in range(3):
+            for n in range(4):
+                writes.hand_over(lambda n=batch * 4 + n: write(n))
+            await asyncio.wait_for(writes.caught_up(), 5)
+        assert done == list(range(12)) and writes.pending == 0
+    finally:
+        loop.set_task_factory(None)

@@ -23,7 +23,8 @@ class WriteBehind:
         self._queue: deque[Callable[[], Awaitable[object]]] = deque()
         self._done = 0  # writes finished since the start
         self._progress: asyncio.Event | None = None  # set (and dropped) after each write
-        self._runner: asyncio.Task | None = None
+        self._running = False
+        self._runner: asyncio.Task | None = None  # a reference, so the task is not collected
 
     @property
     def pending(self) -> int:
@@ -44,7 +45,10 @@ class WriteBehind:
             await self._progress.wait()
 
     def _start(self) -> None:
-        if self._runner is None and self._queue:
+        # A flag, not the task: mitmproxy runs tasks eagerly, so with a store that answers at
+        # once the task may already have finished when create_task returns.
+        if not self._running and self._queue:
+            self._running = True
             self._runner = asyncio.get_running_loop().create_task(
                 self._run(), name="tokengate write-behind"
             )
@@ -62,4 +66,4 @@ class WriteBehind:
                     self._progress.set()
                     self._progress = None
         finally:
-            self._runner = None
+            self._running = False
