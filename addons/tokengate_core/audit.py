@@ -359,9 +359,9 @@ class Ledger:
     def _record(self, flow: http.HTTPFlow) -> None:
         # Once per flow: a stream the caller cuts short may end in `error` after `response`.
         state = flowstate.governed(flow)
-        if state is not None and not state.get("audited"):
+        if state is not None and not state.get("audited") and self.writer is not None:
             state["audited"] = True
-            self.write(live_entry(flow, state))
+            self.writer.write(live_entry(flow, state))
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._record(flow)
