@@ -1,6 +1,6 @@
 """Settlements handed to the store behind the answer: the answer does not wait for a slow store,
-each settlement lands exactly once and in order, the next decision and usage reads see it, and
-shutdown writes it before the store closes."""
+each settlement lands exactly once, the next decision and usage reads see it, and shutdown
+writes it before the store closes."""
 
 from __future__ import annotations
 
@@ -97,10 +97,10 @@ async def test_shutdown_writes_pending_settlements_before_closing_the_store(gate
     assert store.closed_after is None  # still waiting for the settlements
     store.gate_open.set()
     await closing
-    assert store.closed_after == [flow.id for flow in flows]  # all of them, in order, once
+    assert sorted(store.closed_after) == sorted(flow.id for flow in flows)  # all of them, once
 
 
-async def test_a_failing_write_does_not_stop_the_ones_behind_it(caplog):
+async def test_a_failing_write_is_logged_and_does_not_stop_the_others(caplog):
     writes = WriteBehind()
     done: list[int] = []
 
