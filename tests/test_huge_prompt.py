@@ -54,7 +54,7 @@ def test_a_100k_token_prompt_is_counted_exactly_by_default():
 
 def test_tokenize_max_option_is_validated(gate_addons):  # noqa: F811
     tctx, gate, addons = gate_addons
-    assert gate.exact_prompt_chars == 4 * 1024 * 1024
+    assert gate.exact_prompt_chars == 1024 * 1024
     with pytest.raises(exceptions.OptionsError, match="tokengate_tokenize_max: 'lots'"):
         tctx.configure(addons[0], tokengate_tokenize_max="lots")
     tctx.configure(addons[0], tokengate_tokenize_max="1k")
@@ -63,6 +63,7 @@ def test_tokenize_max_option_is_validated(gate_addons):  # noqa: F811
 
 async def test_small_request_is_answered_while_a_huge_one_is_tokenized(make_gate):  # noqa: F811
     gate, addons, _ = make_gate(count=10**9)
+    gate.exact_prompt_chars = 4 * 1024 * 1024
     exact_part = text_of(3_000_000)  # tokenized exactly: a good part of a second
     beyond = "x" * 2_000_000  # past the 4M characters counted exactly: bounded by its bytes
     huge = reverse_flow(

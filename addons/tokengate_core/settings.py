@@ -120,7 +120,7 @@ class Settings:
         loader.add_option(
             "tokengate_tokenize_max",
             str,
-            "4m",
+            "1m",
             "Prompt text tokenized exactly per request (e.g. 512k, 4m; in characters); beyond "
             "it each further UTF-8 byte counts as one token, an upper bound that keeps a huge "
             "prompt's estimate short. Settlement uses the provider's reported usage.",
