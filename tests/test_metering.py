@@ -153,6 +153,7 @@ async def test_body_nested_too_deeply_is_refused_before_it_leaves(make_gate, raw
     flow.request.content = raw.encode()
     await through(addons, ("requestheaders", "request"), flow)
     assert flow.response.status_code == 400 and flowstate.answered_by_gate(flow)
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (0, 0)
 
@@ -163,6 +164,7 @@ async def test_answer_nested_too_deeply_is_charged_the_tokenizer_count(make_gate
     flow.response = tutils.tresp(content=b'{"usage": ' + b"[" * 5000 + b"]" * 5000 + b"}")
     await through(addons, ("responseheaders", "response"), flow)
     assert flowstate.governed(flow)["usage"]["source"] == "estimated"
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (HELLO_PROMPT, 0)
 
@@ -222,6 +224,7 @@ async def test_burst_asking_for_several_choices_stays_within_the_limit(make_gate
     assert 0 < len(admitted) < len(flows)
     for flow in admitted:  # each choice as long as it may be: what the provider bills at most
         await settle(addons, flow, completion=4 * json.loads(flow.request.content)["max_tokens"])
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert status.reserved == 0 and status.used <= 1000
 
@@ -257,6 +260,7 @@ async def test_stream_hides_the_injected_usage_chunk_and_adds_the_trailer(make_g
         b": x-ratelimit-remaining-tokens=990 x-tokens-consumed=10\n\ndata: [DONE]\n\n"
     )
     await through(addons, ("response",), flow)
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (10, 0)
     assert flowstate.governed(flow)["usage"]["source"] == "reported"
@@ -273,8 +277,9 @@ async def test_stream_ended_early_is_charged_its_text_once(make_gate, how):
     )
     flow.error = tflow.terr("Client disconnected." if how == "client-gone" else "peer closed")
     await through(addons, ("error",), flow)
-    await metering.error(flow)  # a second report changes nothing
-    await metering.response(flow)
+    metering.error(flow)  # a second report changes nothing
+    metering.response(flow)
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (HELLO_PROMPT + 2, 0)  # "Hello there": 2 tokens
     assert flowstate.governed(flow)["usage"]["source"] == "estimated"
@@ -335,6 +340,7 @@ async def test_caller_hanging_up_while_queued_leaves_nothing_behind(make_gate):
     gone.client_conn.state = ConnectionState.CLOSED
     await asyncio.wait_for(waiting, 2)  # within a poll interval, long before queue_wait
     assert gone.response.status_code == 429 and metering.waiting == 0
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert status.reserved == 100  # only the first request's reservation
 
@@ -358,6 +364,7 @@ async def test_caller_gone_as_the_queue_admits_it_holds_nothing(make_gate, monke
     await asyncio.wait_for(waiting, 2)
     assert gone.response.status_code == 429  # the last refusal; nobody is there to read it
     assert metering.waiting == 0
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (HELLO_PROMPT + 5, 0)
 

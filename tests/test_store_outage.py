@@ -124,6 +124,7 @@ async def test_settlement_during_outage_is_written_when_the_store_returns(outage
     await through(addons, ("responseheaders", "response"), flow)
     assert flow.response.status_code == 200
     assert flow.response.headers["X-Tokens-Consumed"] == "100"
+    await gate.writes.caught_up()  # the settlement was tried (and kept) while the store was down
     gate.store.down = False
     (held,) = await gate.store.status(buckets)
     assert held.used == 0 and held.reserved > 0  # the reservation is still held meanwhile
@@ -133,10 +134,12 @@ async def test_settlement_during_outage_is_written_when_the_store_returns(outage
     await through(addons, ("requestheaders", "request"), later)
     assert later.response is None
     assert any("full accounting resumed" in r.message for r in caplog.records)
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets)
     assert status.used == 100  # the late settlement, exactly once
     later.response = answered(20)
     await through(addons, ("responseheaders", "response"), later)
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets)
     assert (status.used, status.reserved) == (120, 0)
     assert flowstate.governed(later)["usage"]["total_tokens"] == 20
@@ -150,11 +153,13 @@ async def test_release_during_outage_is_written_when_the_store_returns(outage):
     gate.store.down = True
     failed.response = tutils.tresp(status_code=500, content=b"{}")
     await through(addons, ("responseheaders", "response"), failed)
+    await gate.writes.caught_up()  # the release was tried (and kept) while the store was down
     gate.store.down = False
     flow = reverse_flow()
     await through(addons, ("requestheaders", "request"), flow)
     flow.response = answered(10)
     await through(addons, ("responseheaders", "response"), flow)
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets)
     assert (status.used, status.reserved) == (10, 0)  # the failed call cost nothing
 
@@ -185,11 +190,13 @@ async def test_a_reserve_whose_reply_was_lost_is_released_when_the_store_answers
     bucket = buckets_for(load_config(quotas).proxies["p"], "alice")
     with pytest.raises(StoreUnavailable):
         await accounting.reserve("lost", bucket, Demand(10, 10))
+    await gate.writes.caught_up()  # the settlements handed over
     (held,) = await gate.store.status(bucket)
     assert held.reserved == 20  # it did run: the gate just never heard so
     decision, reservation = await accounting.reserve("next", bucket, Demand(10, 10))
     assert decision.admitted
     await accounting.settle(reservation, None)
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(bucket)
     assert (status.used, status.reserved) == (0, 0)  # the lost reserve holds nothing
 
@@ -215,7 +222,8 @@ async def test_first_decision_after_an_outage_sees_the_settlements_kept_meanwhil
     await through(addons, ("requestheaders", "request"), big)  # holds 9 + 900 of 1000
     gate.store.down = True
     big.response = answered(20)
-    await through(addons, ("responseheaders", "response"), big)  # kept: the store is down
+    await through(addons, ("responseheaders", "response"), big)
+    await gate.writes.caught_up()  # kept: the store is down
     gate.store.down = False
     after = reverse_flow(body={**HELLO_BODY, "max_tokens": 500})
     await through(addons, ("requestheaders", "request"), after)
@@ -236,6 +244,7 @@ async def test_a_reload_to_another_store_settles_flows_in_flight_in_the_old_one(
     assert gate.store is not old_store
     flow.response = answered(30)
     await through(addons, ("responseheaders", "response"), flow)
+    await gate.writes.caught_up()  # the settlements handed over
     (status,) = await old_store.status(buckets)
     assert (status.used, status.reserved) == (30, 0)  # settled where it was reserved
     # Only the reservation timeout changed: the same store keeps serving, with the new timeout.

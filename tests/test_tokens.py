@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import tiktoken
@@ -26,22 +28,37 @@ def test_encodings_build_without_tiktoken_loader(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(tiktoken.load, "read_file", no_network)
     monkeypatch.setattr(tiktoken.load, "read_file_cached", no_network)
     original_loader = openai_public.load_tiktoken_bpe
-    tokens.get_encoding.cache_clear()
-    try:
-        tokens.preload()
-        for name in tokens.SHIPPED_ENCODINGS:
-            encoding = tokens.get_encoding(name)
-            assert isinstance(encoding, tiktoken.Encoding)
-            assert encoding.name == name
-            assert len(encoding.encode("hello world")) == 2
-            assert encoding.decode(encoding.encode("héllo 東京")) == "héllo 東京"
-            assert "<|endoftext|>" in encoding.special_tokens_set
-        assert tokens.get_encoding("o200k_base").n_vocab > 199_000
-        assert 100_000 < tokens.get_encoding("cl100k_base").n_vocab < 101_000
-    finally:
-        tokens.get_encoding.cache_clear()
+    monkeypatch.setattr(tokens, "_encodings", {})  # built again, from the packaged files
+    tokens.preload()
+    for name in tokens.SHIPPED_ENCODINGS:
+        encoding = tokens.get_encoding(name)
+        assert isinstance(encoding, tiktoken.Encoding)
+        assert encoding.name == name
+        assert len(encoding.encode("hello world")) == 2
+        assert encoding.decode(encoding.encode("héllo 東京")) == "héllo 東京"
+        assert "<|endoftext|>" in encoding.special_tokens_set
+    assert tokens.get_encoding("o200k_base").n_vocab > 199_000
+    assert 100_000 < tokens.get_encoding("cl100k_base").n_vocab < 101_000
     # The temporary loader swap is undone.
     assert openai_public.load_tiktoken_bpe is original_loader
+
+
+def test_encodings_are_built_when_a_model_needs_them() -> None:
+    """A fresh process builds o200k_base in the background at start and cl100k_base only for a
+    model that uses it (each ~30-50 MB), never on the event loop."""
+    script = (
+        "import asyncio\n"
+        "from tokengate_core import tokens\n"
+        "tokens.build_in_background()\n"
+        "asyncio.run(tokens.load_for('gpt-4o-mini'))\n"
+        "print(tokens.is_built('o200k_base'), tokens.is_built('cl100k_base'))\n"
+        "asyncio.run(tokens.load_for('gpt-4'))\n"
+        "print(tokens.is_built('cl100k_base'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.split() == ["True", "False", "True"], done.stderr
 
 
 def test_encodings_are_cached() -> None:

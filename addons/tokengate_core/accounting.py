@@ -44,6 +44,7 @@ class Accounting:
         self, reservation_id: str, buckets: tuple[Bucket, ...], demand: Demand
     ) -> tuple[Decision, Reservation | None]:
         """The store's decision; raises StoreUnavailable (after logging) when it has none."""
+        await self.gate.writes.caught_up()  # decide on the settlements handed over before
         store = self.gate.store
         try:
             await self._write_kept()

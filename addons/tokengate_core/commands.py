@@ -43,6 +43,7 @@ async def status_report(gate: Gate) -> str:
     """The reload summary plus, per key (or per proxy when shared), every window as it stands."""
     if gate.config is None:
         return "tokengate status: no configuration loaded"
+    await gate.writes.caught_up()  # the usage of requests already answered
     now = gate.clock()
     lines = [f"tokengate status: {summary(gate)}"]
     for proxy in gate.config.proxies.values():

@@ -24,7 +24,15 @@ from mitmproxy import ctx, exceptions, http
 from . import flowstate, responses, tokens
 from .accounting import Accounting
 from .config import Proxy
-from .limiter import Bucket, Decision, Demand, LimitStatus, Usage, held_back_by_reservations
+from .limiter import (
+    Bucket,
+    Decision,
+    Demand,
+    LimitStatus,
+    Usage,
+    held_back_by_reservations,
+    settled_view,
+)
 from .settings import Gate
 from .stores import Reservation, StoreUnavailable
 from .streaming import StreamRelay, trailer_comment
@@ -37,7 +45,8 @@ BAD_JSON = "We could not parse the JSON body of your request: expected a JSON ob
 DEGRADED_HEADER = "X-TokenGate-Accounting"
 LOWERED_HEADER = "X-TokenGate-Max-Tokens"  # the max_tokens the provider was sent, when lowered
 STORE_RETRY_AFTER = 2  # seconds a caller is asked to wait while the store is down
-# Prompts longer than this are tokenized off the event loop, so other flows keep moving.
+# Bodies longer than this are parsed and tokenized off the event loop, so other flows keep
+# moving (tiktoken releases the GIL while it encodes).
 INLINE_TOKENIZE_BYTES = 20_000
 # Streamed endpoints that report usage only when asked (`stream_options.include_usage`).
 USAGE_ON_REQUEST_ENDPOINTS = ("chat/completions", "completions")
@@ -132,15 +141,35 @@ def adjust_request(body: dict[str, Any], endpoint: str, reserved: Usage) -> dict
     return notes
 
 
-async def estimate(endpoint: str, body: dict[str, Any], body_size: int) -> int | None:
-    """The prompt estimate; None for a body nested too deeply to walk (as unreadable as bad
-    JSON to the gate)."""
+def prompt_estimate(body: dict[str, Any], endpoint: str, exact_chars: int) -> int | None:
+    """None for a body nested too deeply to walk (as unreadable as bad JSON to the gate)."""
     try:
-        if body_size <= INLINE_TOKENIZE_BYTES:
-            return tokens.estimate_prompt(endpoint, body)
-        return await asyncio.to_thread(tokens.estimate_prompt, endpoint, body)
+        return tokens.estimate_prompt(endpoint, body, exact_chars)
     except RecursionError:
         return None
+
+
+def parse_and_estimate(
+    raw: bytes, endpoint: str, exact_chars: int
+) -> tuple[dict[str, Any] | None, int | None]:
+    """The body as a JSON object and its prompt estimate; None for what the gate cannot read
+    (not a JSON object, or nested too deeply to parse or to walk)."""
+    body = json_object(raw)
+    return body, None if body is None else prompt_estimate(body, endpoint, exact_chars)
+
+
+async def read_request(
+    raw: bytes, endpoint: str, exact_chars: int
+) -> tuple[dict[str, Any] | None, int | None]:
+    """`parse_and_estimate`, on a worker thread for a large body; for a small one on the event
+    loop, once the model's encoding is built (off the loop, the first time)."""
+    if len(raw) > INLINE_TOKENIZE_BYTES:
+        return await asyncio.to_thread(parse_and_estimate, raw, endpoint, exact_chars)
+    body = json_object(raw)
+    if body is None:
+        return None, None
+    await tokens.load_for(tokens.model_of(body))
+    return body, prompt_estimate(body, endpoint, exact_chars)
 
 
 def json_object(raw: bytes) -> dict[str, Any] | None:
@@ -249,8 +278,7 @@ class Metering:
             flowstate.answer(flow, responses.too_large(self.gate.max_body))
             return
         endpoint = state["endpoint"]
-        body = json_object(raw)
-        prompt = None if body is None else await estimate(endpoint, body, len(raw))
+        body, prompt = await read_request(raw, endpoint, self.gate.exact_prompt_chars)
         inflight = self._inflight.get(flow.id)
         if body is None or prompt is None:
             if inflight is None:  # not sent yet: refuse it rather than guess its cost
@@ -359,7 +387,7 @@ class Metering:
             inflight.meter = BodyMeter(inflight.prompt_estimate, inflight.model)
             flow.response.stream = inflight.meter.passing
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> None:
         inflight = self._inflight.pop(flow.id, None)
         if inflight is None:
             return
@@ -367,16 +395,26 @@ class Metering:
         state = flowstate.governed(flow)
         if flow.response.status_code >= 400:
             # The provider's own error passes unchanged and costs the caller nothing.
-            note_windows(state, await self.accounting.settle(inflight.reservation, None))
-            state["usage"] = None
+            self._settle(state, inflight, None)
             return
         metered = self._measure(flow, inflight)
-        statuses = await self.accounting.settle(inflight.reservation, metered.usage)
-        note_windows(state, statuses)
-        state["usage"] = usage_record(metered)
+        statuses = self._settle(state, inflight, metered)
         if inflight.meter is None:
-            # With the store down, the budget as admitted is the best figure the gate has.
-            self._report(flow.response, statuses or inflight.statuses, metered)
+            self._report(flow.response, statuses, metered)
+
+    def _settle(
+        self, state: dict[str, Any], inflight: InFlight, metered: Metered | None
+    ) -> tuple[LimitStatus, ...]:
+        """Hand the settlement (None: release) to the store without holding the answer, and
+        note the windows as they will stand once it lands, seen from admission (other flows
+        admitted or settled since are not in them): for the headers, the ledger and the comment.
+        """
+        reservation, usage = inflight.reservation, metered.usage if metered else None
+        self.gate.writes.hand_over(lambda: self.accounting.settle(reservation, usage))
+        statuses = settled_view(inflight.statuses, reservation.amounts, usage or Usage(0, 0))
+        note_windows(state, statuses)
+        state["usage"] = usage_record(metered) if metered else None
+        return statuses
 
     def _measure(self, flow: http.HTTPFlow, inflight: InFlight) -> Metered:
         if inflight.meter is not None:
@@ -394,7 +432,7 @@ class Metering:
         headers["X-Tokens-Consumed"] = str(metered.usage.total)
         responses.put_headers(response, headers)
 
-    async def error(self, flow: http.HTTPFlow) -> None:
+    def error(self, flow: http.HTTPFlow) -> None:
         self._request_bodies.pop(flow.id, None)
         inflight = self._inflight.pop(flow.id, None)
         if inflight is None:
@@ -409,11 +447,9 @@ class Metering:
             metered = Metered(inflight.reservation.amounts, "estimated")
         else:
             # The provider failed before answering anything: nothing to charge.
-            note_windows(state, await self.accounting.settle(inflight.reservation, None))
-            state["usage"] = None
+            self._settle(state, inflight, None)
             return
-        note_windows(state, await self.accounting.settle(inflight.reservation, metered.usage))
-        state["usage"] = usage_record(metered)
+        self._settle(state, inflight, metered)
         log.info("tokengate: flow %s cut short; charged %s tokens", flow.id, metered.usage.total)
 
 

@@ -21,11 +21,10 @@ from .metering import (
     buckets_for,
     caller_hung_up,
     completion_reserve,
-    estimate,
-    json_object,
     max_tokens_field,
     note_decision,
     note_windows,
+    read_request,
     usage_record,
 )
 from .routing import USAGE_ENDPOINT
@@ -99,8 +98,7 @@ class CaptureReplay:
             note_windows(state, await self.store.status(buckets))
             return captured, "answered"
         raw = flow.request.get_content(strict=False) or b""
-        body = json_object(raw)
-        prompt = None if body is None else await estimate(state["endpoint"], body, len(raw))
+        body, prompt = await read_request(raw, state["endpoint"], self.gate.exact_prompt_chars)
         if body is None or prompt is None:  # as live: unreadable, refused before it leaves
             return 400, "invalid"
         as_requested(body, saved)

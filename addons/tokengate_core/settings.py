@@ -20,6 +20,7 @@ from . import tokens
 from .config import Config, Proxy, load_config
 from .stores import Store, open_store
 from .stores.memory import MemoryStore
+from .writebehind import WriteBehind
 from .yamlsource import ConfigError
 
 log = logging.getLogger("tokengate")
@@ -33,7 +34,9 @@ class Gate:
     store: Store = field(default_factory=MemoryStore)
     clock: Callable[[], float] = time.time
     max_body: int = 32 * 1024 * 1024  # request bodies above this are refused before tokenizing
+    exact_prompt_chars: int = tokens.EXACT_PROMPT_CHARS  # tokenized exactly; the rest bounded
     stream_request_bodies: bool = False  # mitmproxy's stream_large_bodies is set
+    writes: WriteBehind = field(default_factory=WriteBehind)  # settlements on their way
 
     def proxy(self, name: str) -> Proxy | None:
         return self.config.proxies.get(name) if self.config else None
@@ -114,12 +117,22 @@ class Settings:
             "Largest request body TokenGate accepts on governed flows (e.g. 512k, 32m); larger "
             "ones get 413 before they are read into the tokenizer.",
         )
+        loader.add_option(
+            "tokengate_tokenize_max",
+            str,
+            "1m",
+            "Prompt text tokenized exactly per request (e.g. 512k, 4m; in characters); beyond "
+            "it each further UTF-8 byte counts as one token, an upper bound that keeps a huge "
+            "prompt's estimate short. Settlement uses the provider's reported usage.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "stream_large_bodies" in updated:
             self.gate.stream_request_bodies = bool(ctx.options.stream_large_bodies)
         if "tokengate_max_body" in updated:
             self.gate.max_body = size_option("tokengate_max_body")
+        if "tokengate_tokenize_max" in updated:
+            self.gate.exact_prompt_chars = size_option("tokengate_tokenize_max")
         if "tokengate_config" not in updated:
             return
         signature = file_signature(ctx.options.tokengate_config)
@@ -130,7 +143,7 @@ class Settings:
                 log.error("tokengate: refusing to start: %s", e)
                 return
             raise exceptions.OptionsError(f"tokengate: {e}") from e
-        tokens.preload()
+        tokens.build_in_background()
         self._install(config, signature)
 
     def _install(self, config: Config, signature: FileSignature | None, why: str = "") -> None:
@@ -202,6 +215,7 @@ class Settings:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+        await self.gate.writes.caught_up()  # settlements still on their way land first
         for store in (*self._retired, self.gate.store):
             await store.close()
         self._retired.clear()

@@ -55,6 +55,7 @@ class UsageQuery:
         if proxy is None:
             return
         try:
+            await self.gate.writes.caught_up()
             statuses = await self.gate.store.status(buckets_for(proxy, state["key"]))
         except StoreUnavailable:
             unreachable = "The usage store is unreachable; try again shortly."

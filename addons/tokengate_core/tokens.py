@@ -8,14 +8,15 @@ expects, and build fast (Rust) tiktoken encodings from them. Nothing here touche
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
 import importlib.resources
+import io
 import json
 import threading
 from collections.abc import Iterable
-from functools import cache
 from typing import Any
 
 import tiktoken
@@ -32,8 +33,13 @@ TOKENS_PER_NAME = 1
 TOKENS_REPLY_PRIMING = 3
 # An image part cannot be tokenized as text; OpenAI bills a low-detail image at 85 tokens.
 TOKENS_PER_IMAGE = 85
+# Prompt text tokenized exactly per request by default (~250k tokens of English prose); the rest
+# is bounded by its bytes. Tokenizing is super-linear on long runs without spaces: 1M characters
+# of one letter took 0.7 s here (4M: 4 s), 1M of prose 60 ms. `tokengate_tokenize_max` sets it.
+EXACT_PROMPT_CHARS = 1024 * 1024
 
 _load_lock = threading.Lock()
+_encodings: dict[str, tiktoken.Encoding] = {}  # built so far, by name
 
 
 class EncodingUnavailable(RuntimeError):
@@ -51,22 +57,28 @@ def _packaged_ranks(name: str, expected_hash: str) -> dict[bytes, int]:
         raise EncodingUnavailable(
             f"{name}: packaged BPE file has sha256 {digest}, tiktoken expects {expected_hash}"
         )
-    return {
-        base64.b64decode(token): int(rank)
-        for token, rank in (line.split() for line in raw.splitlines() if line)
-    }
+    ranks = {}
+    for line in io.BytesIO(raw):  # line by line: no list of 200,000 lines at the peak
+        if token_and_rank := line.split():
+            ranks[base64.b64decode(token_and_rank[0])] = int(token_and_rank[1])
+    return ranks
 
 
-@cache
 def get_encoding(name: str) -> tiktoken.Encoding:
-    """A tiktoken encoding built offline from the packaged file.
+    """A tiktoken encoding built offline from the packaged file, once per process.
 
     tiktoken's own constructor supplies the regex, the special tokens and the expected hash; only
-    its loader (which would fetch a URL) is replaced for the duration of the call.
+    its loader (which would fetch a URL) is replaced for the duration of the call. Concurrent
+    first callers (the start-up build and a request's thread) wait for one build.
     """
+    encoding = _encodings.get(name)
+    if encoding is not None:
+        return encoding
     if name not in SHIPPED_ENCODINGS:
         raise EncodingUnavailable(f"{name}: not shipped (have {', '.join(SHIPPED_ENCODINGS)})")
     with _load_lock:
+        if name in _encodings:
+            return _encodings[name]
         original = openai_public.load_tiktoken_bpe
         openai_public.load_tiktoken_bpe = lambda _url, expected_hash: _packaged_ranks(
             name, expected_hash
@@ -75,7 +87,16 @@ def get_encoding(name: str) -> tiktoken.Encoding:
             spec = getattr(openai_public, name)()
         finally:
             openai_public.load_tiktoken_bpe = original
-    return tiktoken.Encoding(**spec)
+        encoding = tiktoken.Encoding(**spec)
+        # tiktoken keeps the Python dict of ranks only to pickle the encoding, which the gate
+        # never does; the Rust side has its own copy. Dropping it frees ~27 MB (o200k_base).
+        encoding._mergeable_ranks = {}
+        _encodings[name] = encoding
+    return encoding
+
+
+def is_built(name: str) -> bool:
+    return name in _encodings
 
 
 def encoding_name_for_model(model: str | None) -> str:
@@ -94,9 +115,27 @@ def encoding_for_model(model: str | None) -> tiktoken.Encoding:
 
 
 def preload() -> None:
-    """Build every shipped encoding now, so the first request does not pay for it."""
+    """Build every shipped encoding now (scripts and tests that want no first-call cost)."""
     for name in SHIPPED_ENCODINGS:
         get_encoding(name)
+
+
+def build_in_background() -> None:
+    """Start building the fallback encoding (the gpt-4o family's) on a thread, so that
+    mitmdump listens without waiting ~0.6 s for it; others are built when a model needs them
+    (`load_for`). The first request that needs an unbuilt encoding waits for it, off the loop."""
+    if not is_built(FALLBACK_ENCODING):
+        threading.Thread(
+            target=get_encoding, args=(FALLBACK_ENCODING,), name="tokengate-tokenizer", daemon=True
+        ).start()
+
+
+async def load_for(model: str | None) -> None:
+    """Make sure the model's encoding is built, building it on a worker thread if not (the
+    event loop never waits for a build)."""
+    name = encoding_name_for_model(model)
+    if not is_built(name):
+        await asyncio.to_thread(get_encoding, name)
 
 
 def count_text(text: str, model: str | None) -> int:
@@ -104,6 +143,37 @@ def count_text(text: str, model: str | None) -> int:
     if not text:
         return 0
     return len(encoding_for_model(model).encode(text, disallowed_special=()))
+
+
+def utf8_length(text: str) -> int:
+    """UTF-8 bytes of `text` (a lone surrogate as the 3 bytes tiktoken's replacement takes)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class PromptCounter:
+    """Counts the texts of one prompt: exactly up to `exact_chars` characters in all, then one
+    token per UTF-8 byte.
+
+    The bound never under-counts: tiktoken's encodings are byte-level BPE, so every token
+    stands for at least one byte of the text. It keeps a huge prompt's estimate bounded in time
+    (tokenizing runs at roughly 5-10 MB/s) while the reservation still covers what the provider
+    can bill; settlement uses the provider's reported usage anyway.
+    """
+
+    def __init__(self, model: str | None, exact_chars: int) -> None:
+        self.model = model
+        self.left = exact_chars
+        self.bounded = False  # some text was counted by its bytes rather than tokenized
+
+    def __call__(self, text: str) -> int:
+        if not text:
+            return 0
+        if len(text) <= self.left:
+            self.left -= len(text)
+            return count_text(text, self.model)
+        self.left = 0
+        self.bounded = True
+        return utf8_length(text)
 
 
 def _text_of(value: Any) -> Iterable[str]:
@@ -132,49 +202,47 @@ def _images_in(value: Any) -> int:
     return 0
 
 
-def _count_parts(value: Any, model: str | None) -> int:
-    return sum(count_text(text, model) for text in _text_of(value)) + TOKENS_PER_IMAGE * _images_in(
-        value
-    )
+def _count_parts(value: Any, count: PromptCounter) -> int:
+    return sum(count(text) for text in _text_of(value)) + TOKENS_PER_IMAGE * _images_in(value)
 
 
-def _count_tools(body: dict, model: str | None) -> int:
+def _count_tools(body: dict, count: PromptCounter) -> int:
     """Tool and function definitions are part of the prompt; count their JSON text."""
     total = 0
     for key in ("tools", "functions", "response_format", "text"):
         value = body.get(key)
         if isinstance(value, (list, dict)) and value:
-            total += count_text(json.dumps(value, separators=(",", ":")), model)
+            total += count(json.dumps(value, separators=(",", ":")))
     return total
 
 
-def _count_messages(messages: Any, model: str | None) -> int:
+def _count_messages(messages: Any, count: PromptCounter) -> int:
     if not isinstance(messages, list):
-        return _count_parts(messages, model)
+        return _count_parts(messages, count)
     total = TOKENS_REPLY_PRIMING
     for message in messages:
         total += TOKENS_PER_MESSAGE
         if not isinstance(message, dict):
-            total += _count_parts(message, model)
+            total += _count_parts(message, count)
             continue
-        total += _count_parts(message.get("content"), model)
+        total += _count_parts(message.get("content"), count)
         if isinstance(message.get("role"), str):
-            total += count_text(message["role"], model)
+            total += count(message["role"])
         if isinstance(message.get("name"), str):
-            total += TOKENS_PER_NAME + count_text(message["name"], model)
+            total += TOKENS_PER_NAME + count(message["name"])
         for call in message.get("tool_calls") or ():
             if isinstance(call, dict):
-                total += count_text(json.dumps(call.get("function", call)), model)
+                total += count(json.dumps(call.get("function", call)))
     return total
 
 
-def _count_token_arrays_or_text(value: Any, model: str | None) -> int:
+def _count_token_arrays_or_text(value: Any, count: PromptCounter) -> int:
     """`prompt` / `input` may be text, a list of texts, token ids, or lists of token ids."""
     if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
         return len(value)
     if isinstance(value, list):
-        return sum(_count_token_arrays_or_text(item, model) for item in value)
-    return _count_parts(value, model)
+        return sum(_count_token_arrays_or_text(item, count) for item in value)
+    return _count_parts(value, count)
 
 
 def model_of(body: dict) -> str | None:
@@ -183,21 +251,22 @@ def model_of(body: dict) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def estimate_prompt(endpoint: str, body: dict) -> int:
-    """The prompt tokens a request will be billed for, estimated before it is sent."""
-    model = model_of(body)
+def estimate_prompt(endpoint: str, body: dict, exact_chars: int = EXACT_PROMPT_CHARS) -> int:
+    """The prompt tokens a request will be billed for, estimated before it is sent: exact up
+    to `exact_chars` characters of text, an upper bound beyond (see PromptCounter)."""
+    count = PromptCounter(model_of(body), exact_chars)
     if endpoint == "chat/completions":
-        return _count_messages(body.get("messages"), model) + _count_tools(body, model)
+        return _count_messages(body.get("messages"), count) + _count_tools(body, count)
     if endpoint == "responses":
-        total = _count_parts(body.get("instructions"), model)
+        total = _count_parts(body.get("instructions"), count)
         items = body.get("input")
         if isinstance(items, list):
-            total += _count_messages(items, model)
+            total += _count_messages(items, count)
         else:
-            total += _count_parts(items, model)
-        return total + _count_tools(body, model)
+            total += _count_parts(items, count)
+        return total + _count_tools(body, count)
     if endpoint == "completions":
-        return _count_token_arrays_or_text(body.get("prompt"), model)
+        return _count_token_arrays_or_text(body.get("prompt"), count)
     if endpoint == "embeddings":
-        return _count_token_arrays_or_text(body.get("input"), model)
+        return _count_token_arrays_or_text(body.get("input"), count)
     return 0
