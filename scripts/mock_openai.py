@@ -108,6 +108,12 @@ def endpoint_of(path: str) -> str | None:
     return name if name in ENDPOINTS else None
 
 
+def billed_prompt(endpoint: str, body: dict) -> int:
+    """The prompt tokens a provider bills: counted exactly however long (the gate bounds its own
+    estimate of a huge prompt; a provider does not)."""
+    return tokens.estimate_prompt(endpoint, body, exact_chars=sys.maxsize)
+
+
 def is_mode(name: str) -> bool:
     return name in MODES or ERROR_MODE.fullmatch(name) is not None
 
@@ -524,13 +530,13 @@ class MockHandler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
                 # The prompt was read (and would be billed) before the answer broke.
                 tag = self.headers.get("X-Mock-Tag", "-")
-                self.server.stats.add_delivered(tag, tokens.estimate_prompt(endpoint, body))
+                self.server.stats.add_delivered(tag, billed_prompt(endpoint, body))
             else:
                 self._answer(endpoint, body, mode)
 
     def _answer(self, endpoint: str, body: dict, mode: Mode) -> None:
         model = body.get("model") if isinstance(body.get("model"), str) else None
-        prompt = tokens.estimate_prompt(endpoint, body)
+        prompt = billed_prompt(endpoint, body)
         report_usage = mode.name != "no-usage"
         tag = self.headers.get("X-Mock-Tag", "-")
         if endpoint == "embeddings":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
 import secrets
@@ -33,8 +32,8 @@ from pathlib import Path
 import httpx
 from tokengate_core.keys import hash_key
 
-from scripts.bench_latency import MOCK, PROVIDER_ENV, mitmdump, url_of
-from scripts.children import ROOT, Child
+from scripts import benchkit
+from scripts.children import Child
 
 BIG_KEYS = ("big-1", "big-2", "big-3")  # proxy /soak: a budget no mix spends (per 10 s)
 TIGHT_KEYS = ("tight-1", "tight-2")  # proxy /tight: 1500 tokens per 10 s, so 429s happen
@@ -61,7 +60,7 @@ def write_quotas(path: Path, mock_url: str, keys: dict[str, str], store: str) ->
 
     path.write_text(
         "providers:\n  mock:\n"
-        f"    base_url: {mock_url}/v1\n    api_key_env: {PROVIDER_ENV}\n"
+        f"    base_url: {mock_url}/v1\n    api_key_env: {benchkit.PROVIDER_ENV}\n"
         "proxies:\n"
         "  soak:\n    context: /soak\n    provider: mock\n"
         "    token_limits:\n      total_tokens:\n        - {count: 1000000000, duration: 10s}\n"
@@ -206,22 +205,15 @@ def run(args: argparse.Namespace) -> dict:
     children: list[Child] = []
     with tempfile.TemporaryDirectory(prefix="tokengate-soak-") as folder:
         try:
-            mock = Child(
-                [*MOCK, "--expect-key", provider_key, "--completion-tokens", "30",
-                 "--stream-delay", "0.001"],
-                env=dict(os.environ),
-            )  # fmt: skip
+            mock = benchkit.mock(
+                provider_key, "--completion-tokens", "30", "--stream-delay", "0.001"
+            )
             children.append(mock)
-            mock_url = url_of(mock, began + 60)
+            mock_url = benchkit.url_of(mock, began + 60)
             config = write_quotas(Path(folder) / "quotas.yaml", mock_url, keys, args.store)
-            gate = mitmdump(
-                mock_url,
-                "-s", str(ROOT / "addons" / "tokengate.py"),
-                "--set", f"tokengate_config={config}",
-                env={**os.environ, PROVIDER_ENV: provider_key},
-            )  # fmt: skip
+            gate = benchkit.gateway(mock_url, config, provider_key)
             children.append(gate)
-            gate_url = url_of(gate, began + 60)
+            gate_url = benchkit.url_of(gate, began + 60)
             outcomes, samples, done = asyncio.run(drive(gate_url, gate.popen.pid, args, keys))
             left = reserved_left(gate_url, keys)
             delivered = http_json(f"{mock_url}/mock/stats")["delivered_by_tag"]

@@ -13,7 +13,7 @@ from tokengate_core import flowstate, pipeline
 from tokengate_core.accounting import Accounting
 from tokengate_core.commands import Commands
 from tokengate_core.config import load_config
-from tokengate_core.limiter import Demand
+from tokengate_core.limiter import Demand, Usage
 from tokengate_core.metering import DEGRADED_HEADER, buckets_for
 from tokengate_core.responses import SOURCE_HEADER
 from tokengate_core.settings import Gate, Settings
@@ -256,3 +256,33 @@ async def test_a_reload_to_another_store_settles_flows_in_flight_in_the_old_one(
     current = gate.store
     assert await settings.reload("test")
     assert gate.store is current and current.stale_after == 120
+
+
+class YieldingStore(FlakyStore):
+    """Settles after a pause, as a store on another thread or server does: calls interleave."""
+
+    async def settle(self, *args):
+        await asyncio.sleep(0)
+        return await super().settle(*args)
+
+
+async def test_kept_settlements_written_by_concurrent_calls_are_each_written_once(outage):
+    _, gate, _ = outage
+    gate.store = YieldingStore(gate.clock)
+    accounting = Accounting(gate)
+    buckets = buckets_for(gate.proxy("p"), "alice")
+    held = []
+    for n in range(4):
+        _, reservation = await accounting.reserve(f"r{n}", buckets, Demand(10, 10))
+        held.append(reservation)
+    gate.store.down = True
+    for reservation in held[:3]:
+        assert await accounting.settle(reservation, Usage(5, 5)) is None  # kept
+    gate.store.down = False
+    # Two calls at once each write kept settlements first: none may be written twice while
+    # another is dropped.
+    await asyncio.gather(
+        accounting.settle(held[3], Usage(1, 1)), accounting.reserve("r9", buckets, Demand(0, 0))
+    )
+    (status,) = await gate.store.status(buckets)
+    assert status.used == 3 * 10 + 2

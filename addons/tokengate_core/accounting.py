@@ -87,9 +87,13 @@ class Accounting:
         """Write up to WRITES_PER_CALL kept settlements, oldest first; raises while still down."""
         written = 0
         while self._unwritten and written < WRITES_PER_CALL:
-            store, reservation, usage = self._unwritten[0]
-            await _write(store, reservation, usage)
-            self._unwritten.popleft()
+            # Taken before the write, so a call running meanwhile takes the next one.
+            kept = self._unwritten.popleft()
+            try:
+                await _write(*kept)
+            except BaseException:
+                self._unwritten.appendleft(kept)
+                raise
             written += 1
         if written:
             self._wake()

@@ -163,7 +163,6 @@ class PromptCounter:
     def __init__(self, model: str | None, exact_chars: int) -> None:
         self.model = model
         self.left = exact_chars
-        self.bounded = False  # some text was counted by its bytes rather than tokenized
 
     def __call__(self, text: str) -> int:
         if not text:
@@ -172,7 +171,6 @@ class PromptCounter:
             self.left -= len(text)
             return count_text(text, self.model)
         self.left = 0
-        self.bounded = True
         return utf8_length(text)
 
 
