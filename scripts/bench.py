@@ -3,7 +3,9 @@
 One session, everything on 127.0.0.1. Phases (`--phases`, all by default):
 
 - load: small non-streamed chat requests at each `--concurrency`, to every target in turn:
-  `direct` (the mock itself), `mitmdump` (plain, reverse mode, no addon) and TokenGate on the
+  `direct` (the mock itself), `mitmdump` (plain, reverse mode, no addon), `noop` (mitmdump with
+  `scripts/noop_addons.py`: as many addon objects as TokenGate, with the same hooks, doing
+  nothing: the floor mitmproxy's addon dispatch puts under TokenGate) and TokenGate on the
   `memory`, `sqlite` and `redis` stores. Req/s, p50 and p99 latency, startup time and the
   proxy's peak RSS, each also as a ratio to the plain mitmdump of the same round.
 - stream: streamed chat requests, time to first body byte, the same targets.
@@ -18,7 +20,7 @@ are medians over `--rounds`, ratios medians of the per-round ratios. Every phase
 budget and every level a request count and a time cap; a run cut short says so.
 
     .venv/bin/python -m scripts.bench [--rounds 3] [--requests 400] [--concurrency 1,8,32]
-        [--targets direct,mitmdump,memory,sqlite,redis] [--phases load,stream,...] [--quick]
+        [--targets direct,mitmdump,noop,memory,sqlite,redis] [--phases load,stream,...] [--quick]
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ from scripts.benchkit import (
     started,
     table,
 )
-from scripts.children import Child
+from scripts.children import ROOT, Child
 from scripts.mock_openai import completion_pieces
 from tests.redis_server import RedisServer
 
-TARGETS = ("direct", "mitmdump", "memory", "sqlite", "redis")
+TARGETS = ("direct", "mitmdump", "noop", "memory", "sqlite", "redis")
 GATES = ("memory", "sqlite", "redis")
 # Redis keeps the keys' windows in redis-server, not in the gateway: its RSS would not show them.
 KEYS_TARGETS = ("mitmdump", "memory", "sqlite")
@@ -72,10 +74,12 @@ PHASES = ("load", "stream", "estimate", "keys", "stores")
 LABELS = {
     "direct": "direct (mock)",
     "mitmdump": "plain mitmdump",
+    "noop": "mitmdump, no-op addons",
     "memory": "TokenGate, memory",
     "sqlite": "TokenGate, SQLite",
     "redis": "TokenGate, Redis",
 }
+NOOP_ADDONS = str(ROOT / "scripts" / "noop_addons.py")
 CONTEXT = "/bench"
 MODEL = "gpt-4o-mini"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 5}
@@ -189,11 +193,12 @@ def launched(
         provider_path = "/v1/chat/completions"
         if name == "direct":
             process, key, path = mock, session.provider_key, provider_path
-        elif name == BASELINE:
+        elif name in (BASELINE, "noop"):
             # By default mitmdump buffers a whole SSE answer before passing it on; the gate
             # streams it, so the streamed phase compares with a mitmdump that streams bodies.
             extra = ("--set", "stream_large_bodies=1") if streaming else ()
-            process = started(stack, benchkit.mitmdump(mock_url, *extra))
+            script = ("-s", NOOP_ADDONS) if name == "noop" else ()
+            process = started(stack, benchkit.mitmdump(mock_url, *script, *extra))
             key, path = session.provider_key, provider_path
         else:
             store = {"memory": "{kind: memory}", "sqlite": "{kind: sqlite, path: usage.sqlite3}"}

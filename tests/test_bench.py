@@ -4,18 +4,22 @@ folded stacks and samples a real process. Times are not asserted: they depend on
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 
 import pytest
+from tokengate_core import pipeline
+from tokengate_core.metering import Metering
+from tokengate_core.settings import Gate
 
-from scripts import benchprofile
+from scripts import benchprofile, noop_addons
 from scripts.bench import markdown
 from scripts.children import Child
 from tests.e2e import run_benchmark
 from tests.redis_server import require_redis_server
 
-TARGETS = {"direct", "mitmdump", "memory", "sqlite", "redis"}
+TARGETS = {"direct", "mitmdump", "noop", "memory", "sqlite", "redis"}
 
 
 def test_quick_run_measures_every_target_and_phase():
@@ -115,3 +119,17 @@ def test_profile_samples_a_running_python_process(tmp_path):
     summary = benchprofile.summary([output], requests=1)
     assert summary["samples"] > 0 and summary["tokengate_share"] == 0
     assert summary["top_functions"][0][0].startswith("<module> (<string>)")
+
+
+def test_noop_addons_mirror_the_pipeline_hook_for_hook():
+    gate_addons = pipeline.build(Gate())
+    assert len(noop_addons.addons) == len(gate_addons)
+    for twin, addon in zip(noop_addons.addons, gate_addons, strict=True):
+        assert noop_addons.shape(twin) == noop_addons.shape(addon), type(addon).__name__
+    # Flow hooks are found, and told apart: Metering reserves in an async hook, settles in a sync.
+    metering = noop_addons.shape(Metering(Gate()))
+    assert metering["request"] is True and metering["response"] is False
+    assert {"requestheaders", "responseheaders", "error", "load", "configure"} <= set(metering)
+    twin = noop_addons.noop_twin(Metering(Gate()))
+    assert twin.response(None) is None
+    assert asyncio.run(twin.request(None)) is None
