@@ -6,13 +6,18 @@ One session, everything on 127.0.0.1. Phases (`--phases`, all by default):
   `direct` (the mock itself), `mitmdump` (plain, reverse mode, no addon), `noop` (mitmdump with
   `scripts/noop_addons.py`: as many addon objects as TokenGate, with the same hooks, doing
   nothing: the floor mitmproxy's addon dispatch puts under TokenGate) and TokenGate on the
-  `memory`, `sqlite` and `redis` stores. Req/s, p50 and p99 latency, startup time and the
-  proxy's peak RSS, each also as a ratio to the plain mitmdump of the same round.
+  `memory`, `sqlite` and `redis` stores. Req/s, p50 and p99 latency, the proxy's CPU time per
+  request (all its threads; for `direct`, the mock's), startup time and the proxy's peak RSS,
+  each also as a ratio to the plain mitmdump of the same round. CPU time per request leaves out
+  the time the proxy waited for a CPU, so it is a second view of the gate's cost when other work
+  shares the machine (it still varies with what shares the caches).
 - stream: streamed chat requests, time to first body byte, the same targets.
 - estimate: `tokens.estimate_prompt` on 1k, 10k and 100k-token prompts, in this process.
 - keys: a gateway whose quotas file holds `--keys` keys, each key sending one request;
   startup time and peak RSS against a plain mitmdump that served as many requests.
 - stores: one limit check per store, in this process: reserve and settle, µs per call.
+- dispatch: mitmproxy's dispatch of one flow's events through mitmdump's default addons, alone
+  and with the `noop` target's addons, in this process: CPU µs per flow (the floor, less noisy).
 
 Every run starts fresh processes (mock, proxy, redis-server), so startup is timed each round;
 targets take turns in an order that rotates between rounds, so drift hits all alike; figures
@@ -28,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import secrets
 import sqlite3
 import sys
@@ -37,6 +43,7 @@ from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tokengate_core import tokens
@@ -70,7 +77,7 @@ GATES = ("memory", "sqlite", "redis")
 # Redis keeps the keys' windows in redis-server, not in the gateway: its RSS would not show them.
 KEYS_TARGETS = ("mitmdump", "memory", "sqlite")
 BASELINE = "mitmdump"
-PHASES = ("load", "stream", "estimate", "keys", "stores")
+PHASES = ("load", "stream", "estimate", "keys", "stores", "dispatch")
 LABELS = {
     "direct": "direct (mock)",
     "mitmdump": "plain mitmdump",
@@ -99,6 +106,7 @@ STORE_DEMAND = Demand(20, 100)
 STORE_USAGE = Usage(20, 42)
 STORE_MODES = ("sequential", "concurrent")
 MAX_COUNT = 100_000  # for any count option: rounds, requests, keys
+DISPATCH_BATCHES = 10  # per round: the two chains take turns this often
 
 
 # --- targets --------------------------------------------------------------------------------
@@ -222,6 +230,17 @@ def rotated(names: Sequence[str], round_: int) -> list[str]:
     return [*names[shift:], *names[:shift]]
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time a process has used so far, user and system, all threads (Linux /proc); None
+    where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
 
@@ -270,7 +289,7 @@ def merged(seen: list[dict], names: Sequence[str]) -> dict:
 # --- phases ---------------------------------------------------------------------------------
 
 
-LOAD_FIGURES = ("rps", "p50_ms", "p99_ms")
+LOAD_FIGURES = ("rps", "p50_ms", "p99_ms", "cpu_ms")
 
 
 def load_run(target: Target, args, budget: Budget) -> dict:
@@ -287,10 +306,15 @@ def load_run(target: Target, args, budget: Budget) -> dict:
                 budget.exhausted = True
                 break
             requests = target.requests(BODY)
+            began = cpu_seconds(target.process.popen.pid)
             run = asyncio.run(
                 drive(target.port, requests, args.requests, concurrency, seconds, False, expect)
             )
-            levels[str(concurrency)] = summary_of(run)
+            figures = levels[str(concurrency)] = summary_of(run)
+            ended = cpu_seconds(target.process.popen.pid)
+            answered = figures["requests"]
+            known = None not in (began, ended) and answered
+            figures["cpu_ms"] = (ended - began) / answered * 1000 if known else None
             budget.exhausted |= run.cut
     rss = target.process.memory_kib()
     return {
@@ -575,6 +599,64 @@ def stores_phase(session: Session, args, budget: Budget) -> dict:
     }
 
 
+class Scripted:
+    """Where `-s` puts a script's addons: ScriptLoader -> Script -> the module -> its `addons`."""
+
+    def __init__(self, addons: list) -> None:
+        self.addons = [SimpleNamespace(addons=[SimpleNamespace(addons=addons)])]
+
+
+def dispatch_phase(args, budget: Budget) -> dict:
+    """mitmproxy's dispatch of one flow's events (with the `update` after each) through
+    mitmdump's default addons, alone and with `scripts/noop_addons.py`'s twins: µs of CPU per
+    flow, in this process, the `noop` target's floor without the network's noise."""
+    from mitmproxy import options
+    from mitmproxy.proxy.layers import http as layers
+    from mitmproxy.test import tflow
+    from mitmproxy.tools.dump import DumpMaster
+
+    from scripts import noop_addons
+
+    async def measure() -> dict[str, list[float]]:
+        masters = {}
+        for name in (BASELINE, "noop"):
+            master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
+            masters[name] = master
+            if name == "noop":
+                master.addons.add(Scripted(noop_addons.addons))
+        flow = tflow.tflow(resp=True)
+        hooks = (layers.HttpRequestHeadersHook, layers.HttpRequestHook,
+                 layers.HttpResponseHeadersHook, layers.HttpResponseHook)  # fmt: skip
+        events = [hook(flow) for hook in hooks]
+        times: dict[str, list[float]] = {name: [] for name in masters}
+        deadline = budget.deadline()
+        for _ in range(args.rounds * DISPATCH_BATCHES):  # the two take turns, batch by batch
+            if time.monotonic() > deadline:
+                budget.exhausted = True
+                break
+            for name, master in masters.items():
+                began = time.process_time()
+                for _ in range(args.dispatch_flows):
+                    for event in events:
+                        await master.addons.handle_lifecycle(event)
+                times[name].append((time.process_time() - began) / args.dispatch_flows * 1e6)
+        return times
+
+    with budget.running():
+        times = asyncio.run(measure())
+    figures = {name: {"us_per_flow": median(seen, 1)} for name, seen in times.items()}
+    base, noop = (figures[name]["us_per_flow"] for name in (BASELINE, "noop"))
+    figures["noop"]["added_us"] = round(noop - base, 1) if None not in (base, noop) else None
+    figures["noop"]["ratio"] = ratio(noop, base)
+    return {
+        "flows": args.dispatch_flows,
+        "batches": len(times[BASELINE]),
+        "truncated": budget.exhausted,
+        "addons": len(noop_addons.addons),
+        "targets": figures,
+    }
+
+
 # --- targets met ----------------------------------------------------------------------------
 
 
@@ -618,6 +700,8 @@ LOAD_COLUMNS: tuple[Column, ...] = (
     ("p50 vs mitmdump", "p50_ms_ratio", "{:.2f}x"),
     ("p99 vs mitmdump", "p99_ms_ratio", "{:.2f}x"),
     ("added p50 ms", "added_p50_ms", "{:.2f}"),
+    ("proxy CPU ms/req", "cpu_ms", "{:.2f}"),
+    ("CPU vs mitmdump", "cpu_ms_ratio", "{:.2f}x"),
     ("non-200", "non_200", "{:.0f}"),
 )
 PROCESS_COLUMNS: tuple[Column, ...] = (
@@ -649,6 +733,11 @@ KEYS_COLUMNS: tuple[Column, ...] = (
     ("vs mitmdump", "rss_mib_ratio", "{:.2f}x"),
     ("grown MiB", "grown_mib", "{:.1f}"),
     ("KiB per key", "kib_per_key", "{:.2f}"),
+)
+DISPATCH_COLUMNS: tuple[Column, ...] = (
+    ("µs per flow", "us_per_flow", "{:.1f}"),
+    ("added µs", "added_us", "{:.1f}"),
+    ("vs mitmdump", "ratio", "{:.3f}x"),
 )
 STORE_COLUMNS: tuple[Column, ...] = (
     ("reserve µs", "reserve_us", "{:.1f}"),
@@ -729,6 +818,19 @@ def markdown(report: dict) -> str:
                     for mode, f in modes.items()
                 ],
                 STORE_COLUMNS,
+            ),
+        )
+    if dispatch := report.get("dispatch"):
+        out += section(
+            "mitmproxy's dispatch of one flow's four events (requestheaders, request, "
+            "responseheaders, response, each followed by `update`) through mitmdump's default "
+            f"addons, alone and with {dispatch['addons']} no-op addons shaped like TokenGate's, "
+            f"in this process: CPU µs per flow, medians of {dispatch['batches']} batches of "
+            f"{dispatch['flows']} flows taking turns{truncation(dispatch)}.",
+            figures_table(
+                ["addons"],
+                [([LABELS[n]], f) for n, f in dispatch["targets"].items()],
+                DISPATCH_COLUMNS,
             ),
         )
     for name, profile in report.get("profiles", {}).items():
@@ -814,6 +916,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--keys", type=int, default=10_000, help="keys in the keys phase")
     parser.add_argument("--store-requests", type=int, default=2000, help="per store and mode")
     parser.add_argument(
+        "--dispatch-flows", type=int, default=300, help="flows per batch in the dispatch phase"
+    )
+    parser.add_argument(
         "--level-seconds", type=float, default=20.0, help="time cap per concurrency level"
     )
     parser.add_argument(
@@ -833,7 +938,9 @@ def parse_args(argv: list[str] | None = None):
     if args.quick:
         args.rounds, args.requests, args.concurrency = 1, 12, [1, 2]
         args.stream_requests, args.keys, args.store_requests = 4, 30, 20
+        args.dispatch_flows = 10
     counts = (args.rounds, args.requests, args.stream_requests, args.keys, args.store_requests)
+    counts += (args.dispatch_flows,)
     if min(counts) < 1 or max(counts) > MAX_COUNT:
         parser.error(f"counts must be 1..{MAX_COUNT:,}")
     if args.level_seconds <= 0 or args.phase_seconds <= 0:
@@ -878,6 +985,8 @@ def run(args) -> dict:
             report["keys"] = keys_phase(session, args, budgets["keys"], startups)
         if "stores" in budgets:
             report["stores"] = stores_phase(session, args, budgets["stores"])
+    if "dispatch" in budgets:
+        report["dispatch"] = dispatch_phase(args, budgets["dispatch"])
     if args.profile:
         served = {
             name: sum(level["requests"] for level in target["levels"].values())

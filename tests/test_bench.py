@@ -1,5 +1,6 @@
 """The side-by-side benchmark runs end to end in its tiny configuration (`--quick`): every
-target and phase produces figures, and every request was answered 200. Its profiler summarises
+target and phase produces figures, and every request was answered 200. The `noop` target's addons
+have TokenGate's shape. Its profiler summarises
 folded stacks and samples a real process. Times are not asserted: they depend on the machine."""
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def test_quick_run_measures_every_target_and_phase():
             for key in ("rps", "p50_ms", "p99_ms", "rps_ratio", "p50_ms_ratio", "client_cpu_s"):
                 assert figures[key] > 0, (name, level, key)
             assert figures["p50_ms"] <= figures["p99_ms"], (name, level)
+            assert figures["cpu_ms"] >= 0, (name, level)  # /proc counts 10 ms ticks: may be 0
     baseline = load["targets"]["mitmdump"]
     assert baseline["rss_mib_ratio"] == baseline["levels"]["1"]["rps_ratio"] == 1
     assert baseline["levels"]["1"]["added_p50_ms"] == 0
@@ -68,13 +70,20 @@ def test_quick_run_measures_every_target_and_phase():
             assert figures["reserve_us"] > 0 and figures["settle_us"] > 0, (kind, mode)
             assert figures["both_ratio_to_memory"] > 0, (kind, mode)
 
+    dispatch = report["dispatch"]
+    assert (dispatch["batches"], dispatch["truncated"]) == (10, False)
+    assert dispatch["addons"] == len(pipeline.build(Gate()))
+    assert set(dispatch["targets"]) == {"mitmdump", "noop"}
+    assert all(figures["us_per_flow"] > 0 for figures in dispatch["targets"].values())
+    assert dispatch["targets"]["noop"]["ratio"] > 0
+
     checked = {row["target"] for row in report["targets_met"]}
     assert "sqlite: req/s vs mitmdump at c=2" in checked
     assert "100,000-token estimate (ms)" in checked
     assert all(row["met"] in (True, False) for row in report["targets_met"])
 
     text = markdown(report)  # the README's tables come from the same report
-    assert text.count("| --- |") == 7 and "TokenGate, Redis" in text
+    assert text.count("| --- |") == 8 and "TokenGate, Redis" in text
 
 
 def test_profile_summary_counts_shares_by_function_and_entry(tmp_path):
