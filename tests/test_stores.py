@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import signal
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -828,6 +829,41 @@ async def test_sqlite_operations_queued_together_fail_alone(tmp_path):
         assert [s.reserved for s in await reopened.status(bs)] == [8]
     finally:
         await reopened.close()
+
+
+async def test_sqlite_operations_queued_while_the_worker_is_busy_share_one_drain(tmp_path):
+    """The worker is handed one drain for all the operations queued before it starts: the event
+    loop submits no work item per operation. Once it started, the next operation gets its own."""
+    store = SqliteStore(tmp_path / "usage.sqlite", FakeClock())
+    bs = buckets(total(1000))
+    busy = threading.Event()
+    submitted = []
+    try:
+        blocked = asyncio.get_running_loop().run_in_executor(store._worker, busy.wait, 10)
+        submit = store._worker.submit
+        store._worker.submit = lambda *args: submitted.append(args) or submit(*args)
+        calls = [asyncio.create_task(store.reserve(f"r{i}", bs, Demand(1, 1))) for i in range(20)]
+        await asyncio.sleep(0.05)  # every call queued its operation, behind the busy worker
+        assert len(submitted) == 1
+        busy.set()
+        await blocked
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 10)
+        assert all(decision.admitted for decision, _ in answers)
+        (s,) = await asyncio.wait_for(store.status(bs), 10)
+        assert s.reserved == 2 * 20 and len(submitted) == 2
+    finally:
+        busy.set()
+        await store.close()
+
+
+async def test_sqlite_calls_after_close_raise_every_time(tmp_path):
+    store = SqliteStore(tmp_path / "usage.sqlite", FakeClock())
+    bs = buckets(total(1000))
+    await store.reserve("a", bs, Demand(1, 1))
+    await store.close()
+    for name in ("b", "c"):
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(store.reserve(name, bs, Demand(1, 1)), 10)
 
 
 async def test_sqlite_two_stores_opening_a_new_file_at_once_both_work(tmp_path):

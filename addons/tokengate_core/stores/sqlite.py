@@ -136,6 +136,7 @@ class SqliteStore:
         self._closed = False
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokengate-sqlite")
         self._queue: deque[Job] = deque()  # appended on the event loop, taken on the worker
+        self._drain_due = False  # a drain is submitted and has not yet started taking the queue
 
     # -- the worker thread -------------------------------------------------------------------
 
@@ -189,6 +190,7 @@ class SqliteStore:
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """Take every operation queued so far and answer each on the event loop."""
+        self._drain_due = False  # before taking: what is queued from now on needs another drain
         jobs: list[Job] = []
         while self._queue:
             jobs.append(self._queue.popleft())
@@ -384,7 +386,13 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         self._queue.append((function, args, answer))
-        self._worker.submit(self._drain, loop)
+        if not self._drain_due:  # else the drain already submitted takes this one too
+            self._drain_due = True
+            try:
+                self._worker.submit(self._drain, loop)
+            except BaseException:
+                self._drain_due = False
+                raise
         return await answer
 
     async def reserve(
