@@ -164,9 +164,11 @@ def test_caller_hanging_up_before_the_answer_keeps_the_reservation(gateway):
             headers={
                 "Authorization": f"Bearer {ALICE}",
                 "X-Mock-Mode": "slow",
-                "X-Mock-Delay": "3",
+                "X-Mock-Delay": "5",
             },
-            timeout=0.5,
+            # Longer than the first request's wait for the tokenizer, which is still being
+            # built at start: the request must reach the provider before the caller hangs up.
+            timeout=2,
         )
     # Wait for the gate to settle the hang-up (until then the reservation would show the same).
     settled = f"charged {HELLO_PROMPT + 30} tokens"
