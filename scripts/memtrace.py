@@ -32,7 +32,7 @@ OWNERS = ("tokengate_core", "mitmproxy", "asyncio", "h11", "h2", "wsproto", "ssl
 
 def owner(trace: tracemalloc.Traceback) -> str:
     """Who made the allocation: the newest frame that belongs to a known package or module."""
-    for frame in reversed(trace):  # Traceback is oldest first once sorted; iterate newest first
+    for frame in reversed(trace):  # a Traceback lists the oldest frame first
         for name in OWNERS:
             if f"/{name}/" in frame.filename or frame.filename.endswith(f"/{name}.py"):
                 return name
@@ -40,6 +40,7 @@ def owner(trace: tracemalloc.Traceback) -> str:
 
 
 def live_types() -> Counter[str]:
+    """Live objects per type among those gc tracks (str and bytes are not: tracemalloc has them)."""
     gc.collect()
     # f-strings: a few types' __module__ is a descriptor, not a str
     return Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())

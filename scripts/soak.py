@@ -10,7 +10,11 @@ end, and then checks the invariants, exiting 1 if one fails: no reservation left
 usage endpoint shows 0 reserved), the ledger's tokens per key equal the tokens the mock
 delivered to that key (its `delivered_by_tag`), and no addon error in mitmdump's log.
 
-    .venv/bin/python -m scripts.soak [--requests 20000] [--concurrency 16] [--json]
+`--baseline` first sends the same requests through plain mitmdump, to tell the gate's memory
+growth from mitmdump's own; `--memtrace FILE` names what mitmdump holds (scripts/memtrace.py).
+
+    .venv/bin/python -m scripts.soak [--requests 20000] [--concurrency 16] [--baseline]
+        [--memtrace FILE] [--json]
 """
 
 from __future__ import annotations
