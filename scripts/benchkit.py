@@ -79,12 +79,14 @@ def mitmdump(mock_url: str, *args: str, env: dict[str, str] | None = None) -> Ch
     return Child([*argv, "--set", "flow_detail=0", *args], env)
 
 
-def gateway(mock_url: str, config: Path, provider_key: str) -> Child:
-    """mitmdump with TokenGate on `config`, whose provider key comes from PROVIDER_ENV."""
+def gateway(mock_url: str, config: Path, provider_key: str, *args: str) -> Child:
+    """mitmdump with TokenGate on `config`, whose provider key comes from PROVIDER_ENV; `args`
+    are more mitmdump arguments."""
     return mitmdump(
         mock_url,
         "-s", ADDON,
         "--set", f"tokengate_config={config}",
+        *args,
         env={**os.environ, PROVIDER_ENV: provider_key},
     )  # fmt: skip
 

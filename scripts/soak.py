@@ -10,7 +10,11 @@ end, and then checks the invariants, exiting 1 if one fails: no reservation left
 usage endpoint shows 0 reserved), the ledger's tokens per key equal the tokens the mock
 delivered to that key (its `delivered_by_tag`), and no addon error in mitmdump's log.
 
-    .venv/bin/python -m scripts.soak [--requests 20000] [--concurrency 16] [--json]
+`--baseline` first sends the same requests through plain mitmdump, to tell the gate's memory
+growth from mitmdump's own; `--memtrace FILE` names what mitmdump holds (scripts/memtrace.py).
+
+    .venv/bin/python -m scripts.soak [--requests 20000] [--concurrency 16] [--baseline]
+        [--memtrace FILE] [--json]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -52,6 +56,7 @@ WARM_UP = 0.1  # share of the requests after which RSS is first read
 RSS_SAMPLES = 10
 LOG_ERRORS = re.compile(r"Traceback|Addon error|error in ")
 REQUEST_TIMEOUT = 30.0
+MEMTRACE = str(Path(__file__).with_name("memtrace.py"))
 
 
 def write_quotas(path: Path, mock_url: str, keys: dict[str, str], store: str) -> Path:
@@ -137,9 +142,14 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-async def drive(gate_url: str, pid: int, args: argparse.Namespace, keys: dict[str, str]):
+async def drive(
+    gate_url: str, pid: int, args: argparse.Namespace, keys: dict[str, str], prefix: str = ""
+):
+    """Send the seeded mix; with `prefix`, each path's proxy context is replaced by it."""
     rng = random.Random(args.seed)
     calls = [plan(rng, keys) for _ in range(args.requests)]
+    if prefix:
+        calls = [replace(c, path=prefix + c.path[c.path.index("/", 1) :]) for c in calls]
     outcomes: Counter[str] = Counter()
     samples: list[tuple[int, int | None]] = []  # (requests done, VmRSS KiB)
     every = max(1, args.requests // RSS_SAMPLES)
@@ -198,9 +208,58 @@ def ledger_totals(folder: Path) -> dict[str, int]:
     return dict(totals)
 
 
+def memory(samples: list[tuple[int, int | None]], requests: int) -> dict:
+    """VmRSS after warm-up and at the end, the growth, and the growth per request after warm-up."""
+    warm_at, warm = next(
+        ((count, kib) for count, kib in samples if count >= requests * WARM_UP), (None, None)
+    )
+    end_at, end = samples[-1] if samples else (None, None)
+    growth = None if warm is None or end is None else end - warm
+    return {
+        "rss_kib_after_warm_up": warm,
+        "rss_kib_at_end": end,
+        "rss_growth_kib": growth,
+        "rss_bytes_per_request": None
+        if growth is None or end_at == warm_at
+        else round(growth * 1024 / (end_at - warm_at)),
+        "rss_samples": samples,
+    }
+
+
+def trace_args(args: argparse.Namespace, out: Path | None) -> list[str]:
+    """The arguments that load scripts/memtrace.py into mitmdump, writing to `out`."""
+    if out is None:
+        return []
+    warm = str(max(1, int(args.requests * WARM_UP)))
+    return ["-s", MEMTRACE, "--set", f"memtrace_out={out}", "--set", f"memtrace_warm_flows={warm}"]
+
+
+def baseline(args: argparse.Namespace, keys: dict[str, str], deadline: float) -> dict:
+    """The same requests through plain mitmdump (no addon) to the mock under /v1: the memory a
+    mitmdump needs for this traffic without TokenGate. Nothing is refused, so every request
+    reaches the mock."""
+    children: list[Child] = []
+    try:
+        mock = Child([*benchkit.MOCK, "--completion-tokens", "30", "--stream-delay", "0.001"])
+        children.append(mock)
+        mock_url = benchkit.url_of(mock, deadline)
+        out = None if args.memtrace is None else args.memtrace.with_suffix(".baseline.txt")
+        plain = benchkit.mitmdump(mock_url, *trace_args(args, out))
+        children.append(plain)
+        plain_url = benchkit.url_of(plain, deadline)
+        outcomes, samples, done = asyncio.run(
+            drive(plain_url, plain.popen.pid, args, keys, prefix="/v1")
+        )
+    finally:
+        for child in reversed(children):
+            child.stop()
+    return {"requests": done, "outcomes": dict(sorted(outcomes.items())), **memory(samples, done)}
+
+
 def run(args: argparse.Namespace) -> dict:
     began = time.monotonic()
     keys = {name: "tg-" + secrets.token_urlsafe(24) for name in BIG_KEYS + TIGHT_KEYS}
+    plain = baseline(args, keys, began + 60) if args.baseline else None
     provider_key = "sk-soak-" + secrets.token_hex(8)
     children: list[Child] = []
     with tempfile.TemporaryDirectory(prefix="tokengate-soak-") as folder:
@@ -209,11 +268,12 @@ def run(args: argparse.Namespace) -> dict:
                 provider_key, "--completion-tokens", "30", "--stream-delay", "0.001"
             )
             children.append(mock)
-            mock_url = benchkit.url_of(mock, began + 60)
+            mock_url = benchkit.url_of(mock, time.monotonic() + 60)
             config = write_quotas(Path(folder) / "quotas.yaml", mock_url, keys, args.store)
-            gate = benchkit.gateway(mock_url, config, provider_key)
+            tracing = trace_args(args, args.memtrace)
+            gate = benchkit.gateway(mock_url, config, provider_key, *tracing)
             children.append(gate)
-            gate_url = benchkit.url_of(gate, began + 60)
+            gate_url = benchkit.url_of(gate, time.monotonic() + 60)
             outcomes, samples, done = asyncio.run(drive(gate_url, gate.popen.pid, args, keys))
             left = reserved_left(gate_url, keys)
             delivered = http_json(f"{mock_url}/mock/stats")["delivered_by_tag"]
@@ -224,8 +284,6 @@ def run(args: argparse.Namespace) -> dict:
         ledger = ledger_totals(Path(folder) / ".state")
     charged = {name: ledger.get(name, 0) for name in BIG_KEYS + TIGHT_KEYS}
     served = {name: delivered.get(name, 0) for name in BIG_KEYS + TIGHT_KEYS}
-    warm = next((kib for count, kib in samples if count >= args.requests * WARM_UP), None)
-    end = samples[-1][1] if samples else None
     failures = []
     if any(left.values()):
         failures.append(f"reservations left: {left}")
@@ -242,10 +300,8 @@ def run(args: argparse.Namespace) -> dict:
         "store": args.store,
         "seconds": round(time.monotonic() - began, 1),
         "outcomes": dict(sorted(outcomes.items())),
-        "rss_kib_after_warm_up": warm,
-        "rss_kib_at_end": end,
-        "rss_growth_kib": None if warm is None or end is None else end - warm,
-        "rss_samples": samples,
+        **memory(samples, done),
+        "baseline": plain,
         "reserved_left": left,
         "ledger_tokens": charged,
         "mock_delivered_tokens": served,
@@ -253,15 +309,23 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def rss_line(figures: dict) -> str:
+    if figures["rss_growth_kib"] is None:
+        return "VmRSS: not readable here"
+    return (
+        f"VmRSS: {figures['rss_kib_after_warm_up']} KiB after warm-up, "
+        f"{figures['rss_kib_at_end']} KiB at the end ({figures['rss_growth_kib']:+d} KiB, "
+        f"{figures['rss_bytes_per_request']} bytes per request after warm-up)"
+    )
+
+
 def text(report: dict) -> str:
     lines = [
+        *([f"plain mitmdump {rss_line(report['baseline'])}"] if report["baseline"] else []),
         f"{report['requests']} requests, concurrency {report['concurrency']}, seed "
         f"{report['seed']}, {report['store']} store, {report['seconds']} s",
         "answers: " + ", ".join(f"{k}: {v}" for k, v in report["outcomes"].items()),
-        f"mitmdump VmRSS: {report['rss_kib_after_warm_up']} KiB after warm-up, "
-        f"{report['rss_kib_at_end']} KiB at the end ({report['rss_growth_kib']:+d} KiB)"
-        if report["rss_growth_kib"] is not None
-        else "mitmdump VmRSS: not readable here",
+        f"TokenGate mitmdump {rss_line(report)}",
         f"reserved left: {sum(report['reserved_left'].values())}",
         f"ledger tokens per key:   {report['ledger_tokens']}",
         f"mock delivered per key:  {report['mock_delivered_tokens']}",
@@ -278,6 +342,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--store", choices=("sqlite", "memory"), default="sqlite")
     parser.add_argument(
         "--max-seconds", type=float, default=1800.0, help="overall budget for sending requests"
+    )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="first send the same requests through plain mitmdump and report its memory too",
+    )
+    parser.add_argument(
+        "--memtrace",
+        type=Path,
+        help="load scripts/memtrace.py into mitmdump, writing its report to this file"
+        " (and the baseline's beside it); slows mitmdump several times",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON object")
     args = parser.parse_args(argv)
