@@ -465,6 +465,9 @@ def keys_phase(session: Session, args, budget: Budget, startups: dict[str, float
             with launched(name, session, provider, budget.deadline(), keys) as target:
                 requests = target.requests(BODY, secrets_ if target.gated else ())
                 expect = b"x-tokens-consumed" if target.gated else None
+                # One request first: the gate builds its tokenizer in the background at start,
+                # and that build must not be counted as the keys' state.
+                asyncio.run(drive(target.port, requests, 1, 1, seconds, False, expect))
                 idle = target.process.memory_kib("VmRSS")
                 run = asyncio.run(
                     drive(target.port, requests, args.keys, concurrency, seconds, False, expect)

@@ -29,6 +29,7 @@ from tokengate_core.usage import MAX_BELIEVABLE_TOKENS
 
 from tests.conftest import ALICE, BOB, key_entries
 from tests.e2e import PROVIDER_KEY, write_quotas
+from tests.harness import ODD_PATHS, gate_in_harness
 from tests.test_addons import reverse_flow, through
 
 CASES = 400  # per property; the count run is printed with --hypothesis-show-statistics
@@ -87,12 +88,7 @@ def harness(tmp_path_factory):
 @pytest.fixture
 def harness_free(tmp_path, monkeypatch):
     """A gate of its own in the test harness, for single async cases."""
-    monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
-    quotas = write_quotas(tmp_path / "quotas.yaml", "http://upstream.test:8000", PROXIES)
-    gate = Gate()
-    addons = pipeline.build(gate)
-    with taddons.context(*addons) as tctx:
-        tctx.configure(addons[0], tokengate_config=str(quotas))
+    with gate_in_harness(tmp_path, monkeypatch, PROXIES) as (_, addons):
         yield addons
 
 
@@ -206,17 +202,7 @@ odd_suffixes = st.one_of(
     st.sampled_from(["/embeddings", "/responses", "/models", "/models/gpt-4o"]),
     st.sampled_from(
         [
-            "/tokengate/usage",
-            "/files",
-            "/chat/completions?x=1&y=%00",
-            "/%2e%2e/chat/completions",
-            "/./chat/completions",
-            "/chat%2Fcompletions",
-            "//chat/completions",
-            "/chat/completions/",
-            "/v1/../chat/completions",
-            "",
-            "?x",
+            *ODD_PATHS,
             "/chat/completions#frag",
             "/chat/completions?q=\u00e4",
             "/models/gpt-\u00e4",

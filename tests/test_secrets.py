@@ -21,14 +21,13 @@ import httpx
 import openai
 import pytest
 from mitmproxy import io
-from mitmproxy.test import taddons
-from tokengate_core import keys, pipeline
+from tokengate_core import keys
 from tokengate_core.commands import status_report
 from tokengate_core.keys import KeyRing, StoredKey, hash_key
-from tokengate_core.settings import Gate
 
 from tests.conftest import ALICE, BOB, key_entries
 from tests.e2e import PROVIDER_KEY, Gateway, Mock, write_quotas
+from tests.harness import gate_in_harness
 
 GUESS = "tg-a-wrong-guess-0123456789"  # a key a caller tried: a secret of someone, maybe
 CONTEXT = "/secret"
@@ -171,12 +170,7 @@ def test_no_secret_in_any_artefact_of_a_full_run(tmp_path):
 
 
 async def test_status_command_names_keys_never_their_secrets(tmp_path, monkeypatch):
-    monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
-    quotas = write_quotas(tmp_path / "quotas.yaml", "http://upstream.test:8000", PROXIES)
-    gate = Gate()
-    addons = pipeline.build(gate)
-    with taddons.context(*addons) as tctx:
-        tctx.configure(addons[0], tokengate_config=str(quotas))
+    with gate_in_harness(tmp_path, monkeypatch, PROXIES) as (gate, _):
         report = await status_report(gate)
     assert "secret/alice" in report and "secret/bob" in report
     assert leaks(report.encode(), (PROVIDER_KEY, *CALLER_KEYS)) == []

@@ -8,8 +8,8 @@ import json
 import logging
 
 import pytest
-from mitmproxy.test import taddons, tutils
-from tokengate_core import flowstate, pipeline
+from mitmproxy.test import tutils
+from tokengate_core import flowstate
 from tokengate_core.accounting import Accounting
 from tokengate_core.commands import Commands
 from tokengate_core.config import load_config
@@ -22,6 +22,7 @@ from tokengate_core.stores.memory import MemoryStore
 
 from tests.conftest import ALICE, key_entries
 from tests.e2e import PROVIDER_KEY, write_quotas
+from tests.harness import gate_in_harness
 from tests.test_addons import reverse_flow, through
 
 NOW = 1_000_000.0
@@ -64,19 +65,11 @@ class FlakyStore(MemoryStore):
         return await super().status(*args)
 
 
-def gate_with(tmp_path, monkeypatch, fail: str):
-    monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
-    quotas = write_quotas(tmp_path / "quotas.yaml", "http://upstream.test:8000", proxies(fail))
-    gate = Gate(clock=lambda: NOW)
-    addons = pipeline.build(gate)
-    return gate, addons, quotas
-
-
 @pytest.fixture(params=["closed", "open"])
 def outage(request, tmp_path, monkeypatch):
-    gate, addons, quotas = gate_with(tmp_path, monkeypatch, request.param)
-    with taddons.context(*addons) as tctx:
-        tctx.configure(addons[0], tokengate_config=str(quotas))
+    with gate_in_harness(
+        tmp_path, monkeypatch, proxies(request.param), Gate(clock=lambda: NOW)
+    ) as (gate, addons):
         gate.store = FlakyStore(gate.clock)
         yield request.param, gate, addons
 
