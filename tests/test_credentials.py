@@ -53,3 +53,22 @@ def test_destination_does_what_setting_the_url_does(caller_url, host_header, ver
     expected.url = callers_url  # the redaction puts back what the caller asked for
     callers.apply(ours)
     assert seen(ours) == seen(expected)
+
+
+@pytest.mark.parametrize(
+    ("base_url", "upstream_path", "path"),
+    [
+        ("https://api.example.com/v1", "/chat/completions?q=\u00e4", "/v1/chat/completions?q=ä"),
+        ("https://api.example.com/v1", "/ch\u00e4t", "/v1/chät"),
+        ("https://api.example.com/v1", "", "/v1"),
+        ("https://api.example.com/v1", "?x", "/v1?x"),
+        ("http://127.0.0.1:4010", "", "/"),
+        ("http://127.0.0.1:4010", "/models", "/models"),
+    ],
+)
+def test_a_caller_path_outside_ascii_goes_to_the_provider_as_sent(base_url, upstream_path, path):
+    """Found by the fuzz: a query with a non-ASCII character made URL parsing raise in the hook."""
+    request = request_for("http://gate.test:8080/p/x", "gate.test:8080", "HTTP/1.1")
+    provider_destination(base_url, upstream_path).apply(request)
+    assert request.path == path
+    assert request.host == base_url.split("//")[1].split(":")[0].split("/")[0]

@@ -9,6 +9,7 @@ is routed and governed again.
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -59,8 +60,15 @@ class Destination:
 
 @lru_cache(maxsize=256)
 def provider_destination(base_url: str, upstream_path: str) -> Destination:
-    """The provider URL a governed request goes to (cached: few distinct paths are used)."""
-    scheme, host, port, path = url.parse(base_url + upstream_path)
+    """The provider URL a governed request goes to (cached: few distinct paths are used).
+
+    Only the configured base URL is parsed; the caller's part of the path is appended as it
+    came (UTF-8, as mitmproxy stores a path), since a URL parser refuses what is not ASCII.
+    """
+    scheme, host, port, _ = url.parse(base_url)
+    path = (urllib.parse.urlsplit(base_url).path + upstream_path).encode("utf-8", "surrogateescape")
+    if not path.startswith(b"/"):
+        path = b"/" + path
     return Destination(scheme, always_str(host, "idna", "strict"), port, path)
 
 
