@@ -32,7 +32,7 @@ ODD_PATHS = [
 @contextlib.contextmanager
 def gate_in_harness(
     folder: Path, monkeypatch: pytest.MonkeyPatch, proxies: str, gate: Gate | None = None
-) -> Iterator[tuple[Gate, list]]:
+) -> Iterator[tuple[taddons.context, Gate, list]]:
     """`gate` (a fresh one by default) with every addon, configured from `proxies` (the
     `proxies:` entries of a quotas.yaml, provider `mock` at a made-up address)."""
     monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
@@ -41,4 +41,4 @@ def gate_in_harness(
     addons = pipeline.build(gate)
     with taddons.context(*addons) as tctx:
         tctx.configure(addons[0], tokengate_config=str(quotas))
-        yield gate, addons
+        yield tctx, gate, addons

@@ -7,14 +7,15 @@ import json
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
-from mitmproxy.test import taddons, tflow, tutils
-from tokengate_core import flowstate, pipeline
+from mitmproxy.test import tflow, tutils
+from tokengate_core import flowstate
 from tokengate_core.credentials import REDACTED
 from tokengate_core.metering import Metering, buckets_for
 from tokengate_core.settings import Gate
 
 from tests.conftest import ALICE, key_entries
-from tests.e2e import PROVIDER_KEY, write_quotas
+from tests.e2e import PROVIDER_KEY
+from tests.harness import gate_in_harness
 
 PROXIES = (
     "  p:\n    context: /p\n    provider: mock\n"
@@ -24,18 +25,11 @@ PROXIES = (
 
 
 @pytest.fixture
-def quotas(tmp_path, monkeypatch):
-    monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
-    return write_quotas(tmp_path / "quotas.yaml", "http://upstream.test:8000", PROXIES)
-
-
-@pytest.fixture
-def gate_addons(quotas):
-    gate = Gate(clock=lambda: 1_000_000.0)
-    addons = pipeline.build(gate)
-    with taddons.context(*addons) as tctx:
-        tctx.configure(addons[0], tokengate_config=str(quotas))
-        yield tctx, gate, addons
+def gate_addons(tmp_path, monkeypatch):
+    with gate_in_harness(
+        tmp_path, monkeypatch, PROXIES, Gate(clock=lambda: 1_000_000.0)
+    ) as harnessed:
+        yield harnessed
 
 
 def reverse_flow(path="/p/chat/completions", key=ALICE, body=None):

@@ -22,7 +22,6 @@ from tests.e2e import wait_until, write_quotas
 from tests.test_addons import (  # noqa: F401 (fixtures)
     PROXIES,
     gate_addons,
-    quotas,
     reverse_flow,
     through,
 )

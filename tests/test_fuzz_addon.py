@@ -92,7 +92,7 @@ def harness(tmp_path_factory):
 @pytest.fixture
 def harness_free(tmp_path, monkeypatch):
     """A gate of its own in the test harness, for single async cases."""
-    with gate_in_harness(tmp_path, monkeypatch, PROXIES) as (_, addons):
+    with gate_in_harness(tmp_path, monkeypatch, PROXIES) as (_, _, addons):
         yield addons
 
 

@@ -11,7 +11,7 @@ from mitmproxy.test import tutils
 from tokengate_core import flowstate, tokens
 from tokengate_core.metering import buckets_for
 
-from tests.test_addons import gate_addons, quotas, reverse_flow, through  # noqa: F401
+from tests.test_addons import gate_addons, reverse_flow, through  # noqa: F401
 from tests.test_metering import make_gate  # noqa: F401
 
 # Many short words: several characters per token, so counting by bytes is a real over-count.

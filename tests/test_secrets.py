@@ -170,7 +170,7 @@ def test_no_secret_in_any_artefact_of_a_full_run(tmp_path):
 
 
 async def test_status_command_names_keys_never_their_secrets(tmp_path, monkeypatch):
-    with gate_in_harness(tmp_path, monkeypatch, PROXIES) as (gate, _):
+    with gate_in_harness(tmp_path, monkeypatch, PROXIES) as (_, gate, _):
         report = await status_report(gate)
     assert "secret/alice" in report and "secret/bob" in report
     assert leaks(report.encode(), (PROVIDER_KEY, *CALLER_KEYS)) == []

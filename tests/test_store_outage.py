@@ -69,7 +69,7 @@ class FlakyStore(MemoryStore):
 def outage(request, tmp_path, monkeypatch):
     with gate_in_harness(
         tmp_path, monkeypatch, proxies(request.param), Gate(clock=lambda: NOW)
-    ) as (gate, addons):
+    ) as (_, gate, addons):
         gate.store = FlakyStore(gate.clock)
         yield request.param, gate, addons
 

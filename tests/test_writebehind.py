@@ -14,7 +14,7 @@ from tokengate_core.settings import Settings
 from tokengate_core.stores.memory import MemoryStore
 from tokengate_core.writebehind import WriteBehind
 
-from tests.test_addons import gate_addons, quotas, reverse_flow, through  # noqa: F401
+from tests.test_addons import gate_addons, reverse_flow, through  # noqa: F401
 
 USAGE = json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 91}}).encode()
 
