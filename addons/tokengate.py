@@ -4,6 +4,6 @@ This script only assembles the addons; the implementation is the `tokengate_core
 """
 
 from tokengate_core import pipeline
-from tokengate_core.settings import Gate
+from tokengate_core.gate import Gate
 
 addons = pipeline.build(Gate())

@@ -48,6 +48,7 @@ from typing import Any
 
 from tokengate_core import tokens
 from tokengate_core.config import REQUESTS, Limit
+from tokengate_core.dialects.openai import estimate_prompt
 from tokengate_core.keys import hash_key
 from tokengate_core.limiter import Bucket, Demand, Usage
 from tokengate_core.stores import Store
@@ -433,7 +434,7 @@ def estimate_phase(args, budget: Budget) -> dict:
                 budget.exhausted = True
                 break
             began = time.perf_counter()
-            estimate = tokens.estimate_prompt("chat/completions", body)
+            estimate = estimate_prompt("chat/completions", body)
             times.append((time.perf_counter() - began) * 1000)
         sizes[str(size)] = {
             "text_tokens": counted,

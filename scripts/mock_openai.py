@@ -39,6 +39,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tokengate_core import tokens
+from tokengate_core.dialects.openai import estimate_prompt
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
 MAX_TOKEN_FIELDS = {
@@ -111,7 +112,7 @@ def endpoint_of(path: str) -> str | None:
 def billed_prompt(endpoint: str, body: dict) -> int:
     """The prompt tokens a provider bills: counted exactly however long (the gate bounds its own
     estimate of a huge prompt; a provider does not)."""
-    return tokens.estimate_prompt(endpoint, body, exact_chars=sys.maxsize)
+    return estimate_prompt(endpoint, body, exact_chars=sys.maxsize)
 
 
 def is_mode(name: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 from mitmproxy import hooks
 from tokengate_core import pipeline
-from tokengate_core.settings import Gate
+from tokengate_core.gate import Gate
 
 # Where the hooks are declared: load; flow, websocket, tcp, udp and dns events; connections.
 HOOK_MODULES = ("mitmproxy.addonmanager", "mitmproxy.proxy.layers", "mitmproxy.proxy.server_hooks")

@@ -15,7 +15,7 @@ import logging
 import os
 
 from mitmproxy import http
-from tokengate_core import flowstate
+from tokengate_core import notes
 
 ENV = "TOKENGATE_REPLAY_KEY"
 
@@ -27,7 +27,7 @@ class ReplayKey:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         key = os.environ.get(ENV)
-        if key and flow.is_replay == "request" and flowstate.governed(flow) is not None:
+        if key and flow.is_replay == "request" and notes.of(flow) is not None:
             flow.request.headers["authorization"] = f"Bearer {key}"
 
 

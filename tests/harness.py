@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons
 from tokengate_core import pipeline
-from tokengate_core.settings import Gate
+from tokengate_core.gate import Gate
 
 from tests.e2e import PROVIDER_KEY, write_quotas
 

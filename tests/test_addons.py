@@ -8,10 +8,11 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow, tutils
-from tokengate_core import flowstate
-from tokengate_core.credentials import REDACTED
-from tokengate_core.metering import Metering, buckets_for
-from tokengate_core.settings import Gate
+from tokengate_core import notes
+from tokengate_core.credentials import REDACTED_KEY
+from tokengate_core.gate import Gate
+from tokengate_core.metering import Metering
+from tokengate_core.quota import buckets_for
 
 from tests.conftest import ALICE, key_entries
 from tests.e2e import PROVIDER_KEY
@@ -74,7 +75,7 @@ async def test_unrouted_flow_is_untouched(gate_addons):
     flow = reverse_flow(path="/elsewhere/chat/completions")
     before = flow.request.copy()
     await through(addons, ("requestheaders", "request"), flow)
-    assert flowstate.governed(flow) is None
+    assert notes.of(flow) is None
     assert flow.response is None
     assert flow.request.headers == before.headers and flow.request.url == before.url
 
@@ -84,7 +85,7 @@ async def test_missing_key_is_answered_401_by_the_gate(gate_addons):
     flow = reverse_flow(key=None)
     await through(addons, ("requestheaders", "request"), flow)
     assert flow.response.status_code == 401
-    assert flowstate.answered_by_gate(flow)
+    assert notes.answered_by_gate(flow)
     assert "authorization" not in flow.request.headers
 
 
@@ -100,10 +101,10 @@ async def test_key_swap_rewrite_and_redaction(gate_addons):
         content=json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 11}}).encode()
     )
     await through(addons, ("responseheaders", "response"), flow)
-    assert flow.request.headers["authorization"] == REDACTED
+    assert flow.request.headers["authorization"] == f"Bearer {REDACTED_KEY}"
     assert flow.response.headers["X-Tokens-Consumed"] == "20"
     assert flow.response.headers["X-RateLimit-Remaining"] == "980"
-    assert flowstate.governed(flow)["usage"]["source"] == "reported"
+    assert notes.of(flow)["usage"]["source"] == "reported"
     json.dumps(flow.metadata)  # plain data only: mitmproxy saves it with the flow
 
 

@@ -12,10 +12,11 @@ from datetime import UTC, datetime
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import tflow, tutils
-from tokengate_core import flowstate
-from tokengate_core.annotate import Annotator
-from tokengate_core.audit import Ledger, LedgerWriter, iso_time, ledger_path
+from tokengate_core import notes
+from tokengate_core.annotate import annotate
+from tokengate_core.audit import LedgerWriter, iso_time, ledger_path
 from tokengate_core.keys import format_timestamp, hash_key
+from tokengate_core.reporting import Reporting
 
 from tests.conftest import ALICE, key_entries
 from tests.e2e import wait_until, write_quotas
@@ -128,7 +129,7 @@ def test_writer_starts_on_a_line_of_its_own_after_a_line_cut_short(tmp_path):
 @pytest.fixture
 def ledger(gate_addons, tmp_path):  # noqa: F811
     tctx, _, addons = gate_addons
-    (addon,) = [a for a in addons if isinstance(a, Ledger)]
+    (addon,) = [a for a in addons if isinstance(a, Reporting)]
     path = tmp_path / "audit" / "ledger.jsonl"
     tctx.configure(addon, tokengate_ledger=str(path))
     addon.running()
@@ -137,7 +138,7 @@ def ledger(gate_addons, tmp_path):  # noqa: F811
 
 def test_bad_ledger_options_at_start_up_are_one_log_line(gate_addons, caplog):  # noqa: F811
     tctx, _, addons = gate_addons
-    (addon,) = [a for a in addons if isinstance(a, Ledger)]
+    (addon,) = [a for a in addons if isinstance(a, Reporting)]
     tctx.configure(addon, tokengate_ledger_max_size="lots")
     assert "tokengate: refusing to start: tokengate_ledger_max_size: 'lots'" in caplog.text
 
@@ -216,18 +217,18 @@ async def test_comments_and_markers(gate_addons):  # noqa: F811
     assert anonymous.marked == ":lock:" and anonymous.comment.startswith("tokengate 401")
     state = {"proxy": "p", "key": "alice", "answered_by_gate": 429, "refused_by": "t-1m"}
     refused = reverse_flow()
-    refused.metadata[flowstate.META] = {**state, "remaining": {"t-1m": 0}}
+    refused.metadata[notes.META] = {**state, "remaining": {"t-1m": 0}}
     refused.response = tutils.tresp(status_code=429)
-    Annotator().response(refused)
+    annotate(refused, refused.metadata[notes.META], 429)
     assert refused.marked == ":no_entry:"
     assert refused.comment == "tokengate 429 by t-1m: p/alice; left: t-1m 0"
 
 
-def captured_flow(notes: dict, *, usage: bytes | None = None, error: str | None = None):
+def captured_flow(saved: dict, *, usage: bytes | None = None, error: str | None = None):
     """A flow as `-nr` reads it: not live, its answer (or error) already there, its notes saved."""
     flow = reverse_flow()
     flow.live = False
-    flow.metadata[flowstate.META] = notes
+    flow.metadata[notes.META] = saved
     if usage is not None:
         flow.response = tutils.tresp(content=usage)
     if error is not None:
@@ -238,12 +239,12 @@ def captured_flow(notes: dict, *, usage: bytes | None = None, error: str | None 
 async def test_replay_follows_the_live_rules_for_errors(gate_addons, ledger):  # noqa: F811
     _, _, addons = gate_addons
     addon, path = ledger
-    notes = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    saved = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
     flows = [
-        captured_flow(notes, usage=USAGE),
-        captured_flow(notes, error="Connection refused"),  # provider never answered: free
-        captured_flow(notes, error="Client disconnected."),  # after it left: reservation kept
-        captured_flow({**notes, "key": "mallory"}, usage=USAGE),  # not in the quotas now
+        captured_flow(saved, usage=USAGE),
+        captured_flow(saved, error="Connection refused"),  # provider never answered: free
+        captured_flow(saved, error="Client disconnected."),  # after it left: reservation kept
+        captured_flow({**saved, "key": "mallory"}, usage=USAGE),  # not in the quotas now
     ]
     for flow in flows:
         hooks = ("requestheaders", "request", "response" if flow.response else "error")
@@ -291,8 +292,8 @@ async def test_replay_refuses_a_key_that_had_expired_at_the_flows_own_time(
         tokengate_config=str(write_quotas(tmp_path / "expiring.yaml", UPSTREAM, proxies)),
     )
     assert not next(iter(gate.proxy("p").keys)).expired(gate.clock())  # live: not yet
-    notes = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
-    before, at = captured_flow(notes, usage=USAGE), captured_flow(notes, usage=USAGE)
+    saved = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    before, at = captured_flow(saved, usage=USAGE), captured_flow(saved, usage=USAGE)
     before.request.timestamp_start, at.request.timestamp_start = expires - 1, expires
     for flow in (before, at):
         await through(addons, ("requestheaders", "request", "response"), flow)
@@ -325,9 +326,9 @@ async def test_replay_reserves_the_max_tokens_the_caller_asked_for(
         request["input"] = "Hello!"
     else:
         request["messages"] = [{"role": "user", "content": "Hello!"}]
-    notes = {"proxy": "p", "key": "alice", "endpoint": endpoint, "allowed": True}
+    saved = {"proxy": "p", "key": "alice", "endpoint": endpoint, "allowed": True}
     flow = captured_flow(
-        {**notes, "max_tokens_lowered_to": 500, "max_tokens_requested": 5000}, usage=USAGE
+        {**saved, "max_tokens_lowered_to": 500, "max_tokens_requested": 5000}, usage=USAGE
     )
     flow.request.path = f"/p/{endpoint}"
     flow.request.content = json.dumps(request).encode()
@@ -345,9 +346,9 @@ async def test_replay_without_the_callers_value_reserves_what_was_sent(
 ):
     _, _, addons = gate_addons
     addon, path = ledger
-    notes = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    saved = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello!"}]}
-    flow = captured_flow(notes, usage=USAGE)
+    flow = captured_flow(saved, usage=USAGE)
     flow.request.content = json.dumps({**body, "max_tokens": 500}).encode()
     await through(addons, ("requestheaders", "request", "response"), flow)
     addon.done()
@@ -361,8 +362,8 @@ async def test_replay_of_a_body_too_deep_to_count_is_invalid_as_live(
 ):
     _, _, addons = gate_addons
     addon, path = ledger
-    notes = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
-    flow = captured_flow(notes, usage=USAGE)
+    saved = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    flow = captured_flow(saved, usage=USAGE)
     flow.request.content = nested_in_content(sys.getrecursionlimit() + 100).encode()
     await through(addons, ("requestheaders", "request", "response"), flow)
     addon.done()

@@ -11,8 +11,10 @@ import time
 
 import pytest
 from tokengate_core import pipeline
+from tokengate_core.admission import AdmissionControl
+from tokengate_core.gate import Gate
 from tokengate_core.metering import Metering
-from tokengate_core.settings import Gate
+from tokengate_core.quota import QuotaService
 
 from scripts import benchprofile, noop_addons
 from scripts.bench import markdown
@@ -135,10 +137,14 @@ def test_noop_addons_mirror_the_pipeline_hook_for_hook():
     assert len(noop_addons.addons) == len(gate_addons)
     for twin, addon in zip(noop_addons.addons, gate_addons, strict=True):
         assert noop_addons.shape(twin) == noop_addons.shape(addon), type(addon).__name__
-    # Flow hooks are found, and told apart: Metering reserves in an async hook, settles in a sync.
-    metering = noop_addons.shape(Metering(Gate()))
-    assert metering["request"] is True and metering["response"] is False
-    assert {"requestheaders", "responseheaders", "error", "load", "configure"} <= set(metering)
-    twin = noop_addons.noop_twin(Metering(Gate()))
-    assert twin.response(None) is None
+    # Flow hooks are found, and told apart: admission reserves in an async hook, metering
+    # settles in a sync one.
+    gate = Gate()
+    admission = noop_addons.shape(AdmissionControl(gate, QuotaService(gate)))
+    metering = noop_addons.shape(Metering(gate, QuotaService(gate)))
+    assert admission["request"] is True and metering["response"] is False
+    assert {"requestheaders", "request", "error", "load", "configure"} <= set(admission)
+    assert {"responseheaders", "response", "error"} <= set(metering)
+    twin = noop_addons.noop_twin(AdmissionControl(gate, QuotaService(gate)))
+    assert twin.error(None) is None
     assert asyncio.run(twin.request(None)) is None

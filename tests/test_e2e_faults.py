@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 from tokengate_core import tokens
+from tokengate_core.dialects.openai import estimate_prompt
 
 from tests.conftest import ALICE, key_entries
 from tests.e2e import Gateway, Mock, wait_until, write_quotas
@@ -27,7 +28,7 @@ PROXIES = (
     "    keys:\n" + key_entries(alice=ALICE)
 )
 HELLO = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
-HELLO_PROMPT = tokens.estimate_prompt("chat/completions", HELLO)
+HELLO_PROMPT = estimate_prompt("chat/completions", HELLO)
 _tags = itertools.count()
 
 

@@ -22,11 +22,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import taddons, tflow, tutils
-from tokengate_core import flowstate, pipeline
-from tokengate_core.credentials import REDACTED, CredentialSwap
-from tokengate_core.metering import Metering, buckets_for
-from tokengate_core.settings import Gate
-from tokengate_core.usage import MAX_BELIEVABLE_TOKENS
+from tokengate_core import notes, pipeline
+from tokengate_core.admission import AdmissionControl
+from tokengate_core.credentials import REDACTED_KEY, CredentialSwap
+from tokengate_core.dialects.openai import MAX_BELIEVABLE_TOKENS
+from tokengate_core.gate import Gate
+from tokengate_core.metering import Metering
+from tokengate_core.quota import buckets_for
 
 from tests.conftest import ALICE, BOB, key_entries
 from tests.e2e import PROVIDER_KEY, write_quotas
@@ -56,6 +58,7 @@ class Harness:
     loop: asyncio.AbstractEventLoop
     gate: Gate
     addons: list
+    admission: AdmissionControl
     metering: Metering
     swap: CredentialSwap
     now: list[float]
@@ -82,9 +85,10 @@ def harness(tmp_path_factory):
             tctx.configure(addons[0], tokengate_config=str(quotas))
 
         loop.run_until_complete(configure())
+        (admission,) = [a for a in addons if isinstance(a, AdmissionControl)]
         (metering,) = [a for a in addons if isinstance(a, Metering)]
         (swap,) = [a for a in addons if isinstance(a, CredentialSwap)]
-        yield Harness(loop, gate, addons, metering, swap, now)
+        yield Harness(loop, gate, addons, admission, metering, swap, now)
     loop.close()
     mp.undo()
 
@@ -385,7 +389,7 @@ def check_gate_answer(flow) -> None:
     response = flow.response
     assert response.headers.get("X-TokenGate-Source") == "gateway"
     if response.status_code == 200:  # the caller's own usage
-        assert flowstate.governed(flow)["endpoint"] == "tokengate/usage"
+        assert notes.of(flow)["endpoint"] == "tokengate/usage"
         return
     assert response.status_code in GATE_STATUSES, response.status_code
     error = json.loads(response.content)["error"]
@@ -411,7 +415,7 @@ def test_hostile_requests_and_replies_keep_the_books(harness, request, reply):
     flow = build_flow(request)
     sent_key = flow.request.headers.get_all("authorization")
     harness.run(through(harness.addons, ("requestheaders", "request"), flow))
-    state = flowstate.governed(flow)
+    state = notes.of(flow)
     forwarded = flow.response is None
     event(f"gate answered {flow.response.status_code}" if flow.response else "forwarded")
     if forwarded:
@@ -427,7 +431,8 @@ def test_hostile_requests_and_replies_keep_the_books(harness, request, reply):
         harness.run(through(harness.addons, ("responseheaders", "response"), flow))
         assert flow.response.status_code < 500 or flow.response.status_code == 503
     # Every reservation settled or released exactly once, nothing kept for the flow.
-    assert not harness.metering._inflight and not harness.metering._request_bodies
+    assert not harness.metering.quota._held and not harness.metering._meters
+    assert not harness.admission._bodies
     assert not harness.swap._carrying_key
     assert PROVIDER_KEY not in str(flow.request.headers) and PROVIDER_KEY not in flow.request.url
     if state is None or "proxy" not in state:
@@ -462,7 +467,7 @@ async def test_a_request_mitmproxy_refuses_as_malformed_leaves_no_addon_error(ha
     assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
     flow.error = tflow.terr("HTTP/1 protocol error: Invalid Content-Length")
     await through(addons, ("error",), flow)
-    assert flow.request.headers["authorization"] == REDACTED
+    assert flow.request.headers["authorization"] == f"Bearer {REDACTED_KEY}"
     assert (flow.request.scheme, flow.request.host, flow.request.path) == (
         "",
         "",

@@ -8,8 +8,9 @@ import json
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import tutils
-from tokengate_core import flowstate, tokens
-from tokengate_core.metering import buckets_for
+from tokengate_core import notes, tokens
+from tokengate_core.dialects import openai
+from tokengate_core.quota import buckets_for
 
 from tests.test_addons import gate_addons, reverse_flow, through  # noqa: F401
 from tests.test_metering import make_gate  # noqa: F401
@@ -25,9 +26,9 @@ def text_of(chars: int) -> str:
 @pytest.mark.parametrize("text", [text_of(5000), "東京 ünïcödé " * 300, "\ud800 lone " * 200])
 def test_text_past_the_exact_part_is_bounded_by_its_bytes_never_below_the_count(text):
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
-    exact = tokens.estimate_prompt("chat/completions", body)
-    bounded = tokens.estimate_prompt("chat/completions", body, exact_chars=100)
-    framing = tokens.TOKENS_REPLY_PRIMING + tokens.TOKENS_PER_MESSAGE + len("user")  # bounded
+    exact = openai.estimate_prompt("chat/completions", body)
+    bounded = openai.estimate_prompt("chat/completions", body, exact_chars=100)
+    framing = openai.TOKENS_REPLY_PRIMING + openai.TOKENS_PER_MESSAGE + len("user")  # bounded
     assert bounded == tokens.utf8_length(text) + framing
     assert bounded >= exact
 
@@ -38,8 +39,8 @@ def test_exact_part_is_shared_by_the_texts_of_one_prompt():
     count = tokens.PromptCounter("gpt-4o", exact_chars=1000)
     assert count(first) == tokens.count_text(first, "gpt-4o")
     assert count(second) == tokens.utf8_length(second)
-    assert tokens.estimate_prompt("chat/completions", body, exact_chars=10**6) < (
-        tokens.estimate_prompt("chat/completions", body, exact_chars=1000)
+    assert openai.estimate_prompt("chat/completions", body, exact_chars=10**6) < (
+        openai.estimate_prompt("chat/completions", body, exact_chars=1000)
     )
 
 
@@ -47,7 +48,7 @@ def test_a_100k_token_prompt_is_counted_exactly_by_default():
     text = text_of(450_000)
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
     assert (
-        tokens.estimate_prompt("chat/completions", body)
+        openai.estimate_prompt("chat/completions", body)
         == tokens.count_text(text, "gpt-4o") + tokens.count_text("user", "gpt-4o") + 6
     )
 
@@ -88,10 +89,10 @@ async def test_small_request_is_answered_while_a_huge_one_is_tokenized(make_gate
     assert not huge_admitted.done()  # the event loop served the small one meanwhile
 
     await huge_admitted
-    state = flowstate.governed(huge)
+    state = notes.of(huge)
     exact = tokens.count_text(exact_part, "gpt-4o-mini")
     # The second role comes after the exact part is spent: its 4 bytes, not its 1 token.
-    framing = tokens.TOKENS_REPLY_PRIMING + 2 * tokens.TOKENS_PER_MESSAGE + 1 + len("user")
+    framing = openai.TOKENS_REPLY_PRIMING + 2 * openai.TOKENS_PER_MESSAGE + 1 + len("user")
     assert state["prompt_estimate"] == exact + len(beyond) + framing  # never below the real count
     assert state["reserved"] == {"prompt_tokens": state["prompt_estimate"], "completion_tokens": 10}
     reported = {"usage": {"prompt_tokens": exact + 250_000, "completion_tokens": 10}}

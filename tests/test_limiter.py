@@ -36,7 +36,7 @@ from tokengate_core.limiter import (
     slot_of,
     status_of,
 )
-from tokengate_core.metering import buckets_for
+from tokengate_core.quota import buckets_for
 from tokengate_core.stores import Reservation
 from tokengate_core.stores.memory import MemoryStore
 

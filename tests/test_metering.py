@@ -10,15 +10,12 @@ import sys
 import pytest
 from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons, tflow, tutils
-from tokengate_core import flowstate, pipeline
-from tokengate_core.metering import (
-    LOWERED_HEADER,
-    MAX_COMPLETIONS,
-    Metering,
-    buckets_for,
-    completions_requested,
-)
-from tokengate_core.settings import Gate
+from tokengate_core import notes, pipeline
+from tokengate_core.admission import AdmissionControl
+from tokengate_core.dialects.openai import MAX_COMPLETIONS, completions_requested
+from tokengate_core.gate import Gate
+from tokengate_core.metering import LOWERED_HEADER, Metering
+from tokengate_core.quota import buckets_for
 
 from tests.conftest import ALICE, key_entries
 from tests.e2e import PROVIDER_KEY, write_quotas
@@ -56,7 +53,8 @@ def make_gate(tmp_path, monkeypatch):
         tctx.configure(addons[0], tokengate_config=str(quotas))
         (metering,) = [a for a in addons if isinstance(a, Metering)]
         if options:
-            tctx.configure(metering, **options)
+            (admission,) = [a for a in addons if isinstance(a, AdmissionControl)]
+            tctx.configure(admission, **options)
         return gate, addons, metering
 
     yield make
@@ -81,7 +79,7 @@ async def test_streamed_chat_asks_the_provider_for_usage(make_gate):
     body = json.loads(flow.request.content)
     assert body["stream_options"] == {"other": 1, "include_usage": True}
     assert flow.request.headers["content-length"] == str(len(flow.request.content))
-    assert flowstate.governed(flow)["usage_injected"] is True
+    assert notes.of(flow)["usage_injected"] is True
     text = await sent_upstream(
         addons, {"model": "gpt-4o-mini", "prompt": "Hi", "stream": True}, "/p/completions"
     )
@@ -102,15 +100,15 @@ async def test_requests_the_gate_need_not_change_leave_byte_for_byte(make_gate, 
     raw = json.dumps(body).encode()
     flow = await sent_upstream(addons, body, path)
     assert flow.request.content == raw
-    assert "usage_injected" not in flowstate.governed(flow)
+    assert "usage_injected" not in notes.of(flow)
 
 
 async def test_max_tokens_above_the_budget_left_is_lowered_to_it(make_gate):
     _, addons, _ = make_gate(count=100)
     flow = await sent_upstream(addons, chat(max_completion_tokens=500))
     assert json.loads(flow.request.content)["max_completion_tokens"] == 100 - HELLO_PROMPT
-    assert flowstate.governed(flow)["max_tokens_lowered_to"] == 100 - HELLO_PROMPT
-    assert flowstate.governed(flow)["max_tokens_requested"] == 500
+    assert notes.of(flow)["max_tokens_lowered_to"] == 100 - HELLO_PROMPT
+    assert notes.of(flow)["max_tokens_requested"] == 500
     await settle(addons, flow, completion=100 - HELLO_PROMPT)
     assert flow.response.headers[LOWERED_HEADER] == str(100 - HELLO_PROMPT)
     roomy = make_gate(count=1000)[1]
@@ -119,7 +117,7 @@ async def test_max_tokens_above_the_budget_left_is_lowered_to_it(make_gate):
     await settle(roomy, fits, completion=50)
     assert fits.response.headers["X-Tokens-Consumed"] == str(HELLO_PROMPT + 50)
     assert LOWERED_HEADER not in fits.response.headers
-    assert "max_tokens_requested" not in flowstate.governed(fits)
+    assert "max_tokens_requested" not in notes.of(fits)
 
 
 async def test_a_lone_surrogate_cannot_keep_max_tokens_from_being_lowered(make_gate):
@@ -131,7 +129,7 @@ async def test_a_lone_surrogate_cannot_keep_max_tokens_from_being_lowered(make_g
     assert flow.response is None
     sent = json.loads(flow.request.content)
     assert sent["messages"][0]["content"] == "\ud800"  # passed on as the caller wrote it
-    assert sent["max_tokens"] == flowstate.governed(flow)["max_tokens_lowered_to"] < 100
+    assert sent["max_tokens"] == notes.of(flow)["max_tokens_lowered_to"] < 100
 
 
 def nested_in_content(depth: int) -> str:
@@ -152,7 +150,7 @@ async def test_body_nested_too_deeply_is_refused_before_it_leaves(make_gate, raw
     flow = reverse_flow(body=chat())
     flow.request.content = raw.encode()
     await through(addons, ("requestheaders", "request"), flow)
-    assert flow.response.status_code == 400 and flowstate.answered_by_gate(flow)
+    assert flow.response.status_code == 400 and notes.answered_by_gate(flow)
     await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (0, 0)
@@ -163,7 +161,7 @@ async def test_answer_nested_too_deeply_is_charged_the_tokenizer_count(make_gate
     flow = await sent_upstream(addons, chat(max_tokens=50))
     flow.response = tutils.tresp(content=b'{"usage": ' + b"[" * 5000 + b"]" * 5000 + b"}")
     await through(addons, ("responseheaders", "response"), flow)
-    assert flowstate.governed(flow)["usage"]["source"] == "estimated"
+    assert notes.of(flow)["usage"]["source"] == "estimated"
     await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (HELLO_PROMPT, 0)
@@ -205,11 +203,11 @@ async def test_every_completion_is_reserved_and_shares_the_lowered_max_tokens(
 ):
     _, addons, _ = make_gate(count=1000)
     roomy = await sent_upstream(addons, body, path)
-    reserved = flowstate.governed(roomy)["reserved"]["completion_tokens"]
+    reserved = notes.of(roomy)["reserved"]["completion_tokens"]
     assert reserved == 50 * count and json.loads(roomy.request.content)["max_tokens"] == 50
     _, addons, _ = make_gate(count=100)
     tight = await sent_upstream(addons, body, path)
-    state = flowstate.governed(tight)
+    state = notes.of(tight)
     left = 100 - state["reserved"]["prompt_tokens"]
     assert state["reserved"]["completion_tokens"] == left
     assert json.loads(tight.request.content)["max_tokens"] == left // count
@@ -263,7 +261,7 @@ async def test_stream_hides_the_injected_usage_chunk_and_adds_the_trailer(make_g
     await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (10, 0)
-    assert flowstate.governed(flow)["usage"]["source"] == "reported"
+    assert notes.of(flow)["usage"]["source"] == "reported"
 
 
 @pytest.mark.parametrize("how", ["provider-cut", "client-gone"])
@@ -282,7 +280,7 @@ async def test_stream_ended_early_is_charged_its_text_once(make_gate, how):
     await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (HELLO_PROMPT + 2, 0)  # "Hello there": 2 tokens
-    assert flowstate.governed(flow)["usage"]["source"] == "estimated"
+    assert notes.of(flow)["usage"]["source"] == "estimated"
 
 
 QUEUED = "    queue_wait: 5s\n"
@@ -299,9 +297,9 @@ async def queued(metering: Metering, task: asyncio.Task) -> None:
     from a worker thread, so this polls instead of yielding a fixed number of times."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
-    while not metering.waiting and not task.done() and loop.time() < deadline:
+    while not metering.quota.waiting and not task.done() and loop.time() < deadline:
         await asyncio.sleep(0.01)
-    assert metering.waiting == 1 and not task.done()
+    assert metering.quota.waiting == 1 and not task.done()
 
 
 async def test_queue_admits_once_the_reservation_in_the_way_settles(make_gate):
@@ -313,7 +311,7 @@ async def test_queue_admits_once_the_reservation_in_the_way_settles(make_gate):
     await settle(addons, first, completion=5)  # 14 spent: room again, and the waiter is woken
     await asyncio.wait_for(waiting, 2)
     assert second.response is None  # admitted, on its way upstream
-    assert metering.waiting == 0
+    assert metering.quota.waiting == 0
 
 
 async def test_queue_is_bounded_and_spent_budget_is_not_waited_for(make_gate):
@@ -328,7 +326,7 @@ async def test_queue_is_bounded_and_spent_budget_is_not_waited_for(make_gate):
     refused = reverse_flow(body=chat(max_tokens=10))
     await asyncio.wait_for(through(addons, ("requestheaders", "request"), refused), 1)
     assert refused.response.status_code == 429  # spent, not reserved: no wait helps
-    assert metering.waiting == 0
+    assert metering.quota.waiting == 0
 
 
 async def test_caller_hanging_up_while_queued_leaves_nothing_behind(make_gate):
@@ -339,7 +337,7 @@ async def test_caller_hanging_up_while_queued_leaves_nothing_behind(make_gate):
     await queued(metering, waiting)
     gone.client_conn.state = ConnectionState.CLOSED
     await asyncio.wait_for(waiting, 2)  # within a poll interval, long before queue_wait
-    assert gone.response.status_code == 429 and metering.waiting == 0
+    assert gone.response.status_code == 429 and metering.quota.waiting == 0
     await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert status.reserved == 100  # only the first request's reservation
@@ -363,7 +361,7 @@ async def test_caller_gone_as_the_queue_admits_it_holds_nothing(make_gate, monke
     await settle(addons, first, completion=5)  # room again: the waiter is admitted, but gone
     await asyncio.wait_for(waiting, 2)
     assert gone.response.status_code == 429  # the last refusal; nobody is there to read it
-    assert metering.waiting == 0
+    assert metering.quota.waiting == 0
     await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (HELLO_PROMPT + 5, 0)

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 from tokengate_core import tokens
+from tokengate_core.dialects.openai import estimate_prompt
 
 from tests.e2e import self_signed
 
@@ -82,7 +83,7 @@ def sse_events(payload: str) -> list[dict]:
 
 def test_chat_usage_is_the_gateway_estimate(sdk):
     reply = sdk.chat.completions.create(**CHAT, max_tokens=17)
-    assert reply.usage.prompt_tokens == tokens.estimate_prompt("chat/completions", CHAT)
+    assert reply.usage.prompt_tokens == estimate_prompt("chat/completions", CHAT)
     assert reply.usage.completion_tokens == 17
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 17
     assert tokens.count_text(reply.choices[0].message.content, "gpt-4o") == 17
@@ -102,7 +103,7 @@ def test_completions_default_length_without_v1_prefix(http):
     reply = http.post("/completions", json=body).json()
     assert reply["object"] == "text_completion"
     assert reply["choices"][0]["finish_reason"] == "stop"
-    assert reply["usage"]["prompt_tokens"] == tokens.estimate_prompt("completions", body)
+    assert reply["usage"]["prompt_tokens"] == estimate_prompt("completions", body)
     assert reply["usage"]["completion_tokens"] == 120
     assert tokens.count_text(reply["choices"][0]["text"], body["model"]) == 120
 
@@ -116,7 +117,7 @@ def test_chat_stream_with_usage_chunk(sdk):
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == []
     usage = chunks[-1].usage
-    assert usage.prompt_tokens == tokens.estimate_prompt("chat/completions", CHAT)
+    assert usage.prompt_tokens == estimate_prompt("chat/completions", CHAT)
     assert usage.completion_tokens == 40
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert tokens.count_text(text, "gpt-4o") == 40
@@ -140,7 +141,7 @@ def test_responses_stream_ends_with_completed_usage(sdk):
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     completed = events[-1].response
     assert completed.output_text == text
-    assert completed.usage.input_tokens == tokens.estimate_prompt("responses", body)
+    assert completed.usage.input_tokens == estimate_prompt("responses", body)
     assert completed.usage.output_tokens == 9
     assert completed.usage.total_tokens == completed.usage.input_tokens + 9
 
@@ -150,14 +151,14 @@ def test_responses_non_stream(sdk):
     reply = sdk.responses.create(**body, max_output_tokens=5)
     assert reply.status == "completed"
     assert tokens.count_text(reply.output_text, "gpt-4o") == 5
-    assert reply.usage.input_tokens == tokens.estimate_prompt("responses", body)
+    assert reply.usage.input_tokens == estimate_prompt("responses", body)
 
 
 def test_embeddings_as_the_sdk_asks_for_them(sdk):
     body = {"model": "text-embedding-3-small", "input": ["alpha", "beta gamma"]}
     reply = sdk.embeddings.create(**body)  # the SDK asks for base64 and decodes it
     assert [len(d.embedding) for d in reply.data] == [8, 8]
-    assert reply.usage.prompt_tokens == tokens.estimate_prompt("embeddings", body)
+    assert reply.usage.prompt_tokens == estimate_prompt("embeddings", body)
     assert reply.usage.total_tokens == reply.usage.prompt_tokens
     again = sdk.embeddings.create(**body, encoding_format="float")
     assert again.data[1].embedding == pytest.approx(reply.data[1].embedding, abs=1e-6)
@@ -269,7 +270,7 @@ def test_stats_and_reset(http):
     http.get("/v1/models")
     stats = http.get("/mock/stats").json()
     # Served: the chat and the one authorized embedding.
-    prompt = tokens.estimate_prompt("chat/completions", CHAT) + tokens.count_text("x", None)
+    prompt = estimate_prompt("chat/completions", CHAT) + tokens.count_text("x", None)
     assert stats == {
         "requests": 4,
         "by_endpoint": {"chat/completions": 1, "embeddings": 2, "/v1/models": 1},
@@ -344,7 +345,7 @@ def test_reset_modes_abort_with_rst(http):
     stats = http.get("/mock/stats").json()
     assert stats["tokens_served"]["total"] == 0  # no answer was completed
     # What did leave in the cut stream: the prompt and the text before the reset.
-    prompt = tokens.estimate_prompt("chat/completions", body)
+    prompt = estimate_prompt("chat/completions", body)
     assert text and stats["delivered_by_tag"] == {"t": prompt + tokens.count_text(text, "gpt-4o")}
 
 
@@ -385,7 +386,7 @@ def test_drip_mode_carries_the_same_answer_byte_by_byte(http):
     ],
 )
 def test_usage_fault_modes(http, mode, expected):
-    prompt = tokens.estimate_prompt("chat/completions", CHAT)
+    prompt = estimate_prompt("chat/completions", CHAT)
     reply = http.post(
         "/v1/chat/completions", json=CHAT | {"max_tokens": 5}, headers={"X-Mock-Mode": mode}
     ).json()

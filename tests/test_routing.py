@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from tokengate_core.routing import _classify
+from tokengate_core.dialects.openai import OpenAI
+from tokengate_core.routing import classify
 
 
 @pytest.mark.parametrize(
@@ -32,4 +33,4 @@ from tokengate_core.routing import _classify
     ],
 )
 def test_classify(method, path, expected):
-    assert _classify(method, path) == expected
+    assert classify(method, path, OpenAI()) == expected

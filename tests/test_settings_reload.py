@@ -11,13 +11,14 @@ import re
 
 import pytest
 from mitmproxy.test import taddons
-from tokengate_core import flowstate, pipeline
-from tokengate_core.commands import Commands, status_report
+from tokengate_core import notes, pipeline
+from tokengate_core.commands import status_report
 from tokengate_core.config import load_config
+from tokengate_core.gate import Gate
 from tokengate_core.keys import format_timestamp
 from tokengate_core.limiter import Demand, Usage
-from tokengate_core.metering import buckets_for
-from tokengate_core.settings import Gate, Settings
+from tokengate_core.quota import buckets_for
+from tokengate_core.settings import Settings
 
 from tests.conftest import ALICE, BOB, key_entries
 from tests.e2e import PROVIDER_KEY, write_quotas
@@ -66,8 +67,8 @@ def settings_of(addons) -> Settings:
     return next(a for a in addons if isinstance(a, Settings))
 
 
-def commands_of(addons) -> Commands:
-    return next(a for a in addons if isinstance(a, Commands))
+def commands_of(addons) -> Settings:
+    return next(a for a in addons if isinstance(a, Settings))
 
 
 async def eventually(predicate, seconds: float = 5.0) -> bool:
@@ -85,7 +86,7 @@ def count_of(gate: Gate) -> int:
 async def test_reload_command_applies_a_valid_edit(live, quotas, caplog):
     tctx, gate, addons, _ = live
     rewrite(quotas, quotas.read_text().replace("count: 1000", "count: 400"))
-    tctx.command(commands_of(addons).reload)
+    tctx.command(commands_of(addons).reload_now)
     assert await eventually(lambda: count_of(gate) == 400)
     summary = [r.getMessage() for r in caplog.records if "store memory" in r.getMessage()][-1]
     assert "p (/p -> mock, scope key, 400 total_tokens-1m, 1 keys, fail closed)" in summary
@@ -95,14 +96,14 @@ async def test_invalid_edit_is_refused_with_line_and_old_config_serves(live, quo
     tctx, gate, addons, _ = live
     before = gate.config
     rewrite(quotas, quotas.read_text().replace("duration: 1m", "duration: 1w"))
-    tctx.command(commands_of(addons).reload)
+    tctx.command(commands_of(addons).reload_now)
     refused = f"{quotas}:12: bad duration '1w'"
     assert await eventually(lambda: refused in caplog.text)
     assert "the last good configuration keeps serving" in caplog.text
     assert gate.config is before
     flow = reverse_flow()
     await through(addons, REQUEST_HOOKS, flow)
-    assert not flowstate.answered_by_gate(flow)  # alice is still admitted under the old file
+    assert not notes.answered_by_gate(flow)  # alice is still admitted under the old file
 
 
 async def test_watcher_reloads_on_rename_and_in_place_edits_and_waits_out_a_missing_file(
@@ -146,7 +147,7 @@ async def test_spent_usage_survives_a_reload_and_a_lower_count_applies_to_it(liv
     await spend(gate, 600)
     admitted = reverse_flow()
     await through(addons, REQUEST_HOOKS, admitted)
-    assert not flowstate.answered_by_gate(admitted)
+    assert not notes.answered_by_gate(admitted)
     rewrite(quotas, quotas.read_text().replace("count: 1000", "count: 500"))
     await settings_of(addons).reload("test")
     refused = reverse_flow()
@@ -160,7 +161,7 @@ async def test_spent_usage_survives_a_reload_and_a_lower_count_applies_to_it(liv
     await settings_of(addons).reload("test")
     again = reverse_flow()
     await through(addons, REQUEST_HOOKS, again)
-    assert not flowstate.answered_by_gate(again)
+    assert not notes.answered_by_gate(again)
 
 
 async def test_a_changed_duration_keeps_the_window(live, quotas):
@@ -247,7 +248,7 @@ async def test_expired_key_gets_401_saying_so_and_a_later_expiry_admits(live, qu
     await settings_of(addons).reload("test")
     before = reverse_flow()
     await through(addons, REQUEST_HOOKS, before)
-    assert not flowstate.answered_by_gate(before)
+    assert not notes.answered_by_gate(before)
     clock[0] = NOW + 30  # the gate's clock decides, not the wall clock
     after = reverse_flow()
     await through(addons, REQUEST_HOOKS, after)

@@ -10,16 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokengate_core import tokens
 from tokengate_core.config import Limit
+from tokengate_core.dialects.openai import MAX_BELIEVABLE_TOKENS, OpenAI, reported_usage
 from tokengate_core.limiter import LimitStatus, Usage
 from tokengate_core.sse import Event, EventFramer, SSEParser
 from tokengate_core.streaming import StreamRelay, trailer_comment
-from tokengate_core.usage import (
-    MAX_BELIEVABLE_TOKENS,
-    Metered,
-    StreamMeter,
-    meter_json,
-    reported_usage,
-)
+from tokengate_core.usage import Metered, StreamMeter, meter_json
+
+OPENAI = OpenAI()
 
 # A realistic stream: comments, a typed event, multi-line data, non-ASCII text, CRLF line ends,
 # an event with no space after the colon, unknown fields, and a final `[DONE]`.
@@ -274,7 +271,9 @@ def chat_body(content: str, usage: dict | None = None) -> bytes:
 
 def test_meter_json_reported() -> None:
     body = chat_body("Hi there", {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14})
-    assert meter_json(body, prompt_estimate=99, model="gpt-4o") == Metered(Usage(11, 3), "reported")
+    assert meter_json(OPENAI, body, prompt_estimate=99, model="gpt-4o") == Metered(
+        Usage(11, 3), "reported"
+    )
 
 
 def test_meter_json_responses_reported() -> None:
@@ -285,13 +284,13 @@ def test_meter_json_responses_reported() -> None:
             "usage": {"input_tokens": 4, "output_tokens": 1},
         }
     ).encode()
-    assert meter_json(body, 50, None) == Metered(Usage(4, 1), "reported")
+    assert meter_json(OPENAI, body, 50, None) == Metered(Usage(4, 1), "reported")
 
 
 @pytest.mark.parametrize("model", ["gpt-4o", "gpt-4"])
 def test_meter_json_missing_usage_is_estimated(model: str) -> None:
     content = "Bonjour, ça va très bien aujourd\u2019hui 🙂 — 東京"
-    metered = meter_json(chat_body(content), prompt_estimate=42, model=model)
+    metered = meter_json(OPENAI, chat_body(content), prompt_estimate=42, model=model)
     assert metered.source == "estimated"
     assert metered.usage == Usage(42, tokens.count_text(content, model))
     assert metered.usage.completion > 0
@@ -299,7 +298,7 @@ def test_meter_json_missing_usage_is_estimated(model: str) -> None:
 
 def test_meter_json_unbelievable_usage_falls_back_to_estimate() -> None:
     body = chat_body("hello world", {"prompt_tokens": -5, "completion_tokens": 2})
-    assert meter_json(body, 7, "gpt-4o") == Metered(Usage(7, 2), "estimated")
+    assert meter_json(OPENAI, body, 7, "gpt-4o") == Metered(Usage(7, 2), "estimated")
 
 
 NESTED = b'{"usage": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # json.loads gives up (RecursionError)
@@ -307,7 +306,7 @@ NESTED = b'{"usage": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # json.loads gives up
 
 @pytest.mark.parametrize("body", [b"", b"{not json", b"\xff\xfe\x00", b"<html>502</html>", NESTED])
 def test_meter_json_invalid_json(body: bytes) -> None:
-    assert meter_json(body, prompt_estimate=13, model="gpt-4o") == Metered(
+    assert meter_json(OPENAI, body, prompt_estimate=13, model="gpt-4o") == Metered(
         Usage(13, 0), "estimated"
     )
 
@@ -350,7 +349,7 @@ def feed_in_pieces(meter: StreamMeter, data: bytes, size: int = 7) -> None:
 
 def test_stream_with_usage_chunk_is_reported() -> None:
     data = sse(*chat_chunks(with_usage=True))
-    meter = StreamMeter(prompt_estimate=30, model="gpt-4o")
+    meter = StreamMeter(OPENAI.stream, prompt_estimate=30, model="gpt-4o")
     feed_in_pieces(meter, data)
     assert meter.done
     assert meter.bytes_seen == len(data)
@@ -359,7 +358,7 @@ def test_stream_with_usage_chunk_is_reported() -> None:
 
 def test_stream_without_usage_is_estimated_from_concatenated_deltas() -> None:
     data = sse(*chat_chunks(with_usage=False), eol="\r\n")
-    meter = StreamMeter(prompt_estimate=30, model="gpt-4o")
+    meter = StreamMeter(OPENAI.stream, prompt_estimate=30, model="gpt-4o")
     feed_in_pieces(meter, data, size=3)
     text = "".join(DELTAS)
     assert meter.done
@@ -370,14 +369,14 @@ def test_stream_without_usage_is_estimated_from_concatenated_deltas() -> None:
 
 def test_stream_without_done_is_not_done_but_still_metered() -> None:
     data = sse(*chat_chunks(with_usage=False)[:-1])
-    meter = StreamMeter(5, "gpt-4o")
+    meter = StreamMeter(OPENAI.stream, 5, "gpt-4o")
     meter.feed(data)
     assert not meter.done
     assert meter.result().usage.completion == tokens.count_text("".join(DELTAS), "gpt-4o")
 
 
 def test_stream_bytes_seen_counts_every_chunk() -> None:
-    meter = StreamMeter(0, None)
+    meter = StreamMeter(OPENAI.stream, 0, None)
     meter.feed(b": keep")
     meter.feed(b"-alive\n\n")
     meter.feed(b"data: not json\n\n")
@@ -388,7 +387,7 @@ def test_stream_bytes_seen_counts_every_chunk() -> None:
 
 
 def test_stream_done_marker() -> None:
-    meter = StreamMeter(0, None)
+    meter = StreamMeter(OPENAI.stream, 0, None)
     meter.feed(b"data: [DONE]\n\n")
     assert meter.done
 
@@ -399,7 +398,7 @@ def test_stream_tool_call_arguments_are_counted() -> None:
         {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": a}}]}}]}
         for a in args
     ]
-    meter = StreamMeter(1, "gpt-4o")
+    meter = StreamMeter(OPENAI.stream, 1, "gpt-4o")
     meter.feed(sse(*chunks, "[DONE]"))
     assert meter.result().usage == Usage(1, tokens.count_text("".join(args), "gpt-4o"))
 
@@ -435,7 +434,7 @@ def responses_events(final_usage: dict | None, terminal: str = "response.complet
 
 def test_responses_stream_reported() -> None:
     data = responses_events({"input_tokens": 9, "output_tokens": 3, "total_tokens": 12})
-    meter = StreamMeter(50, "gpt-4o")
+    meter = StreamMeter(OPENAI.stream, 50, "gpt-4o")
     feed_in_pieces(meter, data, size=11)
     assert meter.done
     assert meter.bytes_seen == len(data)
@@ -444,7 +443,7 @@ def test_responses_stream_reported() -> None:
 
 @pytest.mark.parametrize("terminal", ["response.completed", "response.incomplete"])
 def test_responses_stream_without_usage_counts_deltas_once(terminal: str) -> None:
-    meter = StreamMeter(50, "gpt-4o")
+    meter = StreamMeter(OPENAI.stream, 50, "gpt-4o")
     meter.feed(responses_events(None, terminal))
     assert meter.done
     expected = tokens.count_text("".join(RESPONSES_TEXT), "gpt-4o")
@@ -453,7 +452,7 @@ def test_responses_stream_without_usage_counts_deltas_once(terminal: str) -> Non
 
 
 def test_responses_failed_event_sets_done() -> None:
-    meter = StreamMeter(5, None)
+    meter = StreamMeter(OPENAI.stream, 5, None)
     meter.feed(sse({"type": "response.failed", "response": {"error": {"code": "x"}}}))
     assert meter.done
     assert meter.result() == Metered(Usage(5, 0), "estimated")
@@ -498,7 +497,7 @@ RESERVED = Usage(17, 280)  # this flow's part of the 300 reserved
 
 def relay(drop_usage_chunk: bool) -> StreamRelay:
     return StreamRelay(
-        StreamMeter(prompt_estimate=30, model="gpt-4o"),
+        StreamMeter(OPENAI.stream, prompt_estimate=30, model="gpt-4o"),
         drop_usage_chunk,
         lambda metered: trailer_comment(STATUSES, RESERVED, metered),
     )
@@ -592,7 +591,7 @@ def test_stream_text_is_counted_once_for_trailer_and_settlement(monkeypatch) -> 
     assert stream.result() == stream.result() == Metered(Usage(30, 0), "estimated")
     assert counted == ["".join(DELTAS)]
     # A stream still going is counted again once more text has arrived, not before.
-    meter = StreamMeter(prompt_estimate=30, model="gpt-4o")
+    meter = StreamMeter(OPENAI.stream, prompt_estimate=30, model="gpt-4o")
     meter.feed(sse(*chat_chunks(with_usage=False)[:2]))
     meter.result()
     meter.result()

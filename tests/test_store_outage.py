@@ -9,14 +9,15 @@ import logging
 
 import pytest
 from mitmproxy.test import tutils
-from tokengate_core import flowstate
+from tokengate_core import notes
 from tokengate_core.accounting import Accounting
-from tokengate_core.commands import Commands
+from tokengate_core.answers import SOURCE_HEADER
 from tokengate_core.config import load_config
+from tokengate_core.gate import Gate
 from tokengate_core.limiter import Demand, Usage
-from tokengate_core.metering import DEGRADED_HEADER, buckets_for
-from tokengate_core.responses import SOURCE_HEADER
-from tokengate_core.settings import Gate, Settings
+from tokengate_core.metering import DEGRADED_HEADER
+from tokengate_core.quota import buckets_for
+from tokengate_core.settings import Settings
 from tokengate_core.stores import StoreUnavailable
 from tokengate_core.stores.memory import MemoryStore
 
@@ -135,7 +136,7 @@ async def test_settlement_during_outage_is_written_when_the_store_returns(outage
     await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets)
     assert (status.used, status.reserved) == (120, 0)
-    assert flowstate.governed(later)["usage"]["total_tokens"] == 20
+    assert notes.of(later)["usage"]["total_tokens"] == 20
 
 
 async def test_release_during_outage_is_written_when_the_store_returns(outage):
@@ -198,7 +199,7 @@ async def test_status_command_answers_while_the_store_is_down(outage, caplog):
     _, gate, addons = outage
     gate.store.down = True
     caplog.set_level(logging.INFO, "tokengate")
-    (commands,) = [addon for addon in addons if isinstance(addon, Commands)]
+    (commands,) = [addon for addon in addons if isinstance(addon, Settings)]
     commands.status()
     for _ in range(200):
         if "usage store unavailable: connection refused" in caplog.text:

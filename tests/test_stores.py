@@ -26,10 +26,11 @@ import redis as redis_sync
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
-from tokengate_core import responses
+from tokengate_core import answers
 from tokengate_core.config import REQUESTS
+from tokengate_core.dialects.openai import OpenAI
 from tokengate_core.limiter import SLOTS, Bucket, Decision, Demand, Usage
-from tokengate_core.metering import buckets_for
+from tokengate_core.quota import buckets_for
 from tokengate_core.stores import STALE_AFTER, Reservation, Store, StoreUnavailable
 from tokengate_core.stores.memory import MemoryStore
 from tokengate_core.stores.redis import RedisStore, redacted
@@ -103,11 +104,11 @@ class Recorder:
         decision, reservation = await self.store.reserve(name, bs, demand)
         now = self.clock.now
         if reservation is None:
-            answer = responses.rate_limited(decision, now, "p", demand.prompt)
+            answer = answers.rate_limited(OpenAI(), decision, now, "p", demand.prompt)
             seen = (dict(answer.headers), answer.content)
         else:
             self.held[name] = reservation
-            seen = responses.ratelimit_headers(decision.statuses, now)
+            seen = answers.ratelimit_headers(decision.statuses, now)
         self.log.append(("reserve", name, now, decision, reservation, seen))
         return decision, reservation
 
@@ -128,7 +129,7 @@ class Recorder:
         return statuses
 
     def headers(self, statuses) -> dict[str, str]:
-        return responses.ratelimit_headers(statuses, self.clock.now)
+        return answers.ratelimit_headers(statuses, self.clock.now)
 
 
 Scenario = Callable[[Recorder, FakeClock], Awaitable[None]]

@@ -11,7 +11,7 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext import openai_public
 from tokengate_core import tokens
-from tokengate_core.tokens import estimate_prompt
+from tokengate_core.dialects.openai import estimate_prompt
 
 
 def chat(messages: list, model: str = "gpt-4o", **extra: object) -> int:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 from mitmproxy.test import tutils
-from tokengate_core.metering import buckets_for
+from tokengate_core.quota import buckets_for
 from tokengate_core.settings import Settings
 from tokengate_core.stores.memory import MemoryStore
 from tokengate_core.writebehind import WriteBehind

@@ -16,8 +16,8 @@ import logging
 import time
 from collections import deque
 
+from .gate import Gate
 from .limiter import Bucket, Decision, Demand, LimitStatus, Usage
-from .settings import Gate
 from .stores import Reservation, Store, StoreUnavailable
 
 log = logging.getLogger("tokengate")

@@ -1,100 +1,202 @@
-"""Which flows the gate governs, who is calling, and what they may do with the provider's key."""
+"""The AdmissionControl addon: whether a governed request may reach the provider, decided first.
+
+requestheaders: route (flows of no configured proxy pass untouched), the caller's key (401),
+the endpoint (403), the declared body size (413), the gate's own usage endpoint (answered here);
+request: the body (400, 413) and the quota (429, or 503 while the store is down), through the
+quota service. A refusal is answered by the gate and never forwarded; an admitted request's body
+is adjusted by its dialect (lowered max tokens, a stream asked for usage).
+
+With mitmproxy's `stream_large_bodies` set, the body may leave before `request` runs, so the
+quota is decided at requestheaders on what is left, and the body is read on its way.
+"""
 
 from __future__ import annotations
 
-from mitmproxy import http
+import json
 
-from . import flowstate, responses
-from .keys import caller_key, format_timestamp
-from .routing import is_reverse, route
-from .settings import Gate
+from mitmproxy import ctx, exceptions, http
+
+from . import answers, notes
+from .config import Proxy
+from .gate import Gate
+from .intake import Reader
+from .keys import ConflictingKeys, format_timestamp
+from .limiter import Decision, Demand
+from .notes import Notes
+from .quota import DEFAULT_QUEUE_LIMIT, Admission, Ask, QuotaService, Refusal
+from .routing import USAGE_ENDPOINT, Route, is_reverse, route
+from .stores import StoreUnavailable
+from .usage import BoundedBuffer
 
 
-class Router:
-    """Marks the flows that belong to a configured proxy; everything else passes untouched."""
+def note_decision(note: Notes, outcome: Admission | Refusal) -> None:
+    """What a reserve decided, for the ledger and the flow's comment: the limit that refused,
+    or what was held, and every window as it stood."""
+    decision: Decision | None = outcome.decision
+    if decision is not None:
+        notes.note_windows(note, decision.statuses)
+    if isinstance(outcome, Refusal):
+        blocking = decision.blocking if decision else None
+        note["refused_by"] = blocking.limit.name if blocking else None
+    elif outcome.reservation is None:
+        note["accounting"] = "degraded"  # admitted unmetered: the response says so
+    else:
+        amounts = outcome.reservation.amounts
+        note["reserved"] = {
+            "prompt_tokens": amounts.prompt,
+            "completion_tokens": amounts.completion,
+        }
 
-    def __init__(self, gate: Gate) -> None:
+
+class AdmissionControl:
+    def __init__(self, gate: Gate, quota: QuotaService) -> None:
         self.gate = gate
+        self.quota = quota
+        self._bodies: dict[str, BoundedBuffer] = {}  # request bodies streamed upstream
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def load(self, loader) -> None:
+        loader.add_option(
+            "tokengate_queue_limit",
+            int,
+            DEFAULT_QUEUE_LIMIT,
+            "Most requests that wait at once for in-flight reservations (proxies with "
+            "queue_wait); beyond it, requests get 429 at once.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "tokengate_queue_limit" in updated:
+            if ctx.options.tokengate_queue_limit < 0:
+                raise exceptions.OptionsError("tokengate_queue_limit must be 0 or more")
+            self.quota.queue_limit = ctx.options.tokengate_queue_limit
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         # A flow loaded from a file may carry the notes of the run that saved it; they must not
         # make the addons act on it now.
-        flow.metadata.pop(flowstate.META, None)
+        flow.metadata.pop(notes.META, None)
         # Flows loaded from a file or replayed by the server already carry a response.
         if self.gate.config is None or flow.response is not None or not flow.live:
             return
         found = route(self.gate.config, flow.request, is_reverse(flow))
         if found is None:
             return
-        flow.metadata[flowstate.META] = {
-            "candidates": [proxy.name for proxy in found.candidates],
-            "upstream_path": found.upstream_path,
-            "endpoint": found.endpoint,
-            "allowed": found.allowed,
-        }
-
-
-class Authenticator:
-    """Finds the caller's key among the routed proxies' keys; 401 from the gate otherwise.
-
-    An expired key is named in its 401, so its holder knows to ask for a new one rather than
-    suspect a typo.
-    """
-
-    def __init__(self, gate: Gate) -> None:
-        self.gate = gate
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        state = flowstate.governed(flow)
-        if state is None:
-            return
-        secret = caller_key(flow.request.headers)
-        if secret is None:
-            flowstate.answer(
-                flow,
-                responses.unauthorized(
-                    "Missing API key. Send your TokenGate key as 'Authorization: Bearer <key>' "
-                    "or 'X-API-Key: <key>'."
-                ),
-            )
-            return
-        for name in state["candidates"]:
-            proxy = self.gate.proxy(name)
-            key = proxy.keys.find(secret) if proxy else None
-            if key is not None:
-                state["proxy"] = proxy.name
-                state["key"] = key.name
-                if key.expired(self.gate.clock()):
-                    flowstate.answer(
-                        flow,
-                        responses.unauthorized(
-                            f"This API key ({key.name!r}) expired at "
-                            f"{format_timestamp(key.expires)}. Ask the gateway's operator for "
-                            "a new one."
-                        ),
-                    )
-                return
-        flowstate.answer(flow, responses.unauthorized("Incorrect API key provided."))
-
-
-class EndpointPolicy:
-    """403 from the gate for governed paths that are neither metered nor read-only.
-
-    Callers hold a gate key, not the provider's: they may generate (metered) and list models,
-    not use the provider account for anything the gate cannot meter.
-    """
-
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        state = flowstate.governed(flow)
-        if state is None or flowstate.answered_by_gate(flow) or state["allowed"]:
-            return
-        flowstate.answer(
+        note = notes.start(
             flow,
-            responses.invalid_request(
-                403,
-                f"{flow.request.method} {flow.request.path} is not available through this "
-                "gateway: it serves the chat/completions, completions, embeddings and responses "
-                "endpoints and the model list.",
-                "endpoint_not_allowed",
-            ),
+            candidates=[proxy.name for proxy in found.candidates],
+            upstream_path=found.upstream_path,
+            endpoint=found.endpoint,
+            allowed=found.allowed,
         )
+        refusal = self._caller(flow, found, note) or await self._headers(flow, note)
+        if refusal is not None:
+            notes.answer(flow, refusal)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        note = notes.pending(flow)
+        if note is None or note["endpoint"] is None:
+            return
+        proxy = self.gate.proxy(note["proxy"])
+        if proxy is None:  # removed by a reload since its headers were admitted
+            return
+        refusal = await self._body(flow, proxy, note)
+        if refusal is not None:
+            notes.answer(flow, refusal)
+
+    def _caller(self, flow: http.HTTPFlow, found: Route, note: Notes) -> http.Response | None:
+        """The caller's key among the routed proxies' keys (401 otherwise), then the endpoint
+        (403 for what the gate cannot meter: callers may not use the provider account for it).
+        """
+        dialect = found.candidates[0].dialect
+        try:
+            secret = dialect.caller_key(flow.request.headers)
+        except ConflictingKeys:
+            return answers.conflicting_keys(dialect)
+        if secret is None:
+            return answers.missing_key(dialect)
+        for proxy in found.candidates:
+            key = proxy.keys.find(secret)
+            if key is None:
+                continue
+            note.update(proxy=proxy.name, key=key.name, key_fp=key.sha256[:16])
+            if key.expired(self.gate.clock()):
+                return answers.expired_key(dialect, key.name, format_timestamp(key.expires))
+            if not found.allowed:
+                return answers.endpoint_not_allowed(dialect, flow.request.method, flow.request.path)
+            return None
+        return answers.unauthorized(dialect, "Incorrect API key provided.")
+
+    async def _headers(self, flow: http.HTTPFlow, note: Notes) -> http.Response | None:
+        proxy = self.gate.proxy(note["proxy"])
+        assert proxy is not None, "authenticated in this configuration, in this same hook"
+        if note["endpoint"] == USAGE_ENDPOINT:
+            return await self._usage(proxy, note)
+        declared = flow.request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.gate.max_body:
+            return answers.too_large(proxy.dialect, self.gate.max_body)
+        if note["endpoint"] is None:
+            return None
+        # The gate must read what the provider sends, so it asks for it uncompressed.
+        flow.request.headers["accept-encoding"] = "identity"
+        if not self.gate.stream_request_bodies:
+            flow.request.stream = False  # buffer: the whole body is estimated before it leaves
+            return None
+        # The body may leave before `request` runs: decide now, on what is left.
+        demand = Demand(0, proxy.completion_reserve)
+        refusal = await self._admit(flow, proxy, note, demand)
+        if refusal is not None:
+            flow.request.stream = False
+            return refusal
+        body = self._bodies[flow.id] = BoundedBuffer(self.gate.max_body)
+        flow.request.stream = body.passing
+        return None
+
+    async def _usage(self, proxy: Proxy, note: Notes) -> http.Response:
+        """`GET <context>/tokengate/usage`: the caller's own standing, never forwarded."""
+        try:
+            statuses = await self.quota.standing(proxy, note["key"])
+        except StoreUnavailable:
+            return answers.usage_unavailable(proxy.dialect)
+        notes.note_windows(note, statuses)
+        return answers.usage_report(proxy, note["key"], statuses, self.gate.clock())
+
+    async def _body(self, flow: http.HTTPFlow, proxy: Proxy, note: Notes) -> http.Response | None:
+        streamed = self._bodies.pop(flow.id, None)
+        raw = streamed.data if streamed else flow.request.get_content(strict=False) or b""
+        if streamed is None and len(raw) > self.gate.max_body:  # chunked, no content-length
+            return answers.too_large(proxy.dialect, self.gate.max_body)
+        endpoint = note["endpoint"]
+        reader = Reader(proxy.dialect, self.gate.exact_prompt_chars, proxy.completion_reserve)
+        read = await reader.read(raw, endpoint)
+        admitted = self.quota.holding(flow.id)
+        if read is None:
+            # Not sent yet: refuse it rather than guess its cost.
+            return None if admitted else answers.unreadable_body(proxy.dialect)
+        terms = read.terms
+        note.update(model=terms.model, stream=terms.stream, prompt_estimate=read.prompt)
+        if admitted is not None:  # admitted at requestheaders; now its estimate is known
+            return None
+        refusal = await self._admit(
+            flow, proxy, note, Demand(read.prompt, terms.completion_reserve)
+        )
+        admitted = self.quota.holding(flow.id)
+        if refusal is None and admitted is not None:
+            changed = proxy.dialect.adjust(endpoint, read.body, admitted.reservation.amounts)
+            if changed:
+                # ASCII escapes: always valid JSON, even for a lone surrogate such as "\ud800".
+                flow.request.content = json.dumps(read.body).encode()
+                note.update(changed)  # type: ignore[typeddict-item]
+        return refusal
+
+    async def _admit(
+        self, flow: http.HTTPFlow, proxy: Proxy, note: Notes, demand: Demand
+    ) -> http.Response | None:
+        ask = Ask(
+            flow.id, proxy, note["key"], demand, proxy.dialect, lambda: flow.client_conn.connected
+        )
+        outcome = await self.quota.admit(ask)
+        if outcome is None:
+            return None
+        note_decision(note, outcome)
+        return outcome.answer if isinstance(outcome, Refusal) else None
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._bodies.pop(flow.id, None)  # a streamed request body that never completed

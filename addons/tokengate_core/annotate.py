@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from . import flowstate
+from .notes import Notes
 
 MARKERS = {401: ":lock:", 429: ":no_entry:"}
 REFUSAL_MARKER = ":warning:"  # the gate's other refusals: 400, 403, 413, 503
 
 
-def comment(state: dict, status: int | None) -> str:
+def comment(state: Notes, status: int | None) -> str:
     """`tokengate: p/alice gpt-4o 129 tokens (reported); left: total_tokens-1m 0`."""
     who = f"{state.get('proxy', '?')}/{state.get('key', '?')}"
     answered = state.get("answered_by_gate")
@@ -33,17 +33,10 @@ def comment(state: dict, status: int | None) -> str:
     return head + "; left: " + ", ".join(f"{name} {left}" for name, left in remaining.items())
 
 
-class Annotator:
-    def response(self, flow: http.HTTPFlow) -> None:
-        state = flowstate.governed(flow)
-        if state is None or flow.response is None:
-            return
-        answered = state.get("answered_by_gate")
-        if answered and answered >= 400:
-            flow.marked = MARKERS.get(answered, REFUSAL_MARKER)
-        flow.comment = comment(state, flow.response.status_code)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        state = flowstate.governed(flow)
-        if state is not None:
-            flow.comment = comment(state, None)
+def annotate(flow: http.HTTPFlow, notes: Notes, status: int | None) -> None:
+    """The flow's comment (`status` None: it ended without an answer), and a marker on the
+    gate's own refusals."""
+    answered = notes.get("answered_by_gate")
+    if answered and answered >= 400 and status is not None:
+        flow.marked = MARKERS.get(answered, REFUSAL_MARKER)
+    flow.comment = comment(notes, status)

@@ -1,27 +1,12 @@
-"""The operator's commands: `tokengate.reload` and `tokengate.status` (mitmproxy console, mitmweb).
-
-mitmproxy calls a command synchronously and does not await what it returns, while reading the
-file and asking the store are awaited work (the store may be a database). So each command starts
-a task on the event loop and its answer goes to the log, where mitmdump, the console and mitmweb
-all show it.
-"""
+"""What `tokengate.status` reports: the configuration summary and every window as it stands."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Coroutine
-
-from mitmproxy import command
-from mitmproxy.utils import asyncio_utils
-
 from .config import Proxy
+from .gate import Gate
 from .keys import format_timestamp
 from .limiter import LimitStatus, seconds_until
-from .metering import buckets_for
-from .settings import Gate, Settings, summary
-from .stores import StoreUnavailable
-
-log = logging.getLogger("tokengate")
+from .quota import buckets_for
 
 
 def _windows(statuses: tuple[LimitStatus, ...], now: float) -> str:
@@ -45,7 +30,7 @@ async def status_report(gate: Gate) -> str:
         return "tokengate status: no configuration loaded"
     await gate.writes.caught_up()  # the usage of requests already answered
     now = gate.clock()
-    lines = [f"tokengate status: {summary(gate)}"]
+    lines = [f"tokengate status: {gate.summary()}"]
     for proxy in gate.config.proxies.values():
         lines += await _proxy_lines(gate, proxy, now)
     return "\n".join(lines)
@@ -64,30 +49,3 @@ async def _proxy_lines(gate: Gate, proxy: Proxy, now: float) -> list[str]:
             usage = ": " + _windows(await gate.store.status(buckets_for(proxy, key.name)), now)
         lines.append(f"  {proxy.name}/{key.name}{_expiry(key.expires, now)}{usage}")
     return lines
-
-
-class Commands:
-    def __init__(self, gate: Gate, settings: Settings) -> None:
-        self.gate = gate
-        self.settings = settings
-
-    @staticmethod
-    def _start(coroutine: Coroutine, name: str) -> None:
-        asyncio_utils.create_task(coroutine, name=name, keep_ref=True)
-
-    @command.command("tokengate.reload")
-    def reload(self) -> None:
-        """Read the quotas file again now; the outcome is logged."""
-        self._start(self.settings.reload("tokengate.reload"), "tokengate.reload")
-
-    @command.command("tokengate.status")
-    def status(self) -> None:
-        """Log the configuration summary and every key's live usage per limit."""
-        self._start(self._log_status(), "tokengate.status")
-
-    async def _log_status(self) -> None:
-        try:
-            report = await status_report(self.gate)
-        except StoreUnavailable as e:  # the moment an operator most needs an answer
-            report = f"tokengate status: {summary(self.gate)}\n  usage store unavailable: {e}"
-        log.info("%s", report)

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .dialects import DEFAULT as DEFAULT_DIALECT
+from .dialects import DIALECTS, Dialect
 from .keys import KeyRing, StoredKey, parse_timestamp
+from .limiter import REQUESTS, TOKEN_DIMENSIONS, Limit
 from .yamlsource import Document, Where, load_document
 
-TOKEN_DIMENSIONS = ("prompt_tokens", "completion_tokens", "total_tokens")
-REQUESTS = "requests"
 SCOPES = ("key", "proxy")
 FAIL_MODES = ("closed", "open")
 STORE_KINDS = ("sqlite", "memory", "redis")
@@ -31,36 +32,12 @@ _HOST = re.compile(r"^[A-Za-z0-9.:\[\]-]+$")
 
 
 @dataclass(frozen=True)
-class Limit:
-    """`count` units of `dimension` per rolling `seconds`."""
-
-    dimension: str
-    count: int
-    seconds: int
-    label: str  # as written, e.g. "1m"
-    rank: int | None = None  # among the limits of its dimension, by duration (set by the loader)
-
-    @property
-    def name(self) -> str:
-        return f"{self.dimension}-{self.label}"
-
-    @property
-    def window(self) -> str:
-        """What the store calls this limit's window: its dimension and its rank by duration.
-
-        A count or a duration edited in place keeps the window, so a changed limit applies to
-        the usage already spent; and every process reading the same file, after a reload or a
-        restart, names it the same. (A limit made outside a quotas file goes by its name.)
-        """
-        return self.name if self.rank is None else f"{self.dimension}#{self.rank}"
-
-
-@dataclass(frozen=True)
 class Provider:
     name: str
     base_url: str
     api_key: str = field(repr=False)
     hosts: tuple[str, ...]
+    dialect: Dialect = DIALECTS[DEFAULT_DIALECT]  # the API it speaks (`kind:`)
 
     @property
     def base_path(self) -> str:
@@ -79,6 +56,10 @@ class Proxy:
     keys: KeyRing
     fail: str = "closed"  # what callers get while the store is down: 503, or admitted unmetered
     queue_wait: int = 0  # seconds a request held back by in-flight reservations may wait
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.provider.dialect
 
 
 @dataclass(frozen=True)
@@ -185,7 +166,14 @@ class _Reader:
 def _provider(reader: _Reader, name: str, raw: Any) -> Provider:
     where: Where = ("providers", name)
     reader.name(name, where)
-    reader.mapping(raw, where, {"base_url", "api_key_env", "api_key_file", "hosts"}, {"base_url"})
+    reader.mapping(
+        raw, where, {"kind", "base_url", "api_key_env", "api_key_file", "hosts"}, {"base_url"}
+    )
+    kind = raw.get("kind", DEFAULT_DIALECT)
+    if kind not in DIALECTS:
+        raise reader.doc.error(
+            (*where, "kind"), f"kind must be one of {', '.join(DIALECTS)}, not {kind!r}"
+        )
     base_url = reader.string(raw["base_url"], (*where, "base_url"))
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -219,7 +207,13 @@ def _provider(reader: _Reader, name: str, raw: Any) -> Provider:
         if not _HOST.match(host):
             raise reader.doc.error((*where, "hosts", index), f"bad host name {host!r}")
         hosts.append(host.lower())
-    return Provider(name=name, base_url=base_url.rstrip("/"), api_key=api_key, hosts=tuple(hosts))
+    return Provider(
+        name=name,
+        base_url=base_url.rstrip("/"),
+        api_key=api_key,
+        hosts=tuple(hosts),
+        dialect=DIALECTS[kind],
+    )
 
 
 def _limit_list(reader: _Reader, raw: Any, where: Where, dimension: str) -> list[Limit]:

@@ -17,11 +17,10 @@ from mitmproxy import http
 from mitmproxy.net.http import url
 from mitmproxy.utils.strutils import always_str
 
-from . import flowstate
-from .settings import Gate
+from . import notes
+from .gate import Gate
 
-CALLER_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
-REDACTED = "Bearer [redacted by tokengate]"
+REDACTED_KEY = "[redacted by tokengate]"  # in place of the provider key, once it has left
 
 
 @dataclass(frozen=True)
@@ -75,34 +74,37 @@ def provider_destination(base_url: str, upstream_path: str) -> Destination:
 class CredentialSwap:
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self._carrying_key: dict[str, tuple[http.HTTPFlow, Destination]] = {}  # flow, caller's
+        # flow id -> the flow, the caller's destination, the headers in which the key is redacted
+        self._carrying_key: dict[str, tuple[http.HTTPFlow, Destination, dict[str, str]]] = {}
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        state = flowstate.governed(flow)
-        if state is None:
+        note = notes.of(flow)
+        if note is None:
             return
-        for header in CALLER_CREDENTIAL_HEADERS:
-            flow.request.headers.pop(header, None)
-        proxy = self.gate.proxy(state.get("proxy", ""))
-        if proxy is None or flowstate.answered_by_gate(flow):
+        for name in note["candidates"]:
+            proxy = self.gate.proxy(name)
+            for header in proxy.dialect.credential_headers if proxy else ():
+                flow.request.headers.pop(header, None)
+        proxy = self.gate.proxy(note.get("proxy", ""))
+        if proxy is None or notes.answered_by_gate(flow):
             return
         callers = Destination.of(flow.request)
-        if state["upstream_path"] is not None:
-            provider_destination(proxy.provider.base_url, state["upstream_path"]).apply(
-                flow.request
-            )
-        flow.request.headers["authorization"] = f"Bearer {proxy.provider.api_key}"
-        self._carrying_key[flow.id] = (flow, callers)
+        if note["upstream_path"] is not None:
+            provider_destination(proxy.provider.base_url, note["upstream_path"]).apply(flow.request)
+        flow.request.headers.update(proxy.dialect.provider_auth(proxy.provider.api_key))
+        redacted = proxy.dialect.provider_auth(REDACTED_KEY)
+        self._carrying_key[flow.id] = (flow, callers, redacted)
 
     def _redact(self, flow: http.HTTPFlow) -> None:
         carrying = self._carrying_key.pop(flow.id, None)
         if carrying is not None:
-            flow.request.headers["authorization"] = REDACTED
-            carrying[1].apply(flow.request)
+            _, callers, redacted = carrying
+            flow.request.headers.update(redacted)
+            callers.apply(flow.request)
 
     def request(self, flow: http.HTTPFlow) -> None:
         # A flow the gate answers after reading the body (429, 400) never leaves.
-        if flowstate.answered_by_gate(flow):
+        if notes.answered_by_gate(flow):
             self._redact(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -115,5 +117,5 @@ class CredentialSwap:
         self._redact(flow)
 
     def done(self) -> None:
-        for flow, _ in list(self._carrying_key.values()):
+        for flow, _, _ in list(self._carrying_key.values()):
             self._redact(flow)

@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 KEY_PREFIX = "tg-"
+# Where callers send a key: the OpenAI SDK (Bearer), curl users (X-API-Key), Azure's SDK (api-key).
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,10 @@ def hash_key(secret: str) -> str:
 def generate_key() -> str:
     """A new caller key: recognisable prefix plus 256 bits of randomness."""
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class ConflictingKeys(ValueError):
+    """A request carries two different caller credentials: the gate will not guess which."""
 
 
 class KeyRing:

@@ -20,7 +20,34 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from .config import REQUESTS, Limit
+TOKEN_DIMENSIONS = ("prompt_tokens", "completion_tokens", "total_tokens")
+REQUESTS = "requests"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """`count` units of `dimension` per rolling `seconds`."""
+
+    dimension: str
+    count: int
+    seconds: int
+    label: str  # as written, e.g. "1m"
+    rank: int | None = None  # among the limits of its dimension, by duration (set by the loader)
+
+    @property
+    def name(self) -> str:
+        return f"{self.dimension}-{self.label}"
+
+    @property
+    def window(self) -> str:
+        """What the store calls this limit's window: its dimension and its rank by duration.
+
+        A count or a duration edited in place keeps the window, so a changed limit applies to
+        the usage already spent; and every process reading the same file, after a reload or a
+        restart, names it the same. (A limit made outside a quotas file goes by its name.)
+        """
+        return self.name if self.rank is None else f"{self.dimension}#{self.rank}"
+
 
 # Slots per window duration. A power of two, so `stamp * SLOTS` is exact, and Python (memory,
 # SQLite) and Redis's Lua, both in IEEE doubles, agree on every slot.

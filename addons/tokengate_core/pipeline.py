@@ -1,39 +1,36 @@
 """The TokenGate addons in the order their hooks must run for each flow.
 
-requestheaders: route, authenticate (401), refuse what callers may not do (403) and oversized
-bodies (413), then swap credentials;
-request: reserve (429) before the swapped-in key is redacted from flows the gate answered.
-response/error: settle, then the ledger line, then the comment.
-Flows read from a file (`-nr`) are left to CaptureReplay, which must see their saved notes before
-the Router drops them.
+Six addons, each one concern, grouped so that a flow pays for few dispatches:
+- Settings: options, quotas.yaml (live reload), the operator's commands.
+- CaptureReplay: flows read from a file (`-nr`); must see their saved notes before AdmissionControl
+  drops them.
+- AdmissionControl: route, key (401), endpoint (403), size (413), body (400), quota (429/503).
+- Metering: settle what an admitted request cost, from its answer or stream.
+- Reporting: the ledger line and the flow's comment, once the flow ends (after Metering).
+- CredentialSwap: strip the caller's key, set the provider's (after AdmissionControl decided), and
+  redact it once the request has left.
 """
 
 from __future__ import annotations
 
-from .admission import Authenticator, EndpointPolicy, Router
-from .annotate import Annotator
-from .audit import Ledger
-from .commands import Commands
+from .admission import AdmissionControl
 from .credentials import CredentialSwap
+from .gate import Gate
 from .metering import Metering
+from .quota import QuotaService
 from .replay import CaptureReplay
-from .settings import Gate, Settings
-from .standing import UsageQuery
+from .reporting import Reporting
+from .settings import Settings
 
 
 def build(gate: Gate) -> list:
-    settings = Settings(gate)
-    ledger = Ledger(gate)
+    quota = QuotaService(gate)
+    reporting = Reporting(gate)
     return [
-        settings,
-        CaptureReplay(gate, ledger),
-        Router(gate),
-        Authenticator(gate),
-        UsageQuery(gate),
-        EndpointPolicy(),
-        Metering(gate),
-        ledger,
+        Settings(gate),
+        CaptureReplay(gate, reporting),
+        AdmissionControl(gate, quota),
+        Metering(gate, quota),
+        reporting,
         CredentialSwap(gate),
-        Annotator(),
-        Commands(gate, settings),
     ]

@@ -1,11 +1,12 @@
 """QA replay: what the current quotas would have done with captured traffic (`mitmdump -nr`).
 
 A flow read from a file already has its answer, and the live addons leave it alone. This addon
-evaluates it instead, on the capture's own clock (`request.timestamp_start`) against a store of
-its own (replaying never spends live budget): who called (the proxy and key *names* the gate
-noted when it saved the flow), whether the key and endpoint are still accepted, whether the
-reservation fits, and the usage the captured response reports. The decision goes to the ledger;
-the flow itself is not changed. Same capture and same quotas give the same ledger, byte for byte.
+evaluates it instead with the live decision code (the same key check, request reading, quota
+service and charging rule) on the capture's own clock (`request.timestamp_start`) and a store of
+its own (replaying never spends live budget). Who called comes from the proxy and key *names*
+the gate noted when it saved the flow (the key itself is never saved). The decision goes to the
+ledger; the flow is not changed. Same capture and same quotas give the same ledger, byte for
+byte.
 """
 
 from __future__ import annotations
@@ -14,24 +15,18 @@ from typing import Any
 
 from mitmproxy import http
 
-from . import flowstate
-from .audit import Ledger, entry
+from . import notes
+from .admission import note_decision
+from .audit import entry
+from .gate import Gate
+from .intake import Reader
 from .limiter import Demand
-from .metering import (
-    buckets_for,
-    caller_hung_up,
-    completion_reserve,
-    max_tokens_field,
-    note_decision,
-    note_windows,
-    read_request,
-    usage_record,
-)
+from .notes import Notes
+from .quota import Ask, QuotaService, Refusal
+from .reporting import Reporting
 from .routing import USAGE_ENDPOINT
-from .settings import Gate
 from .stores.memory import MemoryStore
-from .tokens import model_of
-from .usage import Metered, StreamMeter, meter_json, whole_number
+from .usage import Metered, StreamMeter, caller_hung_up, charge, meter_json
 
 
 class CaptureClock:
@@ -50,17 +45,19 @@ def from_capture(flow: http.HTTPFlow) -> bool:
 
 
 class CaptureReplay:
-    """Runs before the Router, which drops the notes a flow was saved with."""
+    """Runs before AdmissionControl, which drops the notes a flow was saved with."""
 
-    def __init__(self, gate: Gate, ledger: Ledger) -> None:
+    def __init__(self, gate: Gate, reporting: Reporting) -> None:
         self.gate = gate
-        self.ledger = ledger
+        self.reporting = reporting
         self.clock = CaptureClock()
-        self.store = MemoryStore(self.clock)
+        self.quota = QuotaService(
+            Gate(store=MemoryStore(self.clock), clock=self.clock), queue_limit=0
+        )
         self._saved: dict[str, dict[str, Any]] = {}
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        saved = flowstate.governed(flow)
+        saved = notes.of(flow)
         if saved is not None and from_capture(flow):
             self._saved[flow.id] = dict(saved)
 
@@ -75,78 +72,65 @@ class CaptureReplay:
         if saved is None or self.gate.config is None:
             return
         self.clock.now = flow.request.timestamp_start
-        state = {"proxy": saved.get("proxy"), "key": saved.get("key")}
-        state["endpoint"] = saved.get("endpoint")
-        status, decision = await self._decide(flow, saved, state)
-        self.ledger.write({**entry(flow, state, status, decision), "replay": True})
+        note = Notes(proxy=saved.get("proxy"), key=saved.get("key"), endpoint=saved.get("endpoint"))
+        status, decision = await self._decide(flow, saved, note)
+        await self.quota.gate.writes.caught_up()
+        self.reporting.write({**entry(flow, note, status, decision), "replay": True})
 
     async def _decide(
-        self, flow: http.HTTPFlow, saved: dict, state: dict
+        self, flow: http.HTTPFlow, saved: dict[str, Any], note: Notes
     ) -> tuple[int | None, str]:
         """(status the caller would get now, decision) for one captured flow."""
-        proxy = self.gate.proxy(state["proxy"] or "")
-        key = next((key for key in proxy.keys if key.name == state["key"]), None) if proxy else None
+        proxy = self.gate.proxy(note["proxy"] or "")
+        key = next((key for key in proxy.keys if key.name == note["key"]), None) if proxy else None
         if key is None or key.expired(self.clock.now):  # as live: the gate's clock decides
             return 401, "unauthorized"
         if not saved.get("allowed"):
             return 403, "forbidden"
         captured = flow.response.status_code if flow.response is not None else None
-        if state["endpoint"] is None:  # the model list: allowed, not metered
+        endpoint = note["endpoint"]
+        if endpoint is None:  # the model list: allowed, not metered
             return captured, "admitted"
-        buckets = buckets_for(proxy, state["key"])
-        if state["endpoint"] == USAGE_ENDPOINT:
-            note_windows(state, await self.store.status(buckets))
+        if endpoint == USAGE_ENDPOINT:
+            notes.note_windows(note, await self.quota.standing(proxy, key.name))
             return captured, "answered"
-        raw = flow.request.get_content(strict=False) or b""
-        body, prompt = await read_request(raw, state["endpoint"], self.gate.exact_prompt_chars)
-        if body is None or prompt is None:  # as live: unreadable, refused before it leaves
+        reader = Reader(proxy.dialect, self.gate.exact_prompt_chars, proxy.completion_reserve)
+        read = await reader.read(flow.request.get_content(strict=False) or b"", endpoint)
+        if read is None:  # as live: unreadable, refused before it leaves
             return 400, "invalid"
-        as_requested(body, saved)
-        model = model_of(body)
-        state.update(model=model, stream=body.get("stream") is True)
-        reserve = completion_reserve(body, state["endpoint"], proxy.completion_reserve)
-        decision, reservation = await self.store.reserve(flow.id, buckets, Demand(prompt, reserve))
-        note_decision(state, decision, reservation)
-        if reservation is None:
-            return 429, "refused"
-        amounts = reservation.amounts
+        proxy.dialect.as_requested(read.body, saved)
+        terms = reader.terms(endpoint, read.body)
+        note.update(model=terms.model, stream=terms.stream)
+        demand = Demand(read.prompt, terms.completion_reserve)
+        outcome = await self.quota.admit(Ask(flow.id, proxy, key.name, demand, proxy.dialect))
+        if outcome is None:  # a proxy without limits
+            return captured, "admitted"
+        note_decision(note, outcome)
+        if isinstance(outcome, Refusal):
+            return outcome.answer.status_code, "refused"
+        reserved = outcome.reservation.amounts
         if saved.get("answered_by_gate"):
             # The gate refused it then, so the capture holds no provider answer to go by: the
             # reservation is charged, as an estimate.
-            metered, status = Metered(amounts, "estimated"), None
-        elif captured is None and caller_hung_up(flow) and flow.server_conn.timestamp_start:
-            # As live: the provider got the request, and hanging up does not make it free.
-            metered, status = Metered(amounts, "estimated"), None
-        elif captured is None or captured >= 400:
-            # As live: a provider error, or no answer at all, costs nothing.
-            note_windows(state, await self.store.release(reservation))
-            return captured, "admitted"
+            metered, status = Metered(reserved, "estimated"), None
         else:
-            metered, status = captured_usage(flow.response, prompt, model), captured
-        note_windows(state, await self.store.settle(reservation, metered.usage))
-        state["usage"] = usage_record(metered)
+            answered = None
+            if captured is not None and captured < 400:
+                answered = captured_usage(proxy.dialect, flow.response, read.prompt, terms.model)
+            message = flow.error.msg if flow.error else ""
+            sent = caller_hung_up(message) and bool(flow.server_conn.timestamp_start)
+            metered, status = charge(captured, answered, reserved, sent), captured
+        notes.note_windows(note, self.quota.settle(flow.id, metered.usage if metered else None))
+        if metered is not None:
+            notes.note_usage(note, metered)
         return status, "admitted"
 
 
-def as_requested(body: dict[str, Any], saved: dict[str, Any]) -> None:
-    """Put back the caller's own max tokens where the gate had lowered them (in place).
-
-    The capture holds the request as it was sent upstream, after the gate lowered its
-    `max_tokens` (or `max_completion_tokens`, `max_output_tokens`) to what was left then; the
-    gate notes the caller's value as `max_tokens_requested`. Replay reserves what the caller
-    asked for, as live would now.
-    """
-    field = max_tokens_field(body)
-    requested = saved.get("max_tokens_requested")
-    if field is not None and whole_number(requested):
-        body[field] = requested
-
-
-def captured_usage(response: http.Response, prompt: int, model: str | None) -> Metered:
+def captured_usage(dialect, response: http.Response, prompt: int, model: str | None) -> Metered:
     """Usage from a captured answer: JSON, or SSE saved with `store_streamed_bodies`."""
     body = response.get_content(strict=False) or b""
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        meter = StreamMeter(prompt, model)
+        meter = StreamMeter(dialect.stream, prompt, model)
         meter.feed(body)
         return meter.result()
-    return meter_json(body, prompt, model)
+    return meter_json(dialect, body, prompt, model)

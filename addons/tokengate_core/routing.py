@@ -14,13 +14,8 @@ from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from .config import Config, Proxy
+from .dialects import Dialect
 
-# Endpoints whose responses report token usage (POST).
-METERED_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
-# What else a caller may do with the provider's key: read the model list. Everything else
-# (files, batches, fine-tunes, images, audio, realtime, deletes) would spend or expose the
-# provider account without being metered, so the gate refuses it.
-READ_ONLY_ENDPOINTS = ("models",)
 # A caller's own standing (GET): answered by the gate itself, never forwarded.
 USAGE_ENDPOINT = "tokengate/usage"
 
@@ -29,24 +24,18 @@ USAGE_ENDPOINT = "tokengate/usage"
 class Route:
     candidates: tuple[Proxy, ...]  # one in reverse mode; in regular mode the caller's key decides
     upstream_path: str | None  # reverse mode: path and query to append to the provider's base URL
-    endpoint: str | None  # a METERED_ENDPOINTS entry when metered, or USAGE_ENDPOINT
+    endpoint: str | None  # the dialect's metered endpoint, or USAGE_ENDPOINT
     allowed: bool  # metered, or a read-only endpoint; anything else is refused by the gate
 
 
-def _classify(method: str, path: str) -> tuple[str | None, bool]:
-    """(metered endpoint, allowed) for a path below the provider's base (an optional /v1)."""
+def classify(method: str, path: str, dialect: Dialect) -> tuple[str | None, bool]:
+    """(metered endpoint, allowed) for a path below the provider's base."""
     segments = [unquote(part) for part in path.split("?", 1)[0].split("/") if part]
     if any(part in (".", "..") or "/" in part for part in segments):
         return None, False  # the provider would resolve it to a path we did not check
-    if segments[:1] == ["v1"]:
-        segments = segments[1:]
-    name = "/".join(segments)
-    if method == "POST" and name in METERED_ENDPOINTS:
-        return name, True
-    if method == "GET" and name == USAGE_ENDPOINT:
-        return name, True
-    read_only = bool(segments) and segments[0] in READ_ONLY_ENDPOINTS and len(segments) <= 2
-    return None, method == "GET" and read_only
+    if method == "GET" and "/".join(segments).removeprefix("v1/") == USAGE_ENDPOINT:
+        return USAGE_ENDPOINT, True
+    return dialect.classify(method, segments)
 
 
 def _below(prefix: str, path: str) -> str | None:
@@ -62,13 +51,14 @@ def route(config: Config, request: http.Request, reverse_mode: bool) -> Route | 
             rest = _below(proxy.context, request.path)
             if rest is not None:
                 rest = rest if rest.startswith("/") else "/" + rest
-                return Route((proxy,), rest, *_classify(request.method, rest))
+                return Route((proxy,), rest, *classify(request.method, rest, proxy.dialect))
         return None
     host = request.host.lower()
     candidates = tuple(p for p in config.proxies.values() if host in p.provider.hosts)
     if not candidates:
         return None
-    return Route(candidates, None, *_classify(request.method, request.path))
+    dialect = candidates[0].dialect
+    return Route(candidates, None, *classify(request.method, request.path, dialect))
 
 
 def is_reverse(flow: http.HTTPFlow) -> bool:

@@ -1,7 +1,12 @@
-"""The gate's shared state and the addon that fills it from mitmproxy options and quotas.yaml.
+"""The Settings addon: the `tokengate_*` options, quotas.yaml loaded and watched, and the
+operator's commands (`tokengate.reload`, `tokengate.status`).
 
 quotas.yaml is watched while the gate runs: an edit takes effect without a restart, and an edit
 that does not validate is refused in the log while the last good configuration keeps serving.
+
+mitmproxy calls a command synchronously and does not await what it returns, while reading the
+file and asking the store are awaited work. So each command starts a task on the event loop and
+its answer goes to the log, where mitmdump, the console and mitmweb all show it.
 """
 
 from __future__ import annotations
@@ -9,37 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import command, ctx, exceptions
 from mitmproxy.utils import asyncio_utils, human
 
 from . import tokens
-from .config import Config, Proxy, load_config
-from .stores import Store, open_store
-from .stores.memory import MemoryStore
-from .writebehind import WriteBehind
+from .commands import status_report
+from .config import Config, load_config
+from .gate import Gate
+from .stores import Store, StoreUnavailable, open_store
 from .yamlsource import ConfigError
 
 log = logging.getLogger("tokengate")
-
-
-@dataclass
-class Gate:
-    """What every TokenGate addon of one mitmdump process shares."""
-
-    config: Config | None = None
-    store: Store = field(default_factory=MemoryStore)
-    clock: Callable[[], float] = time.time
-    max_body: int = 32 * 1024 * 1024  # request bodies above this are refused before tokenizing
-    exact_prompt_chars: int = tokens.EXACT_PROMPT_CHARS  # tokenized exactly; the rest bounded
-    stream_request_bodies: bool = False  # mitmproxy's stream_large_bodies is set
-    writes: WriteBehind = field(default_factory=WriteBehind)  # settlements on their way
-
-    def proxy(self, name: str) -> Proxy | None:
-        return self.config.proxies.get(name) if self.config else None
 
 
 def size_option(name: str) -> int:
@@ -52,12 +39,6 @@ def size_option(name: str) -> int:
     if not size or size <= 0:
         raise exceptions.OptionsError(f"{name}: {text!r} is not a size like 512k or 32m")
     return size
-
-
-def summary(gate: Gate) -> str:
-    """The one line the log shows at start and after each reload."""
-    assert gate.config is not None
-    return f"{gate.config.path}: {gate.config.summary()}"
 
 
 FileSignature = tuple[int, int, int]
@@ -157,7 +138,7 @@ class Settings:
             self.gate.store.stale_after = config.store.reservation_timeout
         self.gate.config = config
         self._signature = signature
-        log.info("tokengate: %s%s", f"reloaded ({why}): " if why else "", summary(self.gate))
+        log.info("tokengate: %s%s", f"reloaded ({why}): " if why else "", self.gate.summary())
 
     async def reload(self, why: str) -> bool:
         """Read the quotas file again; on a refusal the last good configuration keeps serving."""
@@ -210,6 +191,27 @@ class Settings:
             self._watcher = asyncio_utils.create_task(
                 self.watch(), name="tokengate quotas watcher", keep_ref=True
             )
+
+    @staticmethod
+    def _start(coroutine: Coroutine, name: str) -> None:
+        asyncio_utils.create_task(coroutine, name=name, keep_ref=True)
+
+    @command.command("tokengate.reload")
+    def reload_now(self) -> None:
+        """Read the quotas file again now; the outcome is logged."""
+        self._start(self.reload("tokengate.reload"), "tokengate.reload")
+
+    @command.command("tokengate.status")
+    def status(self) -> None:
+        """Log the configuration summary and every key's live usage per limit."""
+        self._start(self._log_status(), "tokengate.status")
+
+    async def _log_status(self) -> None:
+        try:
+            report = await status_report(self.gate)
+        except StoreUnavailable as e:  # the moment an operator most needs an answer
+            report = f"tokengate status: {self.gate.summary()}\n  usage store unavailable: {e}"
+        log.info("%s", report)
 
     async def done(self) -> None:
         if self._watcher is not None:

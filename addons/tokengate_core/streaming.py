@@ -2,8 +2,8 @@
 
 The gate follows each event to meter the stream, drops the usage-only chunk when it was the gate
 (not the caller) that asked the provider for it, and adds one SSE comment with the settled
-figures before `data: [DONE]`, or after the Responses API's terminal event (that API sends no
-`[DONE]`). SSE parsers skip comments, so no client breaks on the extra line.
+figures where the dialect says the stream ends (before OpenAI's `data: [DONE]`, after the
+Responses API's terminal event). SSE parsers skip comments, so no client breaks on the extra line.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from .config import REQUESTS
 from .limiter import LimitStatus, Usage, most_restrictive, settled_view
 from .sse import EventFramer
-from .usage import Metered, StreamMeter, is_done, is_terminal_response_event, is_usage_only_chunk
+from .usage import Metered, StreamMeter
 
 
 def trailer_comment(statuses: tuple[LimitStatus, ...], reserved: Usage, metered: Metered) -> bytes:
@@ -61,18 +61,14 @@ class StreamRelay:
         followed = self.meter.feed(raw)
         if not followed:  # a comment, keep-alive or stray blank line
             return raw
-        event, payload = followed[-1]  # one whole raw event dispatches at most one event
-        if self.drop_usage_chunk and is_usage_only_chunk(payload):
+        _, payload, ends = followed[-1]  # one whole raw event dispatches at most one event
+        if self.drop_usage_chunk and self.meter.events.gate_only(payload):
             return b""
-        if self._trailed:
+        if self._trailed or ends is None:
             return raw
-        if is_done(event.data):
-            self._trailed = True
-            return self.trailer(self.meter.result()) + raw
-        if is_terminal_response_event(payload):
-            self._trailed = True
-            return raw + self.trailer(self.meter.result())
-        return raw
+        self._trailed = True
+        trailer = self.trailer(self.meter.result())
+        return trailer + raw if ends == "before" else raw + trailer
 
     def result(self) -> Metered:
         return self.meter.result()

@@ -14,10 +14,7 @@ import gzip
 import hashlib
 import importlib.resources
 import io
-import json
 import threading
-from collections.abc import Iterable
-from typing import Any
 
 import tiktoken
 import tiktoken.model
@@ -26,13 +23,6 @@ from tiktoken_ext import openai_public
 SHIPPED_ENCODINGS = ("o200k_base", "cl100k_base")
 FALLBACK_ENCODING = "o200k_base"
 
-# OpenAI's chat format: every message costs a few tokens of framing, and the reply is primed
-# with <|start|>assistant<|message|> (see OpenAI's cookbook "How to count tokens").
-TOKENS_PER_MESSAGE = 3
-TOKENS_PER_NAME = 1
-TOKENS_REPLY_PRIMING = 3
-# An image part cannot be tokenized as text; OpenAI bills a low-detail image at 85 tokens.
-TOKENS_PER_IMAGE = 85
 # Prompt text tokenized exactly per request by default (~250k tokens of English prose); the rest
 # is bounded by its bytes. Tokenizing is super-linear on long runs without spaces: 1M characters
 # of one letter took 0.7 s here (4M: 4 s), 1M of prose 60 ms. `tokengate_tokenize_max` sets it.
@@ -172,99 +162,3 @@ class PromptCounter:
             return count_text(text, self.model)
         self.left = 0
         return utf8_length(text)
-
-
-def _text_of(value: Any) -> Iterable[str]:
-    """Every string a prompt value carries, whatever the shape (str, parts list, dicts)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, list):
-        for item in value:
-            yield from _text_of(item)
-    elif isinstance(value, dict):
-        kind = value.get("type")
-        if kind in ("image_url", "input_image", "image"):
-            return
-        for key in ("text", "content", "input", "output", "arguments", "refusal"):
-            if key in value:
-                yield from _text_of(value[key])
-
-
-def _images_in(value: Any) -> int:
-    if isinstance(value, list):
-        return sum(_images_in(item) for item in value)
-    if isinstance(value, dict):
-        if value.get("type") in ("image_url", "input_image", "image"):
-            return 1
-        return _images_in(value.get("content"))
-    return 0
-
-
-def _count_parts(value: Any, count: PromptCounter) -> int:
-    return sum(count(text) for text in _text_of(value)) + TOKENS_PER_IMAGE * _images_in(value)
-
-
-def _count_tools(body: dict, count: PromptCounter) -> int:
-    """Tool and function definitions are part of the prompt; count their JSON text."""
-    total = 0
-    for key in ("tools", "functions", "response_format", "text"):
-        value = body.get(key)
-        if isinstance(value, (list, dict)) and value:
-            total += count(json.dumps(value, separators=(",", ":")))
-    return total
-
-
-def _count_messages(messages: Any, count: PromptCounter) -> int:
-    if not isinstance(messages, list):
-        return _count_parts(messages, count)
-    total = TOKENS_REPLY_PRIMING
-    for message in messages:
-        total += TOKENS_PER_MESSAGE
-        if not isinstance(message, dict):
-            total += _count_parts(message, count)
-            continue
-        total += _count_parts(message.get("content"), count)
-        if isinstance(message.get("role"), str):
-            total += count(message["role"])
-        if isinstance(message.get("name"), str):
-            total += TOKENS_PER_NAME + count(message["name"])
-        for call in message.get("tool_calls") or ():
-            if isinstance(call, dict):
-                total += count(json.dumps(call.get("function", call)))
-    return total
-
-
-def _count_token_arrays_or_text(value: Any, count: PromptCounter) -> int:
-    """`prompt` / `input` may be text, a list of texts, token ids, or lists of token ids."""
-    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_count_token_arrays_or_text(item, count) for item in value)
-    return _count_parts(value, count)
-
-
-def model_of(body: dict) -> str | None:
-    """The model a request names, if it names one as text."""
-    model = body.get("model")
-    return model if isinstance(model, str) else None
-
-
-def estimate_prompt(endpoint: str, body: dict, exact_chars: int = EXACT_PROMPT_CHARS) -> int:
-    """The prompt tokens a request will be billed for, estimated before it is sent: exact up
-    to `exact_chars` characters of text, an upper bound beyond (see PromptCounter)."""
-    count = PromptCounter(model_of(body), exact_chars)
-    if endpoint == "chat/completions":
-        return _count_messages(body.get("messages"), count) + _count_tools(body, count)
-    if endpoint == "responses":
-        total = _count_parts(body.get("instructions"), count)
-        items = body.get("input")
-        if isinstance(items, list):
-            total += _count_messages(items, count)
-        else:
-            total += _count_parts(items, count)
-        return total + _count_tools(body, count)
-    if endpoint == "completions":
-        return _count_token_arrays_or_text(body.get("prompt"), count)
-    if endpoint == "embeddings":
-        return _count_token_arrays_or_text(body.get("input"), count)
-    return 0

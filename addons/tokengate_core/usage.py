@@ -1,8 +1,8 @@
 """What a response cost: the provider's reported usage, or a tokenizer count of what it sent.
 
-Providers report usage in the JSON body (`usage` of chat/completions/embeddings, Responses API
-`input_tokens`/`output_tokens`) or in a stream's final event. Where they report nothing, or
-nothing believable, the gate counts the generated text itself and marks the figure `estimated`.
+Providers report usage in the JSON body or in a stream's events, each API in its own shape (the
+dialect reads it). Where they report nothing, or nothing believable, the gate counts the
+generated text itself and marks the figure `estimated`.
 """
 
 from __future__ import annotations
@@ -12,73 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import tokens
+from .dialects import Dialect, StreamEvents
 from .limiter import Usage
 from .sse import Event, SSEParser
-
-# A reported figure above this is not believed (no model produces ten million tokens at once).
-MAX_BELIEVABLE_TOKENS = 10_000_000
 
 
 @dataclass(frozen=True)
 class Metered:
     usage: Usage
     source: str  # "reported" or "estimated"
-
-
-def whole_number(value: Any, minimum: int = 0) -> bool:
-    """A JSON integer >= minimum (JSON's true/false are not counts, though Python's bool is int)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _count(value: Any) -> int | None:
-    return value if whole_number(value) and value <= MAX_BELIEVABLE_TOKENS else None
-
-
-def reported_usage(payload: Any) -> Usage | None:
-    """`usage` as chat/completions/embeddings or the Responses API report it; None if absent."""
-    if not isinstance(payload, dict):
-        return None
-    usage = payload.get("usage")
-    if not isinstance(usage, dict):
-        response = payload.get("response")  # Responses API stream events wrap the response
-        return reported_usage(response) if isinstance(response, dict) else None
-    prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
-    completion = _count(usage.get("completion_tokens", usage.get("output_tokens", 0)))
-    if prompt is None or completion is None:
-        return None
-    return Usage(prompt, completion)
-
-
-def generated_text(payload: Any) -> str:
-    """The text a JSON response or stream event carries, for counting when usage is missing."""
-    if not isinstance(payload, dict):
-        return ""
-    parts: list[str] = []
-    for choice in payload.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        for holder in (choice.get("message"), choice.get("delta")):
-            if isinstance(holder, dict):
-                for key in ("content", "refusal", "reasoning_content"):
-                    if isinstance(holder.get(key), str):
-                        parts.append(holder[key])
-                for call in holder.get("tool_calls") or ():
-                    function = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                        parts.append(function["arguments"])
-        if isinstance(choice.get("text"), str):
-            parts.append(choice["text"])
-    kind = payload.get("type")
-    if isinstance(kind, str) and kind.endswith(".delta") and isinstance(payload.get("delta"), str):
-        parts.append(payload["delta"])
-    for item in payload.get("output") or ():
-        if isinstance(item, dict):
-            for content in item.get("content") or ():
-                if isinstance(content, dict) and isinstance(content.get("text"), str):
-                    parts.append(content["text"])
-            if isinstance(item.get("arguments"), str):
-                parts.append(item["arguments"])
-    return "".join(parts)
 
 
 def json_payload(data: str | bytes) -> Any:
@@ -89,43 +31,46 @@ def json_payload(data: str | bytes) -> Any:
         return None
 
 
-def meter_json(body: bytes, prompt_estimate: int, model: str | None) -> Metered:
+def meter_json(dialect: Dialect, body: bytes, prompt_estimate: int, model: str | None) -> Metered:
     """Usage of a complete (non-streamed) JSON response."""
     payload = json_payload(body)
-    reported = reported_usage(payload)
+    reported = dialect.usage(payload)
     if reported is not None:
         return Metered(reported, "reported")
-    completion = tokens.count_text(generated_text(payload), model)
+    completion = tokens.count_text(dialect.text(payload), model)
     return Metered(Usage(prompt_estimate, completion), "estimated")
 
 
-# The Responses API ends a stream with one of these (it sends no `[DONE]`); each carries usage.
-TERMINAL_RESPONSE_EVENTS = ("response.completed", "response.failed", "response.incomplete")
+def charge(
+    status: int | None, metered: Metered | None, reserved: Usage, sent_then_hung_up: bool
+) -> Metered | None:
+    """What a request that was admitted costs, once its answer (or its end) is known; None
+    releases the reservation.
+
+    A provider's error status costs nothing. Without an answer: what was streamed before the
+    cut (`metered`), else the reservation if the provider got the request and the caller hung
+    up (it may be billing for it: hanging up must not make a request free), else nothing (the
+    provider failed before answering).
+    """
+    if status is not None:
+        return None if status >= 400 else metered
+    if metered is not None:
+        return metered
+    if sent_then_hung_up:
+        return Metered(reserved, "estimated")
+    return None
 
 
-def is_done(data: str) -> bool:
-    return data.strip() == "[DONE]"
-
-
-def is_terminal_response_event(payload: Any) -> bool:
-    return isinstance(payload, dict) and payload.get("type") in TERMINAL_RESPONSE_EVENTS
-
-
-def is_usage_only_chunk(payload: Any) -> bool:
-    """The extra chat/completions chunk `stream_options.include_usage` asks for: no choices, a
-    usage object. (Other chunks without choices, e.g. Azure's prompt filter results with
-    `"usage": null`, are the caller's.)"""
-    return (
-        isinstance(payload, dict)
-        and payload.get("choices") == []
-        and isinstance(payload.get("usage"), dict)
-    )
+def caller_hung_up(error_message: str) -> bool:
+    """mitmproxy's words for a client that went away (HTTP/1 and HTTP/2)."""
+    return error_message.startswith(("Client disconnected", "stream reset by client"))
 
 
 class StreamMeter:
     """Follows an SSE stream chunk by chunk and knows, at any point, what it has cost so far."""
 
-    def __init__(self, prompt_estimate: int, model: str | None) -> None:
+    def __init__(self, events: StreamEvents, prompt_estimate: int, model: str | None) -> None:
+        self.events = events
         self.prompt_estimate = prompt_estimate
         self.model = model
         self.parser = SSEParser()
@@ -133,30 +78,29 @@ class StreamMeter:
         self._text: list[str] = []
         self._result: Metered | None = None  # what result() computed, until more arrives
         self.bytes_seen = 0
-        self.done = False  # saw `[DONE]` or a terminal Responses API event
+        self.done = False  # saw the dialect's end of stream
 
-    def feed(self, chunk: bytes) -> list[tuple[Event, Any]]:
-        """Follow `chunk`; the events it completed with their JSON payloads (None if not JSON)."""
+    def feed(self, chunk: bytes) -> list[tuple[Event, Any, str | None]]:
+        """Follow `chunk`; the events it completed, each with its JSON payload (None if not
+        JSON) and where it ends the stream ('before'/'after' the trailer, None: it does not)."""
         self.bytes_seen += len(chunk)
         followed = []
         for event in self.parser.feed(chunk):
-            payload = None if is_done(event.data) else json_payload(event.data)
-            self._event(event.data, payload)
-            followed.append((event, payload))
+            payload = json_payload(event.data)
+            ends = self.events.ends(event.data, payload)
+            self._event(payload, ends)
+            followed.append((event, payload, ends))
         return followed
 
-    def _event(self, data: str, payload: Any) -> None:
-        if is_done(data):
-            self.done = True
-            return
-        usage = reported_usage(payload)
-        if usage is not None:
+    def _event(self, payload: Any, ends: str | None) -> None:
+        usage = self.events.usage(payload, self.reported)
+        if usage is not self.reported:
             self.reported = usage
             self._result = None
-        if is_terminal_response_event(payload):
+        if ends:
             self.done = True
             return
-        text = generated_text(payload)
+        text = self.events.text(payload)
         if text:
             self._text.append(text)
             self._result = None
@@ -210,10 +154,11 @@ class BodyMeter(BoundedBuffer):
 
     MAX_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, prompt_estimate: int, model: str | None) -> None:
+    def __init__(self, dialect: Dialect, prompt_estimate: int, model: str | None) -> None:
         super().__init__(self.MAX_BYTES)
+        self.dialect = dialect
         self.prompt_estimate = prompt_estimate
         self.model = model
 
     def result(self) -> Metered:
-        return meter_json(self.data, self.prompt_estimate, self.model)
+        return meter_json(self.dialect, self.data, self.prompt_estimate, self.model)

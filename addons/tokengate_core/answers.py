@@ -1,6 +1,6 @@
-"""What callers see from the gate: rate-limit headers, and the answers the gate makes itself.
+"""Every answer the gate makes itself, and the rate-limit headers it puts on answers.
 
-Bodies are OpenAI-shaped so that the official SDKs raise their usual exceptions
+Bodies are in the caller's API dialect so that the official SDKs raise their usual exceptions
 (`AuthenticationError`, `RateLimitError`) with the message intact. Every answer the gate makes
 carries `X-TokenGate-Source: gateway`, so a caller can tell it from the provider's own answer.
 """
@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from mitmproxy import http
 
-from .config import REQUESTS
+from .config import REQUESTS, Proxy
+from .dialects import Dialect
 from .limiter import Decision, LimitStatus, most_restrictive, seconds_until
 
 SOURCE_HEADER = "X-TokenGate-Source"
@@ -79,41 +81,90 @@ def put_headers(message: http.Message, headers: dict[str, str]) -> None:
     )
 
 
-def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
-    payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return json.dumps(payload).encode()
-
-
 def gate_response(
-    status: int, message: str, type_: str, code: str | None, headers: dict[str, str] | None = None
+    dialect: Dialect,
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None,
+    headers: dict[str, str] | None = None,
 ) -> http.Response:
-    """An OpenAI-shaped error answered by the gate itself."""
+    """An error answered by the gate itself, in the caller's dialect."""
     all_headers = {"Content-Type": "application/json", SOURCE_HEADER: "gateway", **(headers or {})}
-    return http.Response.make(status, error_body(message, type_, code), all_headers)
+    return http.Response.make(status, dialect.error_body(message, type_, code), all_headers)
 
 
 def invalid_request(
-    status: int, message: str, code: str | None, headers: dict[str, str] | None = None
+    dialect: Dialect,
+    status: int,
+    message: str,
+    code: str | None,
+    headers: dict[str, str] | None = None,
 ) -> http.Response:
     """A refusal of the request itself (not of the budget): 400, 401, 403, 413."""
-    return gate_response(status, message, "invalid_request_error", code, headers)
+    return gate_response(dialect, status, message, "invalid_request_error", code, headers)
 
 
-def unauthorized(reason: str) -> http.Response:
+def unauthorized(dialect: Dialect, reason: str) -> http.Response:
     return invalid_request(
-        401, reason, "invalid_api_key", {"WWW-Authenticate": 'Bearer realm="tokengate"'}
+        dialect, 401, reason, "invalid_api_key", {"WWW-Authenticate": 'Bearer realm="tokengate"'}
     )
 
 
-def too_large(limit: int) -> http.Response:
+def missing_key(dialect: Dialect) -> http.Response:
+    return unauthorized(
+        dialect,
+        "Missing API key. Send your TokenGate key as 'Authorization: Bearer <key>' "
+        "or 'X-API-Key: <key>'.",
+    )
+
+
+def conflicting_keys(dialect: Dialect) -> http.Response:
+    return unauthorized(
+        dialect,
+        "Two different API keys were sent (in Authorization, X-API-Key or api-key); send one.",
+    )
+
+
+def expired_key(dialect: Dialect, name: str, expired_at: str) -> http.Response:
+    """Named, so its holder knows to ask for a new key rather than suspect a typo."""
+    return unauthorized(
+        dialect,
+        f"This API key ({name!r}) expired at {expired_at}. Ask the gateway's operator for a "
+        "new one.",
+    )
+
+
+def endpoint_not_allowed(dialect: Dialect, method: str, path: str) -> http.Response:
     return invalid_request(
+        dialect,
+        403,
+        f"{method} {path} is not available through this gateway: it serves {dialect.served}.",
+        "endpoint_not_allowed",
+    )
+
+
+def unreadable_body(dialect: Dialect) -> http.Response:
+    return invalid_request(
+        dialect,
+        400,
+        "We could not parse the JSON body of your request: expected a JSON object.",
+        None,
+    )
+
+
+def too_large(dialect: Dialect, limit: int) -> http.Response:
+    return invalid_request(
+        dialect,
         413,
         f"Request body too large for this gateway: the limit is {limit} bytes.",
         "request_too_large",
     )
 
 
-def rate_limited(decision: Decision, now: float, proxy: str, requested: int) -> http.Response:
+def rate_limited(
+    dialect: Dialect, decision: Decision, now: float, proxy: str, requested: int
+) -> http.Response:
     """429 for a refused reservation: when to retry, and which limit refused, in words too."""
     blocking = decision.blocking
     assert blocking is not None, "a refused decision names its limit"
@@ -142,12 +193,13 @@ def rate_limited(decision: Decision, now: float, proxy: str, requested: int) -> 
             f"Please try again in {go_duration(wait)}."
         )
     code_type = "requests" if limit.dimension == REQUESTS else "tokens"
-    return gate_response(429, message, code_type, "rate_limit_exceeded", headers)
+    return gate_response(dialect, 429, message, code_type, "rate_limit_exceeded", headers)
 
 
-def store_unavailable(retry_after: int) -> http.Response:
+def store_unavailable(dialect: Dialect, retry_after: int) -> http.Response:
     """503 while the usage store is down and the proxy fails closed: no quota check, no call."""
     return gate_response(
+        dialect,
         503,
         "TokenGate cannot reach its usage store, so it cannot check your quota; the request was "
         f"not sent. Please try again in {retry_after}s.",
@@ -155,3 +207,45 @@ def store_unavailable(retry_after: int) -> http.Response:
         "quota_store_unavailable",
         {"Retry-After": str(retry_after), "retry-after-ms": str(retry_after * 1000)},
     )
+
+
+def usage_unavailable(dialect: Dialect) -> http.Response:
+    """503 for the usage endpoint while the store is down."""
+    message = "The usage store is unreachable; try again shortly."
+    return gate_response(dialect, 503, message, "server_error", None, {"Retry-After": "1"})
+
+
+def standing(
+    proxy: Proxy, key: str, statuses: tuple[LimitStatus, ...], now: float
+) -> dict[str, Any]:
+    """A caller's own windows, as the usage endpoint shows them."""
+    return {
+        "object": "tokengate.usage",
+        "proxy": proxy.name,
+        "key": key,
+        "scope": proxy.scope,
+        "limits": [
+            {
+                "name": status.limit.name,
+                "dimension": status.limit.dimension,
+                "limit": status.limit.count,
+                "window_seconds": status.limit.seconds,
+                "used": status.used,
+                "reserved": status.reserved,
+                "remaining": status.remaining,
+                "reset": math.ceil(status.reset_at),
+                "reset_in_seconds": seconds_until(status.reset_at, now),
+            }
+            for status in statuses
+        ],
+    }
+
+
+def usage_report(
+    proxy: Proxy, key: str, statuses: tuple[LimitStatus, ...], now: float
+) -> http.Response:
+    """`GET <context>/tokengate/usage`: the caller's standing, answered by the gate itself."""
+    body = json.dumps(standing(proxy, key, statuses, now), indent=2).encode()
+    headers = {"Content-Type": "application/json", SOURCE_HEADER: "gateway"}
+    headers.update(ratelimit_headers(statuses, now))
+    return http.Response.make(200, body, headers)

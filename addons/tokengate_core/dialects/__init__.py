@@ -1,0 +1,19 @@
+"""API dialects: everything that depends on the shape of a provider's API, behind one interface.
+
+The quota service, the stores and the addons speak of requests, demands, usage and answers; a
+dialect says how one API writes them: which paths are metered, where the caller's key travels
+and how the provider's key is set, how a request body is estimated and bounded, where usage sits
+in a JSON answer or an event stream, how a stream is asked to report usage, and what an error
+body looks like. A new provider API is one module implementing `Dialect`, plus one line in
+`DIALECTS`; a provider picks its dialect with `kind:` in quotas.yaml.
+"""
+
+from __future__ import annotations
+
+from .base import Dialect, RequestTerms, StreamEvents
+from .openai import OpenAI
+
+__all__ = ["DEFAULT", "DIALECTS", "Dialect", "RequestTerms", "StreamEvents"]
+
+DIALECTS: dict[str, Dialect] = {"openai": OpenAI()}
+DEFAULT = "openai"
