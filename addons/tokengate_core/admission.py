@@ -5,7 +5,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from . import flowstate, responses
-from .keys import caller_key, format_timestamp
+from .keys import ConflictingKeys, caller_key, format_timestamp
 from .routing import is_reverse, route
 from .settings import Gate
 
@@ -48,7 +48,17 @@ class Authenticator:
         state = flowstate.governed(flow)
         if state is None:
             return
-        secret = caller_key(flow.request.headers)
+        try:
+            secret = caller_key(flow.request.headers)
+        except ConflictingKeys as e:
+            flowstate.answer(
+                flow,
+                responses.unauthorized(
+                    f"Different API keys were sent in {', '.join(e.headers)}. Send your "
+                    "TokenGate key once, or the same key in each."
+                ),
+            )
+            return
         if secret is None:
             flowstate.answer(
                 flow,
