@@ -5,6 +5,7 @@ from __future__ import annotations
 from mitmproxy import http
 
 from . import flowstate
+from .config import plural
 
 MARKERS = {401: ":lock:", 429: ":no_entry:"}
 REFUSAL_MARKER = ":warning:"  # the gate's other refusals: 400, 403, 413, 503
@@ -22,7 +23,9 @@ def comment(state: dict, status: int | None) -> str:
         head = f"tokengate {answered}{refused}: {who}"
     elif usage:
         model = f" {state['model']}" if state.get("model") else ""
-        head = f"tokengate: {who}{model} {usage['total_tokens']} tokens ({usage['source']})"
+        head = (
+            f"tokengate: {who}{model} {plural(usage['total_tokens'], 'token')} ({usage['source']})"
+        )
     elif status is None:
         head = f"tokengate: {who} error, nothing charged"
     else:

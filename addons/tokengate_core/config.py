@@ -110,9 +110,14 @@ class Config:
             limits = ", ".join(f"{lim.count} {lim.name}" for lim in proxy.limits) or "no limits"
             parts.append(
                 f"{proxy.name} ({proxy.context} -> {proxy.provider.name}, scope {proxy.scope}, "
-                f"{limits}, {len(proxy.keys)} keys, fail {proxy.fail})"
+                f"{limits}, {plural(len(proxy.keys), 'key')}, fail {proxy.fail})"
             )
         return "; ".join(parts) + f"; store {self.store.kind}"
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 key`, `2 keys`: counts in log lines read as written English."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def parse_duration(text: Any) -> int:
