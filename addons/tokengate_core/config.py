@@ -103,8 +103,9 @@ class Config:
     proxies: dict[str, Proxy]
     store: StoreSpec
 
-    def summary(self) -> str:
-        """One short line per proxy, for the log at start and after a reload."""
+    def summary(self, replay: bool = False) -> str:
+        """One short line per proxy, for the log at start and after a reload; `replay`: for QA
+        replay, which evaluates on a memory store of its own and leaves the configured one."""
         parts = []
         for proxy in self.proxies.values():
             limits = ", ".join(f"{lim.count} {lim.name}" for lim in proxy.limits) or "no limits"
@@ -112,7 +113,11 @@ class Config:
                 f"{proxy.name} ({proxy.context} -> {proxy.provider.name}, scope {proxy.scope}, "
                 f"{limits}, {plural(len(proxy.keys), 'key')}, fail {proxy.fail})"
             )
-        return "; ".join(parts) + f"; store {self.store.kind}"
+        if replay:
+            store = f"replay store memory (its own; the {self.store.kind} store is not used)"
+        else:
+            store = f"store {self.store.kind}"
+        return "; ".join(parts) + f"; {store}"
 
 
 def plural(count: int, noun: str) -> str:
