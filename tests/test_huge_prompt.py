@@ -29,7 +29,10 @@ def test_text_past_the_exact_part_is_bounded_by_its_bytes_never_below_the_count(
     exact = openai.estimate_prompt("chat/completions", body)
     bounded = openai.estimate_prompt("chat/completions", body, exact_chars=100)
     framing = openai.TOKENS_REPLY_PRIMING + openai.TOKENS_PER_MESSAGE + len("user")  # bounded
-    assert bounded == tokens.utf8_length(text) + framing
+    cut = tokens.clean_cut(text, 100)
+    assert 0 < cut <= 100
+    head, rest = tokens.count_text(text[:cut], "gpt-4o"), tokens.utf8_length(text[cut:])
+    assert bounded == head + rest + framing
     assert bounded >= exact
 
 
@@ -38,7 +41,11 @@ def test_exact_part_is_shared_by_the_texts_of_one_prompt():
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": [first, second]}]}
     count = tokens.PromptCounter("gpt-4o", exact_chars=1000)
     assert count(first) == tokens.count_text(first, "gpt-4o")
-    assert count(second) == tokens.utf8_length(second)
+    cut = tokens.clean_cut(second, 400)  # what is left of the budget: its head is exact
+    assert count(second) == tokens.count_text(second[:cut], "gpt-4o") + tokens.utf8_length(
+        second[cut:]
+    )
+    assert count.left == 0
     assert openai.estimate_prompt("chat/completions", body, exact_chars=10**6) < (
         openai.estimate_prompt("chat/completions", body, exact_chars=1000)
     )

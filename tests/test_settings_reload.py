@@ -89,7 +89,7 @@ async def test_reload_command_applies_a_valid_edit(live, quotas, caplog):
     tctx.command(commands_of(addons).reload_now)
     assert await eventually(lambda: count_of(gate) == 400)
     summary = [r.getMessage() for r in caplog.records if "store memory" in r.getMessage()][-1]
-    assert "p (/p -> mock, scope key, 400 total_tokens-1m, 1 keys, fail closed)" in summary
+    assert "p (/p -> mock, scope key, 400 total_tokens-1m, 1 key, fail closed)" in summary
 
 
 async def test_invalid_edit_is_refused_with_line_and_old_config_serves(live, quotas, caplog):
@@ -223,8 +223,15 @@ async def test_status_logs_summary_and_live_usage_per_key(live, quotas, caplog):
     assert report.splitlines()[0].endswith(
         "1000 total_tokens-1m, 2 keys, fail closed); store memory"
     )
-    assert "  p/alice: total_tokens-1m 250 used + 0 reserved of 1000, 750 left" in report
-    assert f"  p/bob [EXPIRED {format_timestamp(expired_at)}]: total_tokens-1m 0 used" in report
+    assert (
+        "  p/alice: total_tokens-1m 250 used + 0 reserved of 1000, 750 left, whole again in 60s\n"
+        in report + "\n"
+    )
+    # A window nothing is charged to is whole now, not "again in 1s".
+    assert (
+        f"  p/bob [EXPIRED {format_timestamp(expired_at)}]: total_tokens-1m 0 used + 0 reserved "
+        "of 1000, 1000 left, whole\n"
+    ) in report + "\n"
     assert ALICE not in report and "b" * 64 not in report
 
 

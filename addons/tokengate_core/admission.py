@@ -108,8 +108,8 @@ class AdmissionControl:
         dialect = found.candidates[0].dialect
         try:
             secret = dialect.caller_key(flow.request.headers)
-        except ConflictingKeys:
-            return answers.conflicting_keys(dialect)
+        except ConflictingKeys as e:
+            return answers.conflicting_keys(dialect, e.headers)
         if secret is None:
             return answers.missing_key(dialect)
         for proxy in found.candidates:

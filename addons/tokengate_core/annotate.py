@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from .config import plural
 from .notes import Notes
 
 MARKERS = {401: ":lock:", 429: ":no_entry:"}
@@ -22,7 +23,9 @@ def comment(state: Notes, status: int | None) -> str:
         head = f"tokengate {answered}{refused}: {who}"
     elif usage:
         model = f" {state['model']}" if state.get("model") else ""
-        head = f"tokengate: {who}{model} {usage['total_tokens']} tokens ({usage['source']})"
+        head = (
+            f"tokengate: {who}{model} {plural(usage['total_tokens'], 'token')} ({usage['source']})"
+        )
     elif status is None:
         head = f"tokengate: {who} error, nothing charged"
     else:

@@ -119,10 +119,11 @@ def missing_key(dialect: Dialect) -> http.Response:
     )
 
 
-def conflicting_keys(dialect: Dialect) -> http.Response:
+def conflicting_keys(dialect: Dialect, headers: Sequence[str]) -> http.Response:
     return unauthorized(
         dialect,
-        "Two different API keys were sent (in Authorization, X-API-Key or api-key); send one.",
+        f"Different API keys were sent in {', '.join(headers)}. Send your TokenGate key once, "
+        "or the same key in each.",
     )
 
 

@@ -12,9 +12,16 @@ from .quota import buckets_for
 def _windows(statuses: tuple[LimitStatus, ...], now: float) -> str:
     return "; ".join(
         f"{s.limit.name} {s.used} used + {s.reserved} reserved of {s.limit.count}, "
-        f"{s.remaining} left, whole again in {seconds_until(s.reset_at, now)}s"
+        f"{s.remaining} left, {_whole(s, now)}"
         for s in statuses
     )
+
+
+def _whole(status: LimitStatus, now: float) -> str:
+    """When the window has its full count back; a window nothing is charged to has it now."""
+    if status.used == status.reserved == 0:
+        return "whole"
+    return f"whole again in {seconds_until(status.reset_at, now)}s"
 
 
 def _expiry(expires: float | None, now: float) -> str:

@@ -84,16 +84,26 @@ class Config:
     proxies: dict[str, Proxy]
     store: StoreSpec
 
-    def summary(self) -> str:
-        """One short line per proxy, for the log at start and after a reload."""
+    def summary(self, replay: bool = False) -> str:
+        """One short line per proxy, for the log at start and after a reload; `replay`: for QA
+        replay, which evaluates on a memory store of its own and leaves the configured one."""
         parts = []
         for proxy in self.proxies.values():
             limits = ", ".join(f"{lim.count} {lim.name}" for lim in proxy.limits) or "no limits"
             parts.append(
                 f"{proxy.name} ({proxy.context} -> {proxy.provider.name}, scope {proxy.scope}, "
-                f"{limits}, {len(proxy.keys)} keys, fail {proxy.fail})"
+                f"{limits}, {plural(len(proxy.keys), 'key')}, fail {proxy.fail})"
             )
-        return "; ".join(parts) + f"; store {self.store.kind}"
+        if replay:
+            store = f"replay store memory (its own; the {self.store.kind} store is not used)"
+        else:
+            store = f"store {self.store.kind}"
+        return "; ".join(parts) + f"; {store}"
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 key`, `2 keys`: counts in log lines read as written English."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def parse_duration(text: Any) -> int:

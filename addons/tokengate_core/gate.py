@@ -25,6 +25,7 @@ class Gate:
     exact_prompt_chars: int = tokens.EXACT_PROMPT_CHARS  # tokenized exactly; the rest bounded
     stream_request_bodies: bool = False  # mitmproxy's stream_large_bodies is set
     writes: WriteBehind = field(default_factory=WriteBehind)  # settlements on their way
+    replay_only: bool = False  # `mitmdump -nr`: no proxy server, so nothing goes upstream
 
     def proxy(self, name: str) -> Proxy | None:
         return self.config.proxies.get(name) if self.config else None
@@ -32,4 +33,4 @@ class Gate:
     def summary(self) -> str:
         """The one line the log shows at start and after each reload."""
         assert self.config is not None
-        return f"{self.config.path}: {self.config.summary()}"
+        return f"{self.config.path}: {self.config.summary(replay=self.replay_only)}"

@@ -67,10 +67,6 @@ def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-class ConflictingKeys(ValueError):
-    """A request carries two different caller credentials: the gate will not guess which."""
-
-
 class KeyRing:
     """The keys of one proxy, indexed by digest."""
 
@@ -91,12 +87,30 @@ class KeyRing:
         return None
 
 
-def caller_key(headers: Mapping[str, str]) -> str | None:
-    """The caller's key from `X-API-Key` or `Authorization: Bearer`, as the OpenAI SDK sends it."""
-    explicit = headers.get("x-api-key", "").strip()
-    if explicit:
-        return explicit
+class ConflictingKeys(ValueError):
+    """A request carries two different caller keys: which one speaks for the caller is unknown,
+    so neither does."""
+
+    def __init__(self, headers: list[str]) -> None:
+        super().__init__(f"different keys in {', '.join(headers)}")
+        self.headers = headers  # as the caller would write them, e.g. "X-API-Key"
+
+
+def _presented(headers: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+    """(header as written, key) for each header that carries a caller key."""
+    for name, written in (("x-api-key", "X-API-Key"), ("api-key", "api-key")):
+        if value := headers.get(name, "").strip():
+            yield written, value
     scheme, _, token = headers.get("authorization", "").strip().partition(" ")
     if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return None
+        yield "Authorization: Bearer", token.strip()
+
+
+def caller_key(headers: Mapping[str, str]) -> str | None:
+    """The caller's key from `X-API-Key`, `Authorization: Bearer` (the OpenAI SDK's form) or
+    `api-key` (Azure's); the same key in several of them is fine, different keys raise
+    ConflictingKeys."""
+    presented = list(_presented(headers))
+    if len({key for _, key in presented}) > 1:
+        raise ConflictingKeys([written for written, _ in presented])
+    return presented[0][1] if presented else None

@@ -41,6 +41,12 @@ def size_option(name: str) -> int:
     return size
 
 
+def replay_only() -> bool:
+    """Flows are read from a file (`-r`) and no proxy server runs (`-n`): QA replay alone, which
+    sends nothing upstream (so needs no provider key) and keeps a store of its own."""
+    return bool(getattr(ctx.options, "rfile", None)) and not ctx.options.server
+
+
 FileSignature = tuple[int, int, int]
 
 
@@ -53,7 +59,7 @@ def file_signature(path: str | os.PathLike) -> FileSignature | None:
     return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
-def _read(path: str) -> tuple[FileSignature | None, Config | ConfigError]:
+def _read(path: str, replaying: bool) -> tuple[FileSignature | None, Config | ConfigError]:
     """The file's signature, then its configuration (or why it is refused); runs in a thread.
 
     The signature is taken first, so a write that lands while the file is read shows as a
@@ -61,7 +67,7 @@ def _read(path: str) -> tuple[FileSignature | None, Config | ConfigError]:
     """
     signature = file_signature(path)
     try:
-        return signature, load_config(path)
+        return signature, load_config(path, check_credentials=not replaying)
     except ConfigError as e:
         return signature, e
 
@@ -116,9 +122,12 @@ class Settings:
             self.gate.exact_prompt_chars = size_option("tokengate_tokenize_max")
         if "tokengate_config" not in updated:
             return
+        self.gate.replay_only = replay_only()
         signature = file_signature(ctx.options.tokengate_config)
         try:
-            config = load_config(ctx.options.tokengate_config)
+            config = load_config(
+                ctx.options.tokengate_config, check_credentials=not self.gate.replay_only
+            )
         except ConfigError as e:
             if self.gate.config is None:
                 log.error("tokengate: refusing to start: %s", e)
@@ -131,7 +140,9 @@ class Settings:
         """Serve `config`. A store in a new place is opened (they connect on first use); the old
         one stays open for the reservations it holds, until shutdown."""
         previous = self.gate.config
-        if previous is None or previous.store.place != config.store.place:
+        if self.gate.replay_only:
+            pass  # QA replay keeps a store of its own; the live one is not opened
+        elif previous is None or previous.store.place != config.store.place:
             self._retired.append(self.gate.store)
             self.gate.store = open_store(config.store, self.gate.clock)
         else:
@@ -143,7 +154,7 @@ class Settings:
     async def reload(self, why: str) -> bool:
         """Read the quotas file again; on a refusal the last good configuration keeps serving."""
         path = ctx.options.tokengate_config
-        signature, loaded = await asyncio.to_thread(_read, path)
+        signature, loaded = await asyncio.to_thread(_read, path, self.gate.replay_only)
         if path != ctx.options.tokengate_config:
             return False  # the option moved to another file meanwhile; that load wins
         if isinstance(loaded, ConfigError):
@@ -181,7 +192,7 @@ class Settings:
     def running(self) -> None:
         # With the default eager strategy a reverse proxy whose upstream is down drops the client
         # before any HTTP hook runs, so the gate could not even answer 401 or 429.
-        if ctx.options.connection_strategy != "lazy":
+        if ctx.options.connection_strategy != "lazy" and not self.gate.replay_only:
             ctx.options.update(connection_strategy="lazy")
             log.info("tokengate: connection_strategy set to lazy")
         self.start_watching()

@@ -27,6 +27,9 @@ FALLBACK_ENCODING = "o200k_base"
 # is bounded by its bytes. Tokenizing is super-linear on long runs without spaces: 1M characters
 # of one letter took 0.7 s here (4M: 4 s), 1M of prose 60 ms. `tokengate_tokenize_max` sets it.
 EXACT_PROMPT_CHARS = 1024 * 1024
+# How far before the exact budget a text that does not fit is cut (see `clean_cut`): a word is
+# far shorter, so text with spaces is cut within a word or two of the budget.
+CUT_SEARCH_CHARS = 4096
 
 _load_lock = threading.Lock()
 _encodings: dict[str, tiktoken.Encoding] = {}  # built so far, by name
@@ -140,14 +143,35 @@ def utf8_length(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
+def clean_cut(text: str, limit: int) -> int:
+    """The last place at or before `limit` where `text` can be cut without changing how the
+    tokenizer reads what comes before it, or 0 if there is none within CUT_SEARCH_CHARS.
+
+    tiktoken first splits text into pieces by a regular expression, then encodes each piece
+    on its own. A space that follows a non-space starts a new piece in every shipped encoding:
+    no word, number or punctuation piece takes in a space after its first character, and a
+    whitespace piece cannot hold the non-space before it. So the head `text[:cut]` is read as
+    exactly the pieces the whole text has before `cut` (cutting at any other place could give
+    the head's last piece, and so the sum, fewer tokens than the whole has there). A space is
+    never half of a surrogate pair, so no character is split either.
+    """
+    floor = max(1, limit - CUT_SEARCH_CHARS)
+    cut = text.rfind(" ", floor, limit + 1)
+    while cut > 0 and text[cut - 1].isspace():
+        cut = text.rfind(" ", floor, cut)
+    return max(cut, 0)
+
+
 class PromptCounter:
     """Counts the texts of one prompt: exactly up to `exact_chars` characters in all, then one
     token per UTF-8 byte.
 
-    The bound never under-counts: tiktoken's encodings are byte-level BPE, so every token
-    stands for at least one byte of the text. It keeps a huge prompt's estimate bounded in time
-    (tokenizing runs at roughly 5-10 MB/s) while the reservation still covers what the provider
-    can bill; settlement uses the provider's reported usage anyway.
+    The text that reaches past the budget is cut (see `clean_cut`): its head is tokenized
+    exactly, the rest bounded. The bound never under-counts: tiktoken's encodings are
+    byte-level BPE, so every token stands for at least one byte of the text. It keeps a huge
+    prompt's estimate bounded in time (tokenizing runs at roughly 5-10 MB/s) while the
+    reservation still covers what the provider can bill; settlement uses the provider's
+    reported usage anyway.
     """
 
     def __init__(self, model: str | None, exact_chars: int) -> None:
@@ -160,5 +184,6 @@ class PromptCounter:
         if len(text) <= self.left:
             self.left -= len(text)
             return count_text(text, self.model)
+        cut = clean_cut(text, self.left)
         self.left = 0
-        return utf8_length(text)
+        return count_text(text[:cut], self.model) + utf8_length(text[cut:])
