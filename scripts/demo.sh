@@ -10,7 +10,7 @@ MOCK_PORT=4010  # the port quotas.yaml names for the mock provider
 export TOKENGATE_MOCK_PROVIDER_KEY="${TOKENGATE_MOCK_PROVIDER_KEY:-sk-mock-provider-key}"
 DEMO_KEY="tg-demo-key-for-the-bundled-mock-only"
 
-.venv/bin/python scripts/mock_openai.py --port "$MOCK_PORT" --quiet &
+.venv/bin/tokengate-mock --port "$MOCK_PORT" --quiet &
 mock_pid=$!
 gate_pid=""
 stop() { kill $mock_pid $gate_pid 2>/dev/null || true; }

@@ -13,10 +13,10 @@ import pytest
 from tokengate_core import pipeline
 from tokengate_core.metering import Metering
 from tokengate_core.settings import Gate
+from tokengate_core.tools.children import Child
 
-from scripts import benchprofile, noop_addons
-from scripts.bench import markdown
-from scripts.children import Child
+from scripts.bench import benchprofile, noop_addons
+from scripts.bench.bench import markdown
 from tests.e2e import run_benchmark
 from tests.redis_server import require_redis_server
 

@@ -1,6 +1,6 @@
 """End to end: the ledger, the usage endpoint, the report and QA replay, with real processes.
 
-One capture per module, made by `scripts/capture.py` (a real mitmdump with TokenGate saving flows
+One capture per module, made by `tokengate-capture` (a real mitmdump with TokenGate saving flows
 in front of the real mock), backs the replay tests.
 """
 
@@ -14,8 +14,8 @@ import sys
 import httpx
 import pytest
 from mitmproxy import io
+from tokengate_core.tools.capture import Capture, capture
 
-from scripts.capture import Capture, capture
 from tests.conftest import ALICE, key_entries
 from tests.e2e import MITMDUMP, PROVIDER_KEY, ROOT, write_quotas
 from tests.test_e2e_gateway import call, gateway_factory, proxy_yaml  # noqa: F401 (fixture)
@@ -195,7 +195,7 @@ def test_client_replay_through_a_live_gate_is_governed(captured, tmp_path, fresh
     assert fresh_mock.stats()["by_endpoint"] == {"chat/completions": 1}  # the stray only
     fresh_mock.reset()
     # With a key given for the replay, they are admitted and charged like live traffic.
-    replayed = client_replay("scripts/replay_key.py", TOKENGATE_REPLAY_KEY=ALICE)
+    replayed = client_replay("addons/replay_key.py", TOKENGATE_REPLAY_KEY=ALICE)
     statuses = [flow.response.status_code for flow in replayed]
     assert statuses[:3] == [200, 429, 429]
     assert replayed[1].response.headers["X-TokenGate-Source"] == "gateway"
@@ -209,9 +209,9 @@ def test_client_replay_through_a_live_gate_is_governed(captured, tmp_path, fresh
 
 def test_report_table_json_and_png(captured, tmp_path):
     lines = ledger(captured.ledger)
-    report = [sys.executable, "-m", "scripts.report", str(captured.ledger)]
+    report = [sys.executable, str(ROOT / "scripts" / "report.py"), str(captured.ledger)]
     as_json = subprocess.run(
-        [*report, "--json"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=60
+        [*report, "--json"], cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60
     )
     summary = json.loads(as_json.stdout)
     assert summary["lines"] == len(lines)
@@ -225,7 +225,7 @@ def test_report_table_json_and_png(captured, tmp_path):
     assert alice["total_tokens"] == lines[0]["total_tokens"]
     png = tmp_path / "tokens.png"
     table = subprocess.run(
-        [*report, "--png", str(png)], cwd=ROOT, check=True, capture_output=True, text=True,
+        [*report, "--png", str(png)], cwd=tmp_path, check=True, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
     assert "total_tokens-1m:1" in table.stdout
@@ -234,6 +234,6 @@ def test_report_table_json_and_png(captured, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     future = subprocess.run(
         [*report, "--json", "--since", "2999-01-01T00:00:00Z"],
-        cwd=ROOT, check=True, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert json.loads(future.stdout)["lines"] == 0

@@ -1,4 +1,4 @@
-"""scripts/keys.py: a created key works, only its hash is written, and the file keeps its layout."""
+"""tokengate-keys: a created key works, only its hash is written, and the file keeps its layout."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 import pytest
 from tokengate_core.config import load_config
 from tokengate_core.keys import format_timestamp, hash_key
+from tokengate_core.tools import keys as keys_script
 
-from scripts import keys as keys_script
 from tests.e2e import ROOT
 
 QUOTAS = """\

@@ -5,21 +5,19 @@ The end-to-end tests trust its usage numbers and its misbehaviour modes, so thos
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from tokengate_core import tokens
+from tokengate_core.tools import mock
+from tokengate_core.tools.children import MOCK
 
 from tests.e2e import self_signed
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "mock_openai.py"
 KEY = "sk-provider"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -30,7 +28,7 @@ READY = "mock-openai listening at "
 @pytest.fixture(scope="module")
 def base_url():
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--port", "0", "--expect-key", KEY, "--quiet"],
+        [*MOCK, "--expect-key", KEY],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -292,17 +290,8 @@ def test_stats_and_reset(http):
     assert stats["last_request"] is None
 
 
-def load_mock_module():
-    spec = importlib.util.spec_from_file_location("mock_openai", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_in_process_with_tls(tmp_path):
     pem = self_signed(tmp_path)  # certificate and key in one file
-    mock = load_mock_module()
     server, thread = mock.serve(tls_cert=str(pem), quiet=True)
     try:
         assert server.url.startswith("https://127.0.0.1:")
@@ -404,7 +393,6 @@ def test_usage_fault_modes(http, mode, expected):
 
 
 def test_record_file_keeps_every_request(tmp_path):
-    mock = load_mock_module()
     record = tmp_path / "received.jsonl"
     server, thread = mock.serve(quiet=True, record=str(record))
     try:

@@ -6,8 +6,7 @@ import json
 
 import pytest
 from tokengate_core.audit import LedgerWriter, iso_time
-
-from scripts import report
+from tokengate_core.tools import report
 
 T0 = 1_800_000_000.0
 
