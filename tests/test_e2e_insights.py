@@ -14,6 +14,7 @@ import sys
 import httpx
 import pytest
 from mitmproxy import io
+from tokengate_core.keys import hash_key
 from tokengate_core.tools.capture import Capture, capture
 
 from tests.conftest import ALICE, key_entries
@@ -61,13 +62,15 @@ def test_live_ledger_has_one_line_per_governed_request(captured):
     first, refused, anonymous, stream, _, embedding, failed, usage = lines
     assert first["time"].endswith("Z") and len(first["time"]) == len("2026-11-29T14:03:07.123Z")
     assert (first["proxy"], first["key"], first["model"]) == ("qa", "alice", "gpt-4o-mini")
+    # Which secret of that name: its fingerprint, as `tokengate-keys list` matches it.
+    assert first["key_fp"] == hash_key(captured.caller_keys["alice"])[:16]
     assert first["total_tokens"] == first["prompt_tokens"] + first["completion_tokens"] > 100
     assert first["usage_source"] == "reported" and first["reserved"] == 100
     assert first["remaining"] == {"total_tokens-1m": 0}
     assert first["limits"] == {"total_tokens-1m": 100}
     assert first["latency_ms"] > 0
     assert refused["limit"] == "total_tokens-1m" and refused["total_tokens"] == 0
-    assert anonymous["key"] is None and anonymous["proxy"] is None
+    assert anonymous["key"] is None and anonymous["proxy"] is None and anonymous["key_fp"] is None
     assert stream["stream"] is True and stream["usage_source"] == "reported"
     assert stream["total_tokens"] == 14
     assert embedding["endpoint"] == "embeddings" and embedding["completion_tokens"] == 0

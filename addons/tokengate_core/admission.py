@@ -64,6 +64,7 @@ class Authenticator:
             if key is not None:
                 state["proxy"] = proxy.name
                 state["key"] = key.name
+                state["key_fp"] = key.sha256[:16]
                 if key.expired(self.gate.clock()):
                     flowstate.answer(
                         flow,

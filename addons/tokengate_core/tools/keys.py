@@ -26,7 +26,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Container
+from collections.abc import Container, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ruamel.yaml import YAML, YAMLError
@@ -42,6 +43,8 @@ from tokengate_core.yamlsource import ConfigError, load_document
 # What the gate's audit ledger is called beside the quotas file (rotations: .1, .2, ...).
 DEFAULT_LEDGER = Path(".state") / "ledger.jsonl"
 MAX_NAME = 64  # the longest key name quotas.yaml accepts (config.py)
+# The ledger names a key's secret by this many leading hex digits of its SHA-256 (`key_fp`).
+FINGERPRINT_DIGITS = 16
 
 
 class Refusal(SystemExit):
@@ -301,10 +304,11 @@ def rotate(
     # with the new secret in it.
     keys.insert(list(keys).index(name), old_name, old_entry)
     secret = generate_key()
-    fresh = key_entry(secret, now, None)
-    for field in list(entry):
-        if field not in fresh:
-            del entry[field]
+    expires = parse_timestamp(entry["expires"]) if "expires" in entry else None
+    fresh = key_entry(secret, now, expires)  # the key's own expiry goes on with it
+    for item in list(entry):
+        if item not in fresh:
+            del entry[item]
     entry.update(fresh)
     return secret, old_name, old_expires
 
@@ -319,9 +323,43 @@ def ledger_files(ledger: Path) -> list[Path]:
     return files
 
 
-def last_used(ledger: Path) -> dict[tuple[str, str], str]:
-    """(proxy, key name) -> the latest `time` in the ledger; replayed captures do not count."""
-    latest: dict[tuple[str, str], str] = {}
+@dataclass
+class LastUse:
+    """The latest live ledger time per key fingerprint, and per key name for the lines written
+    before the ledger carried fingerprints."""
+
+    by_fp: dict[tuple[str, str], str] = field(default_factory=dict)  # (proxy, key_fp) -> time
+    by_name: dict[tuple[str, str], str] = field(default_factory=dict)  # (proxy, name) -> time
+
+    def of(self, proxy: str, name: str, entry: Mapping) -> str | None:
+        """When the entry's secret was last used. A line without a fingerprint counts for the
+        entry of its name only if that entry existed then: after a rotation the name belongs to
+        a new secret, and the old one's use is not the new one's."""
+        own = self.by_fp.get((proxy, fingerprint(entry)))
+        named = self.by_name.get((proxy, name))
+        created = _epoch(entry.get("created"))
+        if named is not None and created is not None and _epoch(named) < created:
+            named = None
+        return max(filter(None, (own, named)), default=None)
+
+
+def _epoch(value: object) -> float | None:
+    """A timestamp (as the ledger or quotas.yaml has it) -> epoch seconds; None if it is none."""
+    try:
+        return parse_timestamp(value)
+    except ValueError:
+        return None
+
+
+def fingerprint(entry: Mapping) -> str:
+    """The ledger's `key_fp` of a key entry: the first 16 hex digits of its stored SHA-256."""
+    return str(entry.get("sha256") or "")[:FINGERPRINT_DIGITS]
+
+
+def last_used(ledger: Path) -> LastUse:
+    """The latest `time` of each key in the ledger and its rotations; replayed captures do not
+    count."""
+    latest = LastUse()
     for path in ledger_files(ledger):
         with path.open(encoding="utf-8", errors="replace") as lines:
             for line in lines:
@@ -331,10 +369,17 @@ def last_used(ledger: Path) -> dict[tuple[str, str], str]:
                     continue  # a line cut by a crash
                 if not isinstance(record, dict) or record.get("replay"):
                     continue
-                who = (record.get("proxy"), record.get("key"))
-                when = record.get("time")
-                if isinstance(who[1], str) and isinstance(when, str) and when > latest.get(who, ""):
-                    latest[who] = when
+                when, fp = record.get("time"), record.get("key_fp")
+                if not isinstance(when, str) or _epoch(when) is None:
+                    continue
+                if isinstance(fp, str):
+                    table, who = latest.by_fp, (record.get("proxy"), fp)
+                elif isinstance(record.get("key"), str):
+                    table, who = latest.by_name, (record.get("proxy"), record["key"])
+                else:
+                    continue
+                if when > table.get(who, ""):
+                    table[who] = when
     return latest
 
 
@@ -367,7 +412,7 @@ def listing(quotas: QuotasFile, proxy: str | None, ledger: Path, now: float) -> 
                     proxy_name,
                     name,
                     str(key.get("created") or "-"),
-                    used.get((proxy_name, name), "-"),
+                    used.of(proxy_name, name, key) or "-",
                     _expiry_text(key.get("expires"), now),
                 )
             )
