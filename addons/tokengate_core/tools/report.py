@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -48,10 +49,8 @@ def since_epoch(text: str, now: float) -> float:
         return parse_time(text)
 
 
-def read_ledgers(
-    paths: Iterable[Path], since: float | None, replay: bool = False
-) -> Iterator[dict[str, Any]]:
-    """The ledger lines from `since` on: live traffic, or with `replay` a QA replay's lines."""
+def read_ledgers(paths: Iterable[Path], since: float | None) -> Iterator[dict[str, Any]]:
+    """The ledger lines from `since` on, live traffic and QA replay alike."""
     for path in paths:
         with path.open(encoding="utf-8") as handle:
             for number, text in enumerate(handle, 1):
@@ -63,8 +62,6 @@ def read_ledgers(
                 except (ValueError, KeyError, TypeError) as e:
                     warning = f"report: {path}:{number}: skipped, not a ledger line ({e})"
                     print(warning, file=sys.stderr)
-                    continue
-                if bool(line.get("replay")) != replay:
                     continue
                 if since is None or line["_epoch"] >= since:
                     yield line
@@ -178,21 +175,38 @@ def rolling(events: list[tuple[float, int]], seconds: int) -> list[tuple[float, 
     return points
 
 
-def chart(lines: list[dict[str, Any]], path: Path) -> int:
-    """PNG of each key's rolling usage per proxy and limit; returns the number of panels."""
+def limit_steps(lines: list[dict[str, Any]], proxy: str, name: str) -> list[tuple[float, int]]:
+    """The count of limit `name` of `proxy` as it stood over time: (epoch, count) from the first
+    line that carried it and wherever it changed (a reload); `lines` in time order."""
+    steps: list[tuple[float, int]] = []
+    for line in lines:
+        count = (line.get("limits") or {}).get(name)
+        if (
+            line.get("proxy") == proxy
+            and count is not None
+            and (not steps or steps[-1][1] != count)
+        ):
+            steps.append((line["_epoch"], count))
+    return steps
+
+
+def figure(lines: list[dict[str, Any]]) -> tuple[Any, int]:
+    """A matplotlib figure with one panel per proxy and limit (each key's usage in the limit's
+    rolling window, the limit as it stood at each moment, 429s as crosses on it), and the number
+    of panels; `lines` in time order."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    limits: dict[tuple[str, str], int] = {}
-    for line in lines:
-        for name, count in (line.get("limits") or {}).items():
-            limits[(line.get("proxy"), name)] = count  # the latest count wins
-    panels = sorted(limits, key=lambda pair: (str(pair[0]), pair[1]))[:MAX_CHARTS]
-    figure, axes = pyplot.subplots(
-        max(1, len(panels)), 1, figsize=(10, 3.2 * max(1, len(panels))), squeeze=False
+    panels = sorted(
+        {(line.get("proxy"), name) for line in lines for name in line.get("limits") or {}},
+        key=lambda pair: (str(pair[0]), pair[1]),
+    )[:MAX_CHARTS]
+    drawn, axes = pyplot.subplots(
+        max(1, len(panels)), 1, figsize=(12, 3.2 * max(1, len(panels))), squeeze=False
     )
+    start = lines[0]["_epoch"]
     for axis, (proxy, name) in zip(axes[:, 0], panels, strict=False):
         dimension, _, label = name.rpartition("-")
         seconds = parse_duration(label)
@@ -200,29 +214,54 @@ def chart(lines: list[dict[str, Any]], path: Path) -> int:
         for line in lines:
             if line.get("proxy") == proxy and name in (line.get("limits") or {}):
                 by_key[line.get("key") or "-"].append(line)
-        start = min(line["_epoch"] for line in lines)
         for key, own in sorted(by_key.items()):
             events = [(ln["_epoch"] - start, charge(ln, dimension)) for ln in own]
             points = rolling([e for e in events if e[1]], seconds)
             if points:
                 axis.step(*zip(*points, strict=True), where="post", label=key)
-            refused = [ln["_epoch"] - start for ln in own if ln.get("limit") == name]
+            refused = [ln for ln in own if ln.get("limit") == name]
             if refused:
-                axis.plot(refused, [limits[(proxy, name)]] * len(refused), "x", color="red")
-        axis.axhline(limits[(proxy, name)], color="black", linestyle="--", label=f"limit {name}")
+                at = [ln["_epoch"] - start for ln in refused]
+                axis.plot(at, [ln["limits"][name] for ln in refused], "x", color="red")
+        steps = limit_steps(lines, proxy, name)
+        end = lines[-1]["_epoch"] - start + seconds  # as far as the last window reaches
+        xs = [at - start for at, _ in steps] + [end]
+        counts = [count for _, count in steps]
+        style = {"where": "post", "color": "black", "linestyle": "--", "label": f"limit {name}"}
+        axis.step(xs, [*counts, counts[-1]], **style)
+        if max(counts) > 10 * max(1, min(counts)):  # a raised limit would flatten the usage
+            axis.set_yscale("symlog", linthresh=max(1, min(counts)))
         axis.set_title(f"{proxy}: {name} (rolling {label}); x = 429")
         axis.set_xlabel(f"seconds since {lines[0]['time']}")
         axis.set_ylabel(dimension)
-        axis.legend(loc="upper left", fontsize="small")
+        # Beside the panel, never over the data.
+        axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize="small")
     if not panels:
         axes[0, 0].text(0.5, 0.5, "no limited requests in this ledger", ha="center")
-    figure.tight_layout()
-    figure.savefig(path, format="png", dpi=80)
-    pyplot.close(figure)
-    return len(panels)
+    drawn.tight_layout()
+    return drawn, len(panels)
+
+
+def chart(lines: list[dict[str, Any]], path: Path) -> int:
+    """Draw `figure(lines)` to a PNG; returns the number of panels."""
+    from matplotlib import pyplot
+
+    drawn, panels = figure(lines)
+    drawn.savefig(path, format="png", dpi=80, bbox_inches="tight")
+    pyplot.close(drawn)
+    return panels
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return report(argv)
+    except BrokenPipeError:  # `--json | head`: the reader has what it wanted
+        # Point stdout at /dev/null, so flushing it at exit does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def report(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="tokengate-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("ledgers", nargs="+", type=Path, help="ledger files (JSON Lines)")
     parser.add_argument("--since", help="only lines from this time: 30m, 2h, 1d or ISO 8601")
@@ -239,12 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(path) for path in args.ledgers if not path.is_file()]
     if missing:
         parser.error(f"no such ledger: {', '.join(missing)}")
-    lines = sorted(read_ledgers(args.ledgers, since, args.replay), key=lambda line: line["_epoch"])
+    lines, others = [], 0
+    for line in read_ledgers(args.ledgers, since):
+        if bool(line.get("replay")) == args.replay:
+            lines.append(line)
+        else:
+            others += 1
+    lines.sort(key=lambda line: line["_epoch"])
+    if not lines and others:
+        print(other_kind(args.replay, others), file=sys.stderr)
     rows = summarize(lines)
     if args.json:
-        report = {"lines": len(lines), "totals": summarize_totals(rows)}
-        report["rows"] = [row.as_dict() for row in rows]
-        print(json.dumps(report, indent=2))
+        summary = {"lines": len(lines), "totals": summarize_totals(rows)}
+        summary["rows"] = [row.as_dict() for row in rows]
+        print(json.dumps(summary, indent=2))
     else:
         print(table(rows))
     if args.png:
@@ -254,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("report: no ledger lines in range; no chart drawn", file=sys.stderr)
     return 0
+
+
+def other_kind(replay: bool, count: int) -> str:
+    """Why the report is empty when the ledger holds only the other kind of line."""
+    if replay:
+        return f"report: no QA replay lines in range, only {count} of live traffic (drop --replay)"
+    return (
+        f"report: no live traffic in range, only {count} lines of a QA replay "
+        "(add --replay to report them)"
+    )
 
 
 if __name__ == "__main__":
