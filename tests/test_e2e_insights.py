@@ -21,7 +21,7 @@ from tests.conftest import ALICE, key_entries
 from tests.e2e import MITMDUMP, PROVIDER_KEY, ROOT, write_quotas
 from tests.test_e2e_gateway import call, gateway_factory, proxy_yaml  # noqa: F401 (fixture)
 
-CAPTURED = [200, 429, 401, 200, 404, 200, 500, 200]
+CAPTURED = [200, 429, 401, 200, 200, 200, 500, 200]
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,11 @@ The end-to-end tests trust its usage numbers and its misbehaviour modes, so thos
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -418,3 +421,32 @@ def test_max_tokens_above_the_models_maximum_is_refused(http):
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "invalid_value"
     assert http.get("/mock/stats").json()["tokens_served"]["total"] == 0
+
+
+def test_models_are_listed_and_retrieved_as_the_sdk_reads_them(sdk, http):
+    listed = [model.id for model in sdk.models.list()]
+    assert "gpt-4o-mini" in listed and len(listed) == len(set(listed))
+    model = sdk.models.retrieve("gpt-4o")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o", "model", "mock")
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.models.retrieve("no-such-model")
+    assert missing.value.code == "model_not_found"
+    assert http.get("/models").json()["object"] == "list"  # without /v1 too, like the rest
+    assert http.get("/v1/models", headers={"Authorization": "Bearer no"}).status_code == 401
+
+
+def test_a_busy_port_is_named_with_how_to_choose_another(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        shim = Path(__file__).resolve().parent.parent / "scripts" / "mock_openai.py"
+        run = subprocess.run(
+            [sys.executable, str(shim), "--port", str(port)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"port {port} on 127.0.0.1 is busy" in run.stderr and "--port PORT" in run.stderr

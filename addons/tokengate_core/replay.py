@@ -75,8 +75,7 @@ class CaptureReplay:
         if saved is None or self.gate.config is None:
             return
         self.clock.now = flow.request.timestamp_start
-        state = {"proxy": saved.get("proxy"), "key": saved.get("key")}
-        state["endpoint"] = saved.get("endpoint")
+        state = {key: saved.get(key) for key in ("proxy", "key", "key_fp", "endpoint")}
         status, decision = await self._decide(flow, saved, state)
         self.ledger.write({**entry(flow, state, status, decision), "replay": True})
 

@@ -8,6 +8,7 @@ by byte, usage figures that are negative, absurd or not numbers. ``GET /mock/sta
 reached the provider (which keys, how many requests, how many tokens served, and per
 ``X-Mock-Tag`` how many tokens actually left, cut answers included); ``POST /mock/reset`` zeroes
 it. ``--record FILE`` appends every request received (method, path, headers, body) as a JSON line.
+``GET /v1/models`` lists a few models, as OpenAI's API does, so ``client.models.list()`` works.
 
     tokengate-mock --port 0 --expect-key sk-provider
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -77,6 +79,9 @@ RESET_GRACE = 0.1
 ERROR_MODE = re.compile(r"error:([45]\d\d)")
 DEFAULT_SLOW_DELAY = 2.0
 DEFAULT_MODEL = "mock-model"
+# What `GET /v1/models` lists (any model name is served; these are the ones it names).
+MODELS = (DEFAULT_MODEL, "gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "text-embedding-3-small")
+MODELS_CREATED = 1_700_000_000  # a fixed `created`, so the list is the same on every run
 # Like OpenAI's models, the mock refuses (400) to generate more than this in one completion.
 MAX_COMPLETION_TOKENS = 16_384
 STREAM_PIECES = 8
@@ -106,6 +111,30 @@ def endpoint_of(path: str) -> str | None:
     """The API endpoint a path names, with or without the /v1 prefix."""
     name = path.strip("/").removeprefix("v1/")
     return name if name in ENDPOINTS else None
+
+
+def model_object(model: str) -> dict:
+    return {"id": model, "object": "model", "created": MODELS_CREATED, "owned_by": "mock"}
+
+
+def models_reply(path: str) -> tuple[int, dict] | None:
+    """`GET /v1/models` and `GET /v1/models/{id}` in OpenAI's shape: (status, body), or None for
+    a path that is not about models."""
+    name = path.strip("/").removeprefix("v1/")
+    if name == "models":
+        return 200, {"object": "list", "data": [model_object(model) for model in MODELS]}
+    model = name.removeprefix("models/")
+    if model == name or not model:
+        return None
+    if model in MODELS:
+        return 200, model_object(model)
+    error = {
+        "message": f"The model '{model}' does not exist",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "model_not_found",
+    }
+    return 404, {"error": error}
 
 
 def billed_prompt(endpoint: str, body: dict) -> int:
@@ -504,8 +533,11 @@ class MockHandler(BaseHTTPRequestHandler):
         authorized = expected is None or self.headers.get("Authorization") == f"Bearer {expected}"
         self.server.stats.record(self._path, endpoint, self.headers, body, authorized)
         self.server.write_record(self.command, self.path, self.headers, raw)
+        models = models_reply(self._path) if self.command == "GET" else None
         if not authorized:
             self._send_error(401, "Incorrect API key provided", "invalid_api_key")
+        elif models is not None:
+            self._send_json(*models)
         elif endpoint is None:
             self._send_error(
                 404, f"Unknown request URL: {self.command} {self._path}", "unknown_url"
@@ -737,6 +769,7 @@ class MockServer(ThreadingHTTPServer):
         quiet: bool,
         record: str | None = None,
     ) -> None:
+        self._record = None  # set before binding: a failed bind calls server_close()
         super().__init__((host, port), MockHandler)
         self._record_lock = threading.Lock()
         self._record = open(record, "a", encoding="utf-8") if record else None  # noqa: SIM115
@@ -819,6 +852,16 @@ def serve(
     return server, thread
 
 
+def cannot_listen(host: str, port: int, error: OSError) -> str:
+    """Why the mock could not start, and what to do about it."""
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is busy (another mock, or a demo still running?); "
+            "choose another with --port PORT (--port 0 picks a free one)"
+        )
+    return f"cannot listen at {host}:{port}: {error.strerror or error}"
+
+
 def _mode_arg(value: str) -> str:
     if not is_mode(value):
         raise argparse.ArgumentTypeError(f"one of {', '.join(MODES)} or error:CODE")
@@ -864,18 +907,22 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    server, _thread = serve(
-        args.host,
-        args.port,
-        args.expect_key,
-        mode=args.mode,
-        completion_tokens=args.completion_tokens,
-        stream_delay=args.stream_delay,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        quiet=args.quiet,
-        record=args.record,
-    )
+    try:
+        server, _thread = serve(
+            args.host,
+            args.port,
+            args.expect_key,
+            mode=args.mode,
+            completion_tokens=args.completion_tokens,
+            stream_delay=args.stream_delay,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            quiet=args.quiet,
+            record=args.record,
+        )
+    except OSError as e:
+        print(f"tokengate-mock: {cannot_listen(args.host, args.port, e)}", file=sys.stderr)
+        return 2
     print(f"mock-openai listening at {server.url}", flush=True)
     stop.wait()
     server.shutdown()
