@@ -254,7 +254,9 @@ def chart(lines: list[dict[str, Any]], path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return report(argv)
+        status = report(argv)
+        sys.stdout.flush()  # here, where a reader gone is caught, rather than at exit
+        return status
     except BrokenPipeError:  # `--json | head`: the reader has what it wanted
         # Point stdout at /dev/null, so flushing it at exit does not fail a second time.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
