@@ -1,1 +1,1 @@
-"""TokenGate's scripts; also importable (`scripts.children`) by the tests and benchmarks."""
+"""Shell scripts, shims of the console scripts, and the benchmarks (`scripts.bench`)."""

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up TokenGate and runs it on the default quotas.yaml in front of the bundled mock OpenAI
-# server (no credentials needed). Ctrl-C stops both.
+# server (no credentials needed). Ctrl-C stops both. TOKENGATE_PORT chooses the gate's port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -10,12 +10,39 @@ MOCK_PORT=4010  # the port quotas.yaml names for the mock provider
 export TOKENGATE_MOCK_PROVIDER_KEY="${TOKENGATE_MOCK_PROVIDER_KEY:-sk-mock-provider-key}"
 DEMO_KEY="tg-demo-key-for-the-bundled-mock-only"
 
-.venv/bin/python scripts/mock_openai.py --port "$MOCK_PORT" --quiet &
+busy() {  # true when something already listens on 127.0.0.1:$1
+    .venv/bin/python - "$1" <<'PY'
+import socket, sys
+with socket.socket() as probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind(("127.0.0.1", int(sys.argv[1])))
+    except OSError:
+        sys.exit(0)
+sys.exit(1)
+PY
+}
+if busy "$GATE_PORT"; then
+    echo "demo: port $GATE_PORT (TokenGate) is busy; choose another: TOKENGATE_PORT=8081 $0" >&2
+    exit 1
+fi
+if busy "$MOCK_PORT"; then
+    echo "demo: port $MOCK_PORT (the mock provider, named in quotas.yaml) is busy;" \
+        "stop what listens there (a demo still running?) and try again" >&2
+    exit 1
+fi
+
+.venv/bin/tokengate-mock --port "$MOCK_PORT" --quiet &
 mock_pid=$!
 gate_pid=""
 stop() { kill $mock_pid $gate_pid 2>/dev/null || true; }
 trap stop EXIT
 trap 'exit 130' INT TERM
+for _ in $(seq 100); do  # up to 10 s for the mock to listen
+    busy "$MOCK_PORT" && break
+    kill -0 $mock_pid 2>/dev/null || exit 1  # it said why
+    sleep 0.1
+done
 
 cat <<MSG
 

@@ -18,9 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from tokengate_core.tools.children import MOCK, Child
 
-from scripts.children import ROOT, Child
-
+ROOT = Path(__file__).resolve().parent.parent
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 PROVIDER_KEY = "sk-provider-secret-0123456789"
 STARTUP_SECONDS = 30
@@ -39,9 +39,8 @@ class Mock:
 
     @classmethod
     def start(cls, *args: str) -> Mock:
-        argv = [sys.executable, "scripts/mock_openai.py", "--port", "0", "--quiet"]
-        argv += ["--expect-key", PROVIDER_KEY, *args]
-        process = Child(argv, _env(), ready=re.compile(r"listening at (\S+)"))
+        argv = [*MOCK, "--expect-key", PROVIDER_KEY, *args]
+        process = Child(argv, _env(), ready=re.compile(r"listening at (\S+)"), cwd=ROOT)
         match = process.wait_ready(STARTUP_SECONDS)
         if match is None:
             process.stop()
@@ -98,7 +97,8 @@ class Gateway:
             "-s", str(ROOT / "addons" / "tokengate.py"),
             *args,
         ]  # fmt: skip
-        process = Child(argv, _env(TOKENGATE_TEST_PROVIDER_KEY=PROVIDER_KEY, **(env or {})))
+        env = _env(TOKENGATE_TEST_PROVIDER_KEY=PROVIDER_KEY, **(env or {}))
+        process = Child(argv, env, cwd=ROOT)
         match = process.wait_ready(STARTUP_SECONDS)
         if expect_failure:
             process.popen.wait(STARTUP_SECONDS)
@@ -172,9 +172,9 @@ def self_signed(folder: Path) -> Path:
 
 
 def run_benchmark(module: str, *args: str, timeout: float) -> dict:
-    """Run `python -m scripts.<module> ARGS --json` as users do; its report, parsed."""
+    """Run `python -m scripts.bench.<module> ARGS --json` as users do; its report, parsed."""
     run = subprocess.run(
-        [sys.executable, "-m", f"scripts.{module}", *args, "--json"],
+        [sys.executable, "-m", f"scripts.bench.{module}", *args, "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -15,10 +15,10 @@ from tokengate_core.admission import AdmissionControl
 from tokengate_core.gate import Gate
 from tokengate_core.metering import Metering
 from tokengate_core.quota import QuotaService
+from tokengate_core.tools.children import Child
 
-from scripts import benchprofile, noop_addons
-from scripts.bench import markdown
-from scripts.children import Child
+from scripts.bench import benchprofile, noop_addons
+from scripts.bench.bench import markdown
 from tests.e2e import run_benchmark
 from tests.redis_server import require_redis_server
 

@@ -1,6 +1,6 @@
 """End to end: the ledger, the usage endpoint, the report and QA replay, with real processes.
 
-One capture per module, made by `scripts/capture.py` (a real mitmdump with TokenGate saving flows
+One capture per module, made by `tokengate-capture` (a real mitmdump with TokenGate saving flows
 in front of the real mock), backs the replay tests.
 """
 
@@ -14,13 +14,14 @@ import sys
 import httpx
 import pytest
 from mitmproxy import io
+from tokengate_core.keys import hash_key
+from tokengate_core.tools.capture import Capture, capture
 
-from scripts.capture import Capture, capture
 from tests.conftest import ALICE, key_entries
 from tests.e2e import MITMDUMP, PROVIDER_KEY, ROOT, write_quotas
 from tests.test_e2e_gateway import call, gateway_factory, proxy_yaml  # noqa: F401 (fixture)
 
-CAPTURED = [200, 429, 401, 200, 404, 200, 500, 200]
+CAPTURED = [200, 429, 401, 200, 200, 200, 500, 200]
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +62,15 @@ def test_live_ledger_has_one_line_per_governed_request(captured):
     first, refused, anonymous, stream, _, embedding, failed, usage = lines
     assert first["time"].endswith("Z") and len(first["time"]) == len("2026-11-29T14:03:07.123Z")
     assert (first["proxy"], first["key"], first["model"]) == ("qa", "alice", "gpt-4o-mini")
+    # Which secret of that name: its fingerprint, as `tokengate-keys list` matches it.
+    assert first["key_fp"] == hash_key(captured.caller_keys["alice"])[:16]
     assert first["total_tokens"] == first["prompt_tokens"] + first["completion_tokens"] > 100
     assert first["usage_source"] == "reported" and first["reserved"] == 100
     assert first["remaining"] == {"total_tokens-1m": 0}
     assert first["limits"] == {"total_tokens-1m": 100}
     assert first["latency_ms"] > 0
     assert refused["limit"] == "total_tokens-1m" and refused["total_tokens"] == 0
-    assert anonymous["key"] is None and anonymous["proxy"] is None
+    assert anonymous["key"] is None and anonymous["proxy"] is None and anonymous["key_fp"] is None
     assert stream["stream"] is True and stream["usage_source"] == "reported"
     assert stream["total_tokens"] == 14
     assert embedding["endpoint"] == "embeddings" and embedding["completion_tokens"] == 0
@@ -195,7 +198,7 @@ def test_client_replay_through_a_live_gate_is_governed(captured, tmp_path, fresh
     assert fresh_mock.stats()["by_endpoint"] == {"chat/completions": 1}  # the stray only
     fresh_mock.reset()
     # With a key given for the replay, they are admitted and charged like live traffic.
-    replayed = client_replay("scripts/replay_key.py", TOKENGATE_REPLAY_KEY=ALICE)
+    replayed = client_replay("addons/replay_key.py", TOKENGATE_REPLAY_KEY=ALICE)
     statuses = [flow.response.status_code for flow in replayed]
     assert statuses[:3] == [200, 429, 429]
     assert replayed[1].response.headers["X-TokenGate-Source"] == "gateway"
@@ -209,9 +212,9 @@ def test_client_replay_through_a_live_gate_is_governed(captured, tmp_path, fresh
 
 def test_report_table_json_and_png(captured, tmp_path):
     lines = ledger(captured.ledger)
-    report = [sys.executable, "-m", "scripts.report", str(captured.ledger)]
+    report = [sys.executable, str(ROOT / "scripts" / "report.py"), str(captured.ledger)]
     as_json = subprocess.run(
-        [*report, "--json"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=60
+        [*report, "--json"], cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60
     )
     summary = json.loads(as_json.stdout)
     assert summary["lines"] == len(lines)
@@ -225,7 +228,7 @@ def test_report_table_json_and_png(captured, tmp_path):
     assert alice["total_tokens"] == lines[0]["total_tokens"]
     png = tmp_path / "tokens.png"
     table = subprocess.run(
-        [*report, "--png", str(png)], cwd=ROOT, check=True, capture_output=True, text=True,
+        [*report, "--png", str(png)], cwd=tmp_path, check=True, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
     assert "total_tokens-1m:1" in table.stdout
@@ -234,6 +237,6 @@ def test_report_table_json_and_png(captured, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     future = subprocess.run(
         [*report, "--json", "--since", "2999-01-01T00:00:00Z"],
-        cwd=ROOT, check=True, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, check=True, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert json.loads(future.stdout)["lines"] == 0

@@ -1,17 +1,19 @@
-"""scripts/keys.py: a created key works, only its hash is written, and the file keeps its layout."""
+"""tokengate-keys: a created key works, only its hash is written, and the file keeps its layout."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import time
 
 import pytest
+from tokengate_core.audit import iso_time
 from tokengate_core.config import load_config
 from tokengate_core.keys import format_timestamp, hash_key
+from tokengate_core.tools import keys as keys_script
 
-from scripts import keys as keys_script
 from tests.e2e import ROOT
 
 QUOTAS = """\
@@ -155,7 +157,16 @@ def test_rotate_keeps_the_name_and_the_old_secret_for_the_grace_period(config):
     earlier = keys_of(config).find(new)
     assert earlier.expires == pytest.approx(time.time() + 600, abs=5)
     assert f"works until {format_timestamp(earlier.expires)}." in again.stdout
-    assert keys_of(config).find(once).expires is None
+    assert keys_of(config).find(once).expires == earlier.expires  # the key's own expiry
+
+
+def test_rotate_keeps_the_keys_expiry_on_the_new_secret(config):
+    old = secret_of(run(config, "create", "with-keys", "app", "--expires", "30d"))
+    expires = keys_of(config).find(old).expires
+    new = secret_of(run(config, "rotate", "with-keys", "app", "--grace", "1h"))
+    keys = keys_of(config)
+    assert keys.find(new).expires == expires == pytest.approx(time.time() + 30 * 86400, abs=5)
+    assert keys.find(old).expires == pytest.approx(time.time() + 3600, abs=5)
 
 
 def test_rotate_a_key_with_the_longest_name(config):
@@ -203,36 +214,66 @@ def test_an_edit_that_would_not_validate_leaves_the_file_alone(config):
     assert sorted(p.name for p in config.parent.iterdir()) == ["quotas.yaml"]
 
 
+def ledger_line(at: float, key: str, secret: str | None = None, **extra) -> str:
+    """A live ledger line; with `secret`, carrying its fingerprint as the gate writes it."""
+    fp = {"key_fp": hash_key(secret)[:16]} if secret else {}
+    line = {"time": iso_time(at), "proxy": "with-keys", "key": key, **fp, "status": 200}
+    return json.dumps(line | extra) + "\n"
+
+
+def listed(config) -> dict[str, list[str]]:
+    result = run(config, "list")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:5] == ["proxy", "key", "created", "last", "used"]
+    return {line.split()[1]: line.split() for line in result.stdout.splitlines()[1:]}
+
+
 def test_list_shows_dates_and_last_use_from_the_ledger_never_secrets(config):
     secret = secret_of(run(config, "create", "with-keys", "app", "--expires", "3d"))
     assert run(config, "expire", "with-keys", "old", "now").returncode == 0
+    now = time.time()
     ledger = config.parent / ".state" / "ledger.jsonl"
     ledger.parent.mkdir()
-    line = '{{"time": "{}", "proxy": "with-keys", "key": "{}", "status": 200}}\n'
     ledger.write_text(
-        line.format("2026-11-29T10:00:00.000Z", "app")
+        ledger_line(now - 300, "app", secret)
         + "not json, a line cut short\n"
-        + '{"time": "2026-11-29T23:00:00.000Z", "proxy": "with-keys", "key": "app", '
-        '"status": 200, "replay": true}\n'  # a replayed capture is not a use of the key
-         + line.format("2026-11-29T09:00:00.000Z", "old")
+        + ledger_line(now + 40, "app", secret, replay=True)  # a replay is not a use of the key
+        + ledger_line(now - 3600, "old")  # before fingerprints: by name ("old" has no date)
+        + ledger_line(now - 60, "app")  # by name, but this "app" did not exist then ...
     )
     ledger.with_name("ledger.jsonl.1").write_text(
-        line.format("2026-11-29T11:00:00.000Z", "app")  # rotated files count too
-        + '{"time": "2026-11-30T00:00:00.000Z", "proxy": "other", "key": "app", "status": 200}\n'
+        ledger_line(now - 200, "app", secret)  # rotated files count too
+        + ledger_line(now + 50, "app", secret, proxy="other")
+        + ledger_line(now - 7200, "app")  # ... nor then
     )
-    result = run(config, "list")
-    assert result.returncode == 0, result.stderr
-    rows = {line.split()[1]: line.split() for line in result.stdout.splitlines()[1:]}
-    assert result.stdout.split()[:5] == ["proxy", "key", "created", "last", "used"]
-    assert rows["app"][3] == "2026-11-29T11:00:00.000Z"
+    rows = listed(config)
+    assert rows["app"][3] == iso_time(now - 200)
     assert rows["app"][5] == "(in" and rows["app"][6] in ("2d23h)", "3d0h)")
-    assert rows["old"][2:4] == ["-", "2026-11-29T09:00:00.000Z"] and rows["old"][5] == "(expired)"
+    assert rows["old"][2:4] == ["-", iso_time(now - 3600)] and rows["old"][5] == "(expired)"
+    result = run(config, "list")
     assert secret not in result.stdout and hash_key(secret) not in result.stdout
     assert "0" * 64 not in result.stdout
     only = run(config, "list", "without-keys")
     assert only.returncode == 0 and "app" not in only.stdout
     elsewhere = run(config, "list", "--ledger", str(config.parent / "none.jsonl"))
-    assert "2026-11-29T11" not in elsewhere.stdout
+    assert iso_time(now - 200) not in elsewhere.stdout
+
+
+def test_after_a_rotation_each_secret_shows_its_own_last_use(config):
+    first = secret_of(run(config, "create", "with-keys", "app"))
+    now = time.time()
+    ledger = config.parent / ".state" / "ledger.jsonl"
+    ledger.parent.mkdir()
+    ledger.write_text(ledger_line(now + 10, "app", first))
+    second = secret_of(run(config, "rotate", "with-keys", "app", "--grace", "1h"))
+    rotated = keys_of(config).find(first).name
+    rows = listed(config)
+    assert rows[rotated][3] == iso_time(now + 10)
+    assert rows["app"][3] == "-"  # the new secret has not been used yet
+    with ledger.open("a") as handle:
+        handle.write(ledger_line(now + 20, "app", second) + ledger_line(now + 30, "app", first))
+    rows = listed(config)
+    assert (rows["app"][3], rows[rotated][3]) == (iso_time(now + 20), iso_time(now + 30))
 
 
 def test_bad_names_and_grace_periods_are_refused_without_touching_the_file(config):

@@ -5,8 +5,8 @@ The end-to-end tests trust its usage numbers and its misbehaviour modes, so thos
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -17,10 +17,11 @@ import openai
 import pytest
 from tokengate_core import tokens
 from tokengate_core.dialects.openai import estimate_prompt
+from tokengate_core.tools import mock
+from tokengate_core.tools.children import MOCK
 
 from tests.e2e import self_signed
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "mock_openai.py"
 KEY = "sk-provider"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -31,7 +32,7 @@ READY = "mock-openai listening at "
 @pytest.fixture(scope="module")
 def base_url():
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--port", "0", "--expect-key", KEY, "--quiet"],
+        [*MOCK, "--expect-key", KEY],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -293,17 +294,8 @@ def test_stats_and_reset(http):
     assert stats["last_request"] is None
 
 
-def load_mock_module():
-    spec = importlib.util.spec_from_file_location("mock_openai", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_in_process_with_tls(tmp_path):
     pem = self_signed(tmp_path)  # certificate and key in one file
-    mock = load_mock_module()
     server, thread = mock.serve(tls_cert=str(pem), quiet=True)
     try:
         assert server.url.startswith("https://127.0.0.1:")
@@ -405,7 +397,6 @@ def test_usage_fault_modes(http, mode, expected):
 
 
 def test_record_file_keeps_every_request(tmp_path):
-    mock = load_mock_module()
     record = tmp_path / "received.jsonl"
     server, thread = mock.serve(quiet=True, record=str(record))
     try:
@@ -431,3 +422,32 @@ def test_max_tokens_above_the_models_maximum_is_refused(http):
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "invalid_value"
     assert http.get("/mock/stats").json()["tokens_served"]["total"] == 0
+
+
+def test_models_are_listed_and_retrieved_as_the_sdk_reads_them(sdk, http):
+    listed = [model.id for model in sdk.models.list()]
+    assert "gpt-4o-mini" in listed and len(listed) == len(set(listed))
+    model = sdk.models.retrieve("gpt-4o")
+    assert (model.id, model.object, model.owned_by) == ("gpt-4o", "model", "mock")
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.models.retrieve("no-such-model")
+    assert missing.value.code == "model_not_found"
+    assert http.get("/models").json()["object"] == "list"  # without /v1 too, like the rest
+    assert http.get("/v1/models", headers={"Authorization": "Bearer no"}).status_code == 401
+
+
+def test_a_busy_port_is_named_with_how_to_choose_another(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        shim = Path(__file__).resolve().parent.parent / "scripts" / "mock_openai.py"
+        run = subprocess.run(
+            [sys.executable, str(shim), "--port", str(port)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"port {port} on 127.0.0.1 is busy" in run.stderr and "--port PORT" in run.stderr

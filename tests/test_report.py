@@ -1,13 +1,15 @@
-"""The ledger report: grouping, totals, --since, the rolling usage drawn in the chart."""
+"""The ledger report: grouping, totals, --since, the rolling usage and limits drawn in the chart."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from tokengate_core.audit import LedgerWriter, iso_time
-
-from scripts import report
+from tokengate_core.tools import report
 
 T0 = 1_800_000_000.0
 
@@ -103,3 +105,80 @@ def test_png_is_drawn(ledger, tmp_path, capsys):
     report.main([str(ledger), "--png", str(png)])
     assert "1 chart(s)" in capsys.readouterr().err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def lines_of(path) -> list[dict]:
+    return sorted(report.read_ledgers([path], None), key=lambda line: line["_epoch"])
+
+
+def write_ledger(path, entries):
+    writer = LedgerWriter(path, max_size=1 << 30, keep=1)
+    for entry in entries:
+        writer.write(entry)
+    writer.close()
+    return path
+
+
+def test_chart_draws_each_limit_as_it_stood_and_keeps_the_legend_off_the_data(tmp_path):
+    raised = {"limits": {"total_tokens-1m": 500_000}}
+    path = write_ledger(
+        tmp_path / "ledger.jsonl",
+        [
+            line(0, "alice", 60),
+            line(10, "alice", 50),
+            line(20, "alice", 0, status=429),  # refused while the limit was 100
+            line(90, "alice", 5000, **raised),  # the file was edited: 500,000 from here on
+            line(100, "alice", 0, status=429, **raised),
+        ],
+    )
+    drawn, panels = report.figure(lines_of(path))
+    assert panels == 1
+    axis = drawn.axes[0]
+    limit = next(ln for ln in axis.get_lines() if ln.get_label() == "limit total_tokens-1m")
+    assert list(limit.get_ydata()) == [100, 500_000, 500_000]
+    assert list(limit.get_xdata()) == [0, 90, 100 + 60]
+    crosses = [ln for ln in axis.get_lines() if ln.get_marker() == "x"]
+    assert [list(ln.get_ydata()) for ln in crosses] == [[100, 500_000]]
+    assert axis.get_yscale() == "symlog"  # 100 and 500,000 both readable
+    renderer = drawn.canvas.get_renderer()
+    legend = axis.get_legend().get_window_extent(renderer)
+    assert legend.x0 >= axis.get_window_extent(renderer).x1  # beside the panel, not over it
+
+
+def test_limit_steps_follow_each_proxy_on_its_own():
+    lines = [
+        {"_epoch": 1.0, "proxy": "p", "limits": {"a": 10}},
+        {"_epoch": 2.0, "proxy": "q", "limits": {"a": 99}},
+        {"_epoch": 3.0, "proxy": "p", "limits": {"a": 10}},
+        {"_epoch": 4.0, "proxy": "p", "limits": {"a": 20}},
+        {"_epoch": 5.0, "proxy": "p"},  # not limited (a 401): says nothing of the limit
+    ]
+    assert report.limit_steps(lines, "p", "a") == [(1.0, 10), (4.0, 20)]
+
+
+def test_an_empty_report_says_where_the_other_lines_are(tmp_path, capsys):
+    path = write_ledger(tmp_path / "replay.jsonl", [line(0, "carol", 10, replay=True)])
+    assert report.main([str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1].split()[:2] == ["all", "0"]
+    assert "only 1 lines of a QA replay (add --replay" in captured.err
+    live = write_ledger(tmp_path / "live.jsonl", [line(0, "alice", 10)])
+    assert report.main([str(live), "--replay", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["lines"] == 0 and "drop --replay" in captured.err
+
+
+def test_json_into_a_reader_that_stops_early_prints_no_traceback(tmp_path):
+    # Far more JSON than a pipe holds, so the report is still writing when the reader goes.
+    path = write_ledger(tmp_path / "big.jsonl", [line(i, f"key-{i}", 10) for i in range(3000)])
+    shim = Path(__file__).resolve().parent.parent / "scripts" / "report.py"
+    process = subprocess.Popen(
+        [sys.executable, str(shim), str(path), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout.readline() == b"{\n"  # what `head -1` would take
+    process.stdout.close()
+    error = process.stderr.read().decode()
+    process.wait(timeout=60)
+    assert "Traceback" not in error and "BrokenPipe" not in error, error

@@ -81,6 +81,7 @@ def entry(
         "time": iso_time(flow.request.timestamp_start),
         "proxy": state.get("proxy"),
         "key": state.get("key"),
+        "key_fp": state.get("key_fp"),  # which secret of that name: its SHA-256's first 16 digits
         "model": state.get("model"),
         "endpoint": state.get("endpoint"),
         "stream": bool(state.get("stream")),

@@ -72,7 +72,12 @@ class CaptureReplay:
         if saved is None or self.gate.config is None:
             return
         self.clock.now = flow.request.timestamp_start
-        note = Notes(proxy=saved.get("proxy"), key=saved.get("key"), endpoint=saved.get("endpoint"))
+        note = Notes(
+            proxy=saved.get("proxy"),
+            key=saved.get("key"),
+            key_fp=saved.get("key_fp"),
+            endpoint=saved.get("endpoint"),
+        )
         status, decision = await self._decide(flow, saved, note)
         await self.quota.gate.writes.caught_up()
         self.reporting.write({**entry(flow, note, status, decision), "replay": True})

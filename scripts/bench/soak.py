@@ -11,9 +11,9 @@ usage endpoint shows 0 reserved), the ledger's tokens per key equal the tokens t
 delivered to that key (its `delivered_by_tag`), and no addon error in mitmdump's log.
 
 `--baseline` first sends the same requests through plain mitmdump, to tell the gate's memory
-growth from mitmdump's own; `--memtrace FILE` names what mitmdump holds (scripts/memtrace.py).
+growth from mitmdump's own; `--memtrace FILE` names what mitmdump holds (scripts/bench/memtrace.py).
 
-    .venv/bin/python -m scripts.soak [--requests 20000] [--concurrency 16] [--baseline]
+    .venv/bin/python -m scripts.bench.soak [--requests 20000] [--concurrency 16] [--baseline]
         [--memtrace FILE] [--json]
 """
 
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import httpx
 from tokengate_core.keys import hash_key
+from tokengate_core.tools.children import Child
 
-from scripts import benchkit
-from scripts.children import Child
+from scripts.bench import benchkit
 
 BIG_KEYS = ("big-1", "big-2", "big-3")  # proxy /soak: a budget no mix spends (per 10 s)
 TIGHT_KEYS = ("tight-1", "tight-2")  # proxy /tight: 1500 tokens per 10 s, so 429s happen
@@ -227,7 +227,7 @@ def memory(samples: list[tuple[int, int | None]], requests: int) -> dict:
 
 
 def trace_args(args: argparse.Namespace, out: Path | None) -> list[str]:
-    """The arguments that load scripts/memtrace.py into mitmdump, writing to `out`."""
+    """The arguments that load scripts/bench/memtrace.py into mitmdump, writing to `out`."""
     if out is None:
         return []
     warm = str(max(1, int(args.requests * WARM_UP)))
@@ -351,7 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--memtrace",
         type=Path,
-        help="load scripts/memtrace.py into mitmdump, writing its report to this file"
+        help="load scripts/bench/memtrace.py into mitmdump, writing its report to this file"
         " (and the baseline's beside it); slows mitmdump several times",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON object")

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from scripts.children import Child
+from tokengate_core.tools.children import Child
 
 PY_SPY = str(Path(sys.executable).with_name("py-spy"))
 RATE = 200  # samples per second

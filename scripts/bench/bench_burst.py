@@ -7,7 +7,7 @@ and on. It prints what was admitted, what the provider served (the mock's `token
 the gate settled (`X-Tokens-Consumed`, or the stream's trailer comment), the overshoot
 (served - L) and the utilisation (served / L).
 
-    .venv/bin/python -m scripts.bench_burst [--requests 50] [--limit 1000] [--json]
+    .venv/bin/python -m scripts.bench.bench_burst [--requests 50] [--limit 1000] [--json]
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 from tokengate_core.keys import hash_key
 
-from scripts import benchkit
-from scripts.benchkit import PROVIDER_ENV, OutOfTime, started, url_of
+from scripts.bench import benchkit
+from scripts.bench.benchkit import PROVIDER_ENV, OutOfTime, started, url_of
 
 PROMPT = [{"role": "user", "content": "Hello!"}]  # 9 tokens for gpt-4o-mini
 COMPLETION = 50  # what each request generates: 9 + 50 = 59 tokens

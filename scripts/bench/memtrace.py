@@ -2,7 +2,8 @@
 
 Load it with a second `-s` beside TokenGate (or alone, for plain mitmdump):
 
-    mitmdump ... -s scripts/memtrace.py --set memtrace_out=trace.txt --set memtrace_warm_flows=2000
+    mitmdump ... -s scripts/bench/memtrace.py \\
+        --set memtrace_out=trace.txt --set memtrace_warm_flows=2000
 
 Once `memtrace_warm_flows` flows have ended (response or error) it starts tracemalloc, so the
 warm-up runs at full speed; every `memtrace_warm_flows` flows after that it takes a snapshot

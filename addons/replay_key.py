@@ -1,4 +1,4 @@
-"""Client replay as a caller: `mitmdump -s scripts/replay_key.py -s addons/tokengate.py -C FILE`.
+"""Client replay as a caller: `mitmdump -s addons/replay_key.py -s addons/tokengate.py -C FILE`.
 
 Saved flows never hold the caller's key, so a replayed request would get 401 from the gate. This
 addon, loaded before TokenGate, gives the key in the environment variable TOKENGATE_REPLAY_KEY

@@ -4,7 +4,7 @@ One session, everything on 127.0.0.1. Phases (`--phases`, all by default):
 
 - load: small non-streamed chat requests at each `--concurrency`, to every target in turn:
   `direct` (the mock itself), `mitmdump` (plain, reverse mode, no addon), `noop` (mitmdump with
-  `scripts/noop_addons.py`: as many addon objects as TokenGate, with the same hooks, doing
+  `scripts/bench/noop_addons.py`: as many addon objects as TokenGate, with the same hooks, doing
   nothing: the floor mitmproxy's addon dispatch puts under TokenGate) and TokenGate on the
   `memory`, `sqlite` and `redis` stores. Req/s, p50 and p99 latency, the proxy's CPU time per
   request (all its threads; for `direct`, the mock's), startup time and the proxy's peak RSS,
@@ -12,7 +12,7 @@ One session, everything on 127.0.0.1. Phases (`--phases`, all by default):
   the time the proxy waited for a CPU, so it is a second view of the gate's cost when other work
   shares the machine (it still varies with what shares the caches).
 - stream: streamed chat requests, time to first body byte, the same targets.
-- estimate: `tokens.estimate_prompt` on 1k, 10k and 100k-token prompts, in this process.
+- estimate: `dialects.openai.estimate_prompt` on 1k, 10k and 100k-token prompts, in this process.
 - keys: a gateway whose quotas file holds `--keys` keys, each key sending one request;
   startup time and peak RSS against a plain mitmdump that served as many requests.
 - stores: one limit check per store, in this process: reserve and settle, µs per call.
@@ -55,10 +55,12 @@ from tokengate_core.stores import Store
 from tokengate_core.stores.memory import MemoryStore
 from tokengate_core.stores.redis import RedisStore
 from tokengate_core.stores.sqlite import SqliteStore
+from tokengate_core.tools.children import Child
+from tokengate_core.tools.mock import completion_pieces
 
-from scripts import benchkit, benchprofile
-from scripts.benchclient import Run, drive, encode_request
-from scripts.benchkit import (
+from scripts.bench import benchkit, benchprofile
+from scripts.bench.benchclient import Run, drive, encode_request
+from scripts.bench.benchkit import (
     Budget,
     Column,
     OutOfTime,
@@ -69,9 +71,7 @@ from scripts.benchkit import (
     started,
     table,
 )
-from scripts.children import ROOT, Child
-from scripts.mock_openai import completion_pieces
-from tests.redis_server import RedisServer
+from scripts.bench.redis_server import RedisServer
 
 TARGETS = ("direct", "mitmdump", "noop", "memory", "sqlite", "redis")
 GATES = ("memory", "sqlite", "redis")
@@ -87,7 +87,7 @@ LABELS = {
     "sqlite": "TokenGate, SQLite",
     "redis": "TokenGate, Redis",
 }
-NOOP_ADDONS = str(ROOT / "scripts" / "noop_addons.py")
+NOOP_ADDONS = str(Path(__file__).with_name("noop_addons.py"))
 CONTEXT = "/bench"
 MODEL = "gpt-4o-mini"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 5}
@@ -612,14 +612,14 @@ class Scripted:
 
 def dispatch_phase(args, budget: Budget) -> dict:
     """mitmproxy's dispatch of one flow's events (with the `update` after each) through
-    mitmdump's default addons, alone and with `scripts/noop_addons.py`'s twins: µs of CPU per
+    mitmdump's default addons, alone and with `scripts/bench/noop_addons.py`'s twins: µs of CPU per
     flow, in this process, the `noop` target's floor without the network's noise."""
     from mitmproxy import options
     from mitmproxy.proxy.layers import http as layers
     from mitmproxy.test import tflow
     from mitmproxy.tools.dump import DumpMaster
 
-    from scripts import noop_addons
+    from scripts.bench import noop_addons
 
     async def measure() -> dict[str, list[float]]:
         masters = {}
@@ -789,8 +789,8 @@ def markdown(report: dict) -> str:
         )
     if estimate := report.get("estimate"):
         out += section(
-            "Prompt estimate (`tokens.estimate_prompt`, one chat message of lorem ipsum whose "
-            f"token count is checked first), median of repeats{truncation(estimate)}.",
+            "Prompt estimate (`dialects.openai.estimate_prompt`, one chat message of lorem ipsum "
+            f"whose token count is checked first), median of repeats{truncation(estimate)}.",
             figures_table(
                 ["prompt tokens"],
                 [([f"{int(size):,}"], f) for size, f in estimate["sizes"].items()],

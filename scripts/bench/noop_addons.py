@@ -8,7 +8,7 @@ its TokenGate counterpart, sync where that one is sync and `async def` where it 
 each doing nothing. Plain mitmdump beside mitmdump with this script is the floor mitmproxy's
 addon dispatch puts under TokenGate: the part of the gap that is not TokenGate's code.
 
-    mitmdump --mode reverse:http://127.0.0.1:4010 -s scripts/noop_addons.py
+    mitmdump --mode reverse:http://127.0.0.1:4010 -s scripts/bench/noop_addons.py
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """What the benchmarks share: launching the mock and mitmdump, time budgets, figures, output.
 
-`scripts/bench.py` and `scripts/bench_burst.py` ask different questions of the same processes;
-this keeps one copy of how those are started and stopped, how a percentile is taken and how a
-report is printed (a Markdown table to paste into the README, or JSON with `--json`).
+`bench.py` and `bench_burst.py` ask different questions of the same processes; this keeps one
+copy of how those are started and stopped, how a percentile is taken and how a report is
+printed (a Markdown table to paste into the README, or JSON with `--json`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
 
-from scripts.children import ROOT, Child
+from tokengate_core.tools.children import ADDON, MOCK, Child
 
 MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
-ADDON = str(ROOT / "addons" / "tokengate.py")
-MOCK = [sys.executable, "scripts/mock_openai.py", "--port", "0", "--quiet"]
 PROVIDER_ENV = "TOKENGATE_BENCH_PROVIDER_KEY"
 STARTUP_TIMEOUT = 30.0
 
@@ -84,7 +82,7 @@ def gateway(mock_url: str, config: Path, provider_key: str, *args: str) -> Child
     are more mitmdump arguments."""
     return mitmdump(
         mock_url,
-        "-s", ADDON,
+        "-s", str(ADDON),
         "--set", f"tokengate_config={config}",
         *args,
         env={**os.environ, PROVIDER_ENV: provider_key},

@@ -1,14 +1,19 @@
-"""Child processes for end-to-end tests and benchmarks: started, drained, awaited, stopped."""
+"""Child processes (the mock, mitmdump, redis-server) for the capture tool, the end-to-end tests
+and the benchmarks: started, drained, awaited, stopped."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# The script mitmdump loads TokenGate with (`-s`), in this source checkout.
+ADDON = Path(__file__).resolve().parents[2] / "tokengate.py"
+# The bundled mock provider on a free port (it prints the URL it listens at).
+MOCK = [sys.executable, "-m", "tokengate_core.tools.mock", "--port", "0", "--quiet"]
 # mitmdump: "... listening at 127.0.0.1:8080."; the mock: "... listening at http://127.0.0.1:4010"
 LISTENING = re.compile(r"listening at \S*:(\d+)")
 
@@ -17,7 +22,11 @@ class Child:
     """A process whose output a thread drains (a full pipe would stall it) and keeps."""
 
     def __init__(
-        self, argv: list[str], env: dict[str, str] | None = None, ready: re.Pattern = LISTENING
+        self,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        ready: re.Pattern = LISTENING,
+        cwd: Path | None = None,
     ) -> None:
         self.lines: list[str] = []
         self.ready_match: re.Match[str] | None = None
@@ -27,7 +36,7 @@ class Child:
         spawned = time.perf_counter()
         self.popen = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
