@@ -3,6 +3,8 @@ themselves (the blocks marked `run-by` with these tests' names), only the ports 
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import subprocess
 import sys
@@ -103,3 +105,23 @@ def test_regular_mode_walkthrough(reader, terminals):
         terminals.append(Terminal(with_ports(block.text, ports), folder, env))
         terminals[-1].wait_for(LISTENING)
     run_console(app, folder, env, ports)
+
+
+@pending("tokengate-capture", "tokengate-report")
+def test_replay_walkthrough(reader):
+    """docs/replay.md: a capture made with the mock, replayed with -nr, its ledger reported."""
+    (block,) = run_by("test_replay_walkthrough")
+    folder, env = reader
+    (folder / "addons").symlink_to(ROOT / "addons")
+    run = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.text],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run
+    replayed = [json.loads(line) for line in (folder / "replay.jsonl").read_text().splitlines()]
+    assert replayed and all(line["replay"] for line in replayed)
+    assert re.search(r"^qa +alice +gpt-4o-mini +2 ", run.stdout, re.MULTILINE), run.stdout
