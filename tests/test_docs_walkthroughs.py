@@ -53,6 +53,8 @@ def terminals():
 def test_readme_walkthrough(reader, terminals):
     """The 200 -> 429 -> 401 of the README, against what scripts/demo.sh starts."""
     (walkthrough,) = run_by("test_readme_walkthrough")
+    demo = (ROOT / "scripts" / "demo.sh").read_text(encoding="utf-8")
+    assert "TOKENGATE_PORT:-8080" in demo and "MOCK_PORT=4010" in demo  # the ports it shows
     folder, env = reader
     gate_port, mock_port = free_port(), free_port()
     quotas = (ROOT / "quotas.yaml").read_text(encoding="utf-8")
