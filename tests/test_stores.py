@@ -320,6 +320,24 @@ async def release_of_the_newest_moves_the_reset_back(r: Recorder, clock: FakeClo
 
 
 @scenario
+async def a_release_in_a_call_that_also_prunes(r: Recorder, clock: FakeClock) -> None:
+    """The call that releases the newest reservation is also the one that finds an older
+    charge gone: the window is read whole for both, and ends empty."""
+    bs = buckets(total(100))
+    await r.reserve("a", bs, Demand(10, 0))
+    await r.finish("a", Usage(10, 0))
+    clock.at(T0 + 10)
+    await r.reserve("b", bs, Demand(10, 10))
+    clock.at(T0 + 30)
+    await r.reserve("c", bs, Demand(10, 10))
+    clock.at(T0 + 60)  # "a" leaves the window now
+    (s,) = await r.finish("c", None)
+    assert (s.used, s.reserved, s.reset_at) == (0, 20, T0 + 70)
+    (s,) = await r.finish("b", None)
+    assert (s.used, s.reserved, s.reset_at) == (0, 0, T0 + 60)
+
+
+@scenario
 async def a_clock_going_back_never_stamps_earlier(r: Recorder, clock: FakeClock) -> None:
     bs = buckets(total(100))
     clock.at(T0 + 10)
