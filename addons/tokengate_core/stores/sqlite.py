@@ -325,16 +325,12 @@ class SqliteStore:
         )
         if reservation is None:
             return decision, None
+        held = [window.pending[reservation_id] for window in windows]
         db.executemany(
             "INSERT INTO pending VALUES (?, ?, ?, ?)",
             [
-                (
-                    b.key,
-                    reservation_id,
-                    reservation.stamp,
-                    reservation.amounts.amount(b.limit.dimension),
-                )
-                for b in buckets
+                (bucket.key, reservation_id, charge.stamp, charge.amount)
+                for bucket, charge in zip(buckets, held, strict=True)
             ],
         )
         self._write(db, buckets, windows)

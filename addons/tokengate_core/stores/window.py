@@ -142,8 +142,10 @@ def statuses(
 ) -> tuple[LimitStatus, ...]:
     """The buckets' windows as a caller sees them; a bucket without a window is whole."""
     return tuple(
-        LimitStatus(bucket.limit, 0, 0, now) if window is None else window.status(bucket.limit)
-        for bucket, window in zip(buckets, windows, strict=True)
+        [
+            LimitStatus(bucket.limit, 0, 0, now) if window is None else window.status(bucket.limit)
+            for bucket, window in zip(buckets, windows, strict=True)
+        ]
     )
 
 
@@ -168,7 +170,7 @@ def admit(
     if not decision.admitted:
         return decision, None
     # Stamps never go backwards in a window, even if a clock does.
-    stamp = max([now, *(window.newest for window in windows if window is not None)])
+    stamp = max([now, *[window.newest for window in windows if window is not None]])
     amounts = decision.reserved
     for index, bucket in enumerate(buckets):
         window = windows[index]
