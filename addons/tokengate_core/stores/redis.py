@@ -3,8 +3,8 @@
 Each request is one Lua script (lua/reserve.lua, or lua/settle.lua, each run after the window
 rules they share in lua/window.lua), so it is atomic across all the limits of the request, and
 decided on the Redis server's clock (`TIME`): instances whose clocks disagree still agree on the
-windows. The scripts apply the rules of `limiter.decide_on` (minimum
-per dimension, completion capped by what is left, debt kept, `fits_at` for the retry time); the
+windows. The scripts apply the rules of `limiter.decide_on` (minimum per dimension, completion
+capped by what is left, debt kept, `fits_at` for the retry time) and of `window.Window`; the
 conformance suite (tests/test_stores.py) holds them to the memory store's decisions.
 
 Per bucket, one hash (`tokengate:{proxy:alice}:total_tokens#0`): its head (`used`, `reserved`,
