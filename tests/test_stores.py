@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import os
+import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
+import tarfile
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,7 +40,7 @@ from tokengate_core.limiter import SLOTS, Bucket, Decision, Demand, Usage
 from tokengate_core.quota import buckets_for
 from tokengate_core.stores import STALE_AFTER, Reservation, Store, StoreUnavailable
 from tokengate_core.stores.memory import MemoryStore
-from tokengate_core.stores.redis import RedisStore, redacted
+from tokengate_core.stores.redis import RESERVE, SETTLE, RedisStore, redacted
 from tokengate_core.stores.sqlite import SqliteStore
 
 from tests.e2e import self_signed
@@ -311,6 +318,24 @@ async def release_of_the_newest_moves_the_reset_back(r: Recorder, clock: FakeClo
     assert s.reset_at == T0 + 60
     (s,) = await r.finish("a", None)
     assert (s.used, s.reserved, s.reset_at) == (0, 0, clock.now)
+
+
+@scenario
+async def a_release_in_a_call_that_also_prunes(r: Recorder, clock: FakeClock) -> None:
+    """The call that releases the newest reservation is also the one that finds an older
+    charge gone: the window is read whole for both, and ends empty."""
+    bs = buckets(total(100))
+    await r.reserve("a", bs, Demand(10, 0))
+    await r.finish("a", Usage(10, 0))
+    clock.at(T0 + 10)
+    await r.reserve("b", bs, Demand(10, 10))
+    clock.at(T0 + 30)
+    await r.reserve("c", bs, Demand(10, 10))
+    clock.at(T0 + 60)  # "a" leaves the window now
+    (s,) = await r.finish("c", None)
+    assert (s.used, s.reserved, s.reset_at) == (0, 20, T0 + 70)
+    (s,) = await r.finish("b", None)
+    assert (s.used, s.reserved, s.reset_at) == (0, 0, T0 + 60)
 
 
 @scenario
@@ -661,6 +686,90 @@ async def test_redis_over_tls_with_a_password(tmp_path):
     finally:
         await store.close()
         server.stop()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = ROOT / "addons" / "tokengate_core" / "stores" / "lua"
+
+
+def test_redis_scripts_ship_in_the_wheel_and_the_sdist(tmp_path):
+    """A non-editable install has the Lua files: the wheel and the sdist built from this tree hold
+    every one, and the store imported from the wheel alone (a zip) builds the same scripts."""
+    pytest.importorskip("setuptools", reason="building a wheel needs the build backend")
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT / "addons" / "tokengate_core",
+        source / "addons" / "tokengate_core",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
+    dist = tmp_path / "dist"
+    for hook in ("build_wheel", "build_sdist"):  # one process each: the backend keeps state
+        build = f"import sys, setuptools.build_meta as backend; backend.{hook}(sys.argv[1])"
+        subprocess.run(
+            [sys.executable, "-c", build, str(dist)],
+            cwd=source,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    scripts = sorted(path.name for path in LUA.glob("*.lua"))
+    assert scripts
+    (wheel,) = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {name for name in archive.namelist() if name.endswith(".lua")}
+    assert shipped == {f"tokengate_core/stores/lua/{name}" for name in scripts}
+    (sdist,) = dist.glob("*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        shipped = {name.split("/", 1)[1] for name in archive.getnames() if name.endswith(".lua")}
+    assert shipped == {f"addons/tokengate_core/stores/lua/{name}" for name in scripts}
+    read = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); "
+        "from tokengate_core.stores import redis as r; "
+        "print(json.dumps([r.__file__, r.RESERVE, r.SETTLE]))"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = subprocess.run(
+        [sys.executable, "-c", read, str(wheel)],
+        cwd=tmp_path,
+        env=environment,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    where, reserve, settle = json.loads(found.stdout)
+    assert where.startswith(str(wheel))
+    assert (reserve, settle) == (RESERVE, SETTLE)
+
+
+async def test_redis_scripts_are_read_once_not_per_call(redis_server, monkeypatch):
+    """The scripts are read when the module is imported and registered with each client once:
+    making a store and calling it reads no Lua file."""
+    read = []
+    for name in ("open", "read_text", "read_bytes"):
+        original = getattr(Path, name)
+
+        def reading(path, *args, original=original, **kwargs):
+            if path.suffix == ".lua":
+                read.append(path.name)
+            return original(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, name, reading)
+    store = RedisStore(redis_server.url, FakeClock(), prefix=f"t-{uuid.uuid4().hex[:12]}")
+    bs = buckets(total(100))
+    try:
+        for name in ("a", "b"):
+            _, reservation = await store.reserve(name, bs, Demand(1, 1))
+            await store.settle(reservation, Usage(1, 1))
+        _, reservation = await store.reserve("c", bs, Demand(1, 1))
+        await store.release(reservation)
+        (s,) = await store.status(bs)
+        assert (s.used, s.reserved) == (4, 0)
+    finally:
+        await store.close()
+    assert read == []
 
 
 def test_redacted_url():

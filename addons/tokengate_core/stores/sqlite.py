@@ -1,11 +1,14 @@
 """Charges in a SQLite file (WAL mode): spent budget survives a restart of mitmdump.
 
-Per bucket: one `windows` row (running `used` and `reserved`, the newest stamp, and lower
-bounds on the oldest stamp and the oldest pending one), settled charges merged into at most
-SLOTS + 1 `slots` rows per duration (`limiter.slot_of`), and one `pending` row per reservation
-in flight. A decision reads the `windows` rows of all its buckets in one statement; the slots
-and pending rows are only read when something may have left the window or gone stale (the lower
-bounds say when) and by a refused request (to tell when it will fit). All sqlite work runs on
+Per bucket, a `window.Window` kept in rows: one `windows` row (its head: running `used` and
+`reserved`, the newest stamp, and lower bounds on the oldest stamp and the oldest pending one),
+settled charges merged into at most SLOTS + 1 `slots` rows per duration, and one `pending` row
+per reservation in flight. This module only reads and writes those rows: the window's rules
+(pruning, slot merging, stale reservations, admission) are `window.py`'s, as in the memory
+store. A decision reads the `windows` rows of all its buckets in one statement; the slots and
+pending rows are only read when something may have left the window or gone stale (the lower
+bounds say when), by a release (the newest stamp may go back) and by a refused request (to tell
+when it will fit); a settle reads the one slot it merges into. All sqlite work runs on
 one dedicated thread that owns the connection: the event loop never waits on the disk. The
 operations queued while that thread is busy run together in its next `BEGIN IMMEDIATE`
 transaction, each in a savepoint of its own: each is atomic, several processes on one file stay
@@ -24,12 +27,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Limit
-from ..limiter import Bucket, Charge, Decision, Demand, LimitStatus, Usage, decide_on, slot_of
+from ..limiter import Bucket, Charge, Decision, Demand, LimitStatus, Usage
 from . import STALE_AFTER, Reservation, StoreUnavailable
+from .window import SlotKey, Window, admit, slot_key, statuses
 
 BUSY_TIMEOUT = 2.0  # seconds to wait for another process's transaction before giving up
 
@@ -59,21 +61,13 @@ CREATE TABLE IF NOT EXISTS pending (
 ) WITHOUT ROWID;
 """
 
-MERGE = (
-    "INSERT INTO slots (bucket, span, slot, stamp, amount) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (bucket, span, slot) DO UPDATE "
-    "SET stamp = max(stamp, excluded.stamp), amount = amount + excluded.amount"
+SLOT_ROWS = "SELECT span, slot, stamp, amount FROM slots WHERE bucket = ?"
+PENDING_ROWS = "SELECT rid, stamp, amount FROM pending WHERE bucket = ? ORDER BY stamp"
+ONE_SLOT = (
+    "SELECT bucket, span, slot, stamp, amount FROM slots WHERE bucket = ? AND span = ? AND slot = ?"
 )
-CHARGES = """
-SELECT stamp, amount, 1 AS settled FROM slots WHERE bucket = :bucket
-UNION ALL SELECT stamp, amount, 0 FROM pending WHERE bucket = :bucket
-"""
-# used, reserved, newest, oldest, oldest pending, records: a window's head, from its rows.
-HEAD = f"""
-SELECT TOTAL(amount * settled), TOTAL(amount * (1 - settled)), MAX(stamp), MIN(stamp),
-       MIN(CASE WHEN settled = 0 THEN stamp END), COUNT(*)
-FROM ({CHARGES})
-"""
+WRITE_SLOT = "INSERT OR REPLACE INTO slots VALUES (?, ?, ?, ?, ?)"
+WRITE_HEAD = "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)"
 
 
 Job = tuple[Callable, tuple, "asyncio.Future"]  # an operation, its arguments, its answer
@@ -90,27 +84,9 @@ def _answer(answers: list[asyncio.Future], outcomes: list[tuple[bool, object]]) 
             answer.set_exception(value)
 
 
-@dataclass(slots=True)
-class Head:
-    """A `windows` row while a transaction works on it."""
-
-    used: int
-    reserved: int
-    newest: float
-    oldest: float
-    since: float | None
-
-    def row(self, key: str) -> tuple:
-        return (key, self.used, self.reserved, self.newest, self.oldest, self.since)
-
-    def status(self, limit: Limit) -> LimitStatus:
-        return LimitStatus(limit, self.used, self.reserved, self.newest + limit.seconds)
-
-    def due(self, seconds: int, stale_after: float, now: float) -> bool:
-        """Whether something may have left the window or gone stale by `now`."""
-        return self.oldest + seconds <= now or (
-            self.since is not None and self.since + stale_after <= now
-        )
+def head_row(key: str, window: Window) -> tuple:
+    """A window's `windows` row."""
+    return (key, window.used, window.reserved, window.newest, window.oldest, window.since)
 
 
 def marks(buckets: tuple[Bucket, ...]) -> str:
@@ -226,92 +202,109 @@ class SqliteStore:
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
         """Fold a file written before slots (one `charges` row per reservation and bucket) into
-        slots and pending rows, so an upgrade keeps the spent budget."""
+        windows, so an upgrade keeps the spent budget: each row is held again in stamp order,
+        and a settled one settled at once."""
         if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'charges'").fetchone():
             return
         rows = db.execute("SELECT rid, bucket, stamp, expires, amount, settled FROM charges")
-        buckets = set()
-        for rid, bucket, stamp, expires, amount, settled in rows.fetchall():
-            buckets.add(bucket)
+        windows: dict[str, Window] = {}
+        for rid, key, stamp, expires, amount, settled in sorted(rows, key=lambda row: row[2]):
+            window = windows.setdefault(key, Window.opened(stamp))
+            window.hold(rid, Charge(stamp, amount, False))
             if settled:
-                span = round(expires - stamp)
-                db.execute(MERGE, (bucket, span, slot_of(stamp, span), stamp, amount))
-            else:
-                db.execute("INSERT INTO pending VALUES (?, ?, ?, ?)", (bucket, rid, stamp, amount))
+                window.settle(rid, amount, round(expires - stamp))
         db.execute("DROP TABLE charges")
         db.execute("DROP TABLE IF EXISTS totals")
-        for bucket in buckets:
-            SqliteStore._rebuild(db, bucket)
+        for key, window in windows.items():
+            SqliteStore._save(db, key, window, {}, set())
 
     @staticmethod
-    def _rebuild(db: sqlite3.Connection, key: str) -> Head | None:
-        """Write a bucket's `windows` row anew from its slots and pending rows; None if empty."""
-        used, reserved, newest, oldest, since, records = db.execute(
-            HEAD, {"bucket": key}
-        ).fetchone()
-        if not records:
+    def _read(db: sqlite3.Connection, key: str, window: Window) -> Window:
+        """The window with every record of its bucket restored into it."""
+        slots = db.execute(SLOT_ROWS, (key,))
+        pending = db.execute(PENDING_ROWS, (key,))
+        window.restore(
+            (((span, slot), Charge(stamp, amount, True)) for span, slot, stamp, amount in slots),
+            ((rid, Charge(stamp, amount, False)) for rid, stamp, amount in pending),
+        )
+        return window
+
+    @staticmethod
+    def _save(
+        db: sqlite3.Connection,
+        key: str,
+        window: Window,
+        slots: dict[SlotKey, Charge],
+        pending: set[str],
+    ) -> None:
+        """Write what changed in a window since its records were `slots` and `pending`; an
+        empty window leaves no row."""
+        db.executemany(
+            "DELETE FROM slots WHERE bucket = ? AND span = ? AND slot = ?",
+            [(key, *slot) for slot in slots if slot not in window.slots],
+        )
+        db.executemany(
+            WRITE_SLOT,
+            [
+                (key, *slot, charge.stamp, charge.amount)
+                for slot, charge in window.slots.items()
+                if slots.get(slot) is not charge
+            ],
+        )
+        db.executemany(
+            "DELETE FROM pending WHERE bucket = ? AND rid = ?",
+            [(key, rid) for rid in pending if rid not in (window.pending or ())],
+        )
+        db.executemany(
+            "INSERT INTO pending VALUES (?, ?, ?, ?)",
+            [
+                (key, rid, charge.stamp, charge.amount)
+                for rid, charge in (window.pending or {}).items()
+                if rid not in pending
+            ],
+        )
+        if window.empty:
             db.execute("DELETE FROM windows WHERE bucket = ?", (key,))
-            return None
-        head = Head(int(used), int(reserved), newest, oldest, since)
-        db.execute("INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)", head.row(key))
-        return head
+        else:
+            db.execute(WRITE_HEAD, head_row(key, window))
 
-    def _prune(self, db: sqlite3.Connection, bucket: Bucket, head: Head, now: float) -> Head | None:
-        """Drop what left the window, count stale reservations as settled (as memory.Window
-        does); only called when the head's lower bounds say something may be due."""
-        seconds, key = bucket.limit.seconds, bucket.key
-        if head.oldest + seconds <= now:
-            where = "WHERE bucket = :b AND stamp <= :cut AND stamp + :s <= :now"
-            bounds = {"b": key, "s": seconds, "now": now, "cut": now - seconds + 1}
-            db.execute(f"DELETE FROM slots {where}", bounds)
-            db.execute(f"DELETE FROM pending {where}", bounds)
-        stale = db.execute(
-            "DELETE FROM pending WHERE bucket = :b AND stamp <= :cut AND stamp + :s <= :now "
-            "RETURNING stamp, amount",
-            {"b": key, "s": self.stale_after, "now": now, "cut": now - self.stale_after + 1},
-        ).fetchall()
-        merges = [(key, seconds, slot_of(stamp, seconds), stamp, amount) for stamp, amount in stale]
-        db.executemany(MERGE, merges)
-        return self._rebuild(db, key)
+    def _pruned(
+        self, db: sqlite3.Connection, bucket: Bucket, window: Window, now: float
+    ) -> Window | None:
+        """The window pruned (`Window.prune`) and saved; None when nothing is left."""
+        self._read(db, bucket.key, window)
+        slots, pending = dict(window.slots), set(window.pending or ())
+        alive = window.prune(bucket.limit.seconds, now, self.stale_after)
+        self._save(db, bucket.key, window, slots, pending)
+        return window if alive else None
 
-    def _heads(
+    def _windows(
         self, db: sqlite3.Connection, buckets: tuple[Bucket, ...], now: float
-    ) -> list[Head | None]:
-        """The buckets' heads in one statement, each pruned first when something may be due."""
+    ) -> list[Window | None]:
+        """The buckets' windows from their heads in one statement, each pruned first when
+        something may be due."""
         rows = db.execute(
             f"SELECT bucket, used, reserved, newest, oldest, since FROM windows "
             f"WHERE bucket IN ({marks(buckets)})",
             [b.key for b in buckets],
         )
-        found = {key: Head(*head) for key, *head in rows}
-        heads = []
+        found = {key: Window(*head) for key, *head in rows}
+        windows = []
         for bucket in buckets:
-            head = found.get(bucket.key)
-            if head is not None and head.due(bucket.limit.seconds, self.stale_after, now):
-                head = self._prune(db, bucket, head, now)
-            heads.append(head)
-        return heads
+            window = found.get(bucket.key)
+            if window is not None and window.due(bucket.limit.seconds, now, self.stale_after):
+                window = self._pruned(db, bucket, window, now)
+            windows.append(window)
+        return windows
 
     @staticmethod
-    def _write(db: sqlite3.Connection, buckets: tuple[Bucket, ...], heads: list) -> None:
+    def _write(
+        db: sqlite3.Connection, buckets: tuple[Bucket, ...], windows: list[Window | None]
+    ) -> None:
         db.executemany(
-            "INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?, ?)",
-            [head.row(b.key) for b, head in zip(buckets, heads, strict=True) if head is not None],
+            WRITE_HEAD,
+            [head_row(b.key, w) for b, w in zip(buckets, windows, strict=True) if w is not None],
         )
-
-    @staticmethod
-    def _statuses(
-        buckets: tuple[Bucket, ...], heads: list[Head | None], now: float
-    ) -> tuple[LimitStatus, ...]:
-        return tuple(
-            LimitStatus(bucket.limit, 0, 0, now) if head is None else head.status(bucket.limit)
-            for bucket, head in zip(buckets, heads, strict=True)
-        )
-
-    @staticmethod
-    def _charges(db: sqlite3.Connection, bucket: Bucket) -> list[Charge]:
-        rows = db.execute(CHARGES, {"bucket": bucket.key})
-        return [Charge(stamp, amount, bool(settled)) for stamp, amount, settled in rows]
 
     def _reserve(
         self,
@@ -321,61 +314,73 @@ class SqliteStore:
         buckets: tuple[Bucket, ...],
         demand: Demand,
     ) -> tuple[Decision, Reservation | None]:
-        heads = self._heads(db, buckets, now)
-        statuses = self._statuses(buckets, heads, now)
-        decision = decide_on(statuses, lambda i: self._charges(db, buckets[i]), demand, now)
-        if not decision.admitted:
+        windows = self._windows(db, buckets, now)
+        decision, reservation = admit(
+            reservation_id,
+            buckets,
+            windows,
+            demand,
+            now,
+            lambda i: self._read(db, buckets[i].key, windows[i]).charges(),
+        )
+        if reservation is None:
             return decision, None
-        # Stamps never go backwards in a window, even if a clock does (as in memory.py).
-        stamp = max([now, *(head.newest for head in heads if head is not None)])
-        amounts = decision.reserved
-        pending = []
-        for index, bucket in enumerate(buckets):
-            amount = amounts.amount(bucket.limit.dimension)
-            pending.append((bucket.key, reservation_id, stamp, amount))
-            head = heads[index] = heads[index] or Head(0, 0, stamp, stamp, None)
-            head.reserved += amount
-            head.newest = stamp
-            if head.since is None:
-                head.since = stamp
-        db.executemany("INSERT INTO pending VALUES (?, ?, ?, ?)", pending)
-        self._write(db, buckets, heads)
-        held = Decision(True, self._statuses(buckets, heads, now), reserved=amounts)
-        return held, Reservation(reservation_id, stamp, buckets, amounts)
+        held = [window.pending[reservation_id] for window in windows]
+        db.executemany(
+            "INSERT INTO pending VALUES (?, ?, ?, ?)",
+            [
+                (bucket.key, reservation_id, charge.stamp, charge.amount)
+                for bucket, charge in zip(buckets, held, strict=True)
+            ],
+        )
+        self._write(db, buckets, windows)
+        return decision, reservation
 
     def _replace(
         self, db: sqlite3.Connection, now: float, reservation: Reservation, usage: Usage | None
     ) -> tuple[LimitStatus, ...]:
         buckets = reservation.buckets
-        heads = self._heads(db, buckets, now)
+        windows = self._windows(db, buckets, now)
         held = db.execute(
             f"DELETE FROM pending WHERE bucket IN ({marks(buckets)}) AND rid = ? "
             "RETURNING bucket, stamp, amount",
             [*(b.key for b in buckets), reservation.id],
         ).fetchall()
         if not held:  # settled or released already, or stale: nothing changes
-            return self._statuses(buckets, heads, now)
+            return statuses(buckets, windows, now)
         index_of = {bucket.key: index for index, bucket in enumerate(buckets)}
-        merges = []
+        if usage is not None:  # the slots the reservation merges into
+            keys = [
+                (key, *slot_key(stamp, buckets[index_of[key]].limit.seconds))
+                for key, stamp, _ in held
+            ]
+            rows = db.execute(
+                " UNION ALL ".join([ONE_SLOT] * len(keys)), [part for key in keys for part in key]
+            )
+            for key, span, slot, stamp, amount in rows:
+                windows[index_of[key]].restore([((span, slot), Charge(stamp, amount, True))], ())
+        slots = []
         for key, stamp, amount in held:
             index = index_of[key]
-            if usage is None:  # the newest stamp may go back: read the window anew
-                heads[index] = self._rebuild(db, key)
-                continue
-            limit = buckets[index].limit
-            settled = usage.amount(limit.dimension)
-            merges.append((key, limit.seconds, slot_of(stamp, limit.seconds), stamp, settled))
-            heads[index].used += settled
-            heads[index].reserved -= amount
-        if merges:
-            db.executemany(MERGE, merges)
-            self._write(db, buckets, heads)
-        return self._statuses(buckets, heads, now)
+            window, limit = windows[index], buckets[index].limit
+            if usage is None:  # the newest stamp may go back: the rule needs every record
+                self._read(db, key, window)
+            window.restore((), [(reservation.id, Charge(stamp, amount, False))])
+            settled = None if usage is None else usage.amount(limit.dimension)
+            slot = window.settle(reservation.id, settled, limit.seconds)
+            if slot is not None:
+                slots.append((key, *slot, window.slots[slot].stamp, window.slots[slot].amount))
+            elif window.empty:
+                db.execute("DELETE FROM windows WHERE bucket = ?", (key,))
+                windows[index] = None
+        db.executemany(WRITE_SLOT, slots)
+        self._write(db, buckets, windows)
+        return statuses(buckets, windows, now)
 
     def _status(
         self, db: sqlite3.Connection, now: float, buckets: tuple[Bucket, ...]
     ) -> tuple[LimitStatus, ...]:
-        return self._statuses(buckets, self._heads(db, buckets, now), now)
+        return statuses(buckets, self._windows(db, buckets, now), now)
 
     # -- the Store interface (event loop side) -----------------------------------------------
 
