@@ -9,6 +9,7 @@ from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow, tutils
 from tokengate_core import notes
+from tokengate_core.admission import AdmissionControl
 from tokengate_core.credentials import REDACTED_KEY
 from tokengate_core.gate import Gate
 from tokengate_core.metering import Metering
@@ -70,14 +71,53 @@ def test_bad_reload_keeps_last_good_config(gate_addons, tmp_path):
     assert gate.proxy("p") is not None
 
 
-async def test_unrouted_flow_is_untouched(gate_addons):
+@pytest.mark.parametrize(
+    ("key", "host"),
+    [(None, "upstream.test"), ("sk-not-ours", "elsewhere.test")],
+    ids=["no-credential", "foreign-credential-to-another-host"],
+)
+async def test_unrouted_flow_is_untouched(gate_addons, key, host):
     _, _, addons = gate_addons
-    flow = reverse_flow(path="/elsewhere/chat/completions")
+    flow = reverse_flow(path="/elsewhere/chat/completions", key=key)
+    flow.request.host = host
     before = flow.request.copy()
     await through(addons, ("requestheaders", "request"), flow)
     assert notes.of(flow) is None
     assert flow.response is None
     assert flow.request.headers == before.headers and flow.request.url == before.url
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "host"),
+    [
+        ("/P/chat/completions", ALICE, "elsewhere.test"),  # our key, a typo of the context
+        ("/px/chat/completions", ALICE, "elsewhere.test"),
+        ("/v1/chat/completions", "sk-anything", "upstream.test"),  # any key, to the provider
+    ],
+)
+async def test_unrouted_flow_with_a_credential_is_refused_404(gate_addons, path, key, host):
+    tctx, _, addons = gate_addons
+    flow = reverse_flow(path=path, key=key)
+    flow.request.host = host
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.response.status_code == 404 and notes.answered_by_gate(flow)
+    body = json.loads(flow.response.content)
+    assert body["error"]["code"] == "unknown_url" and "/p" in body["error"]["message"]
+    # The documented way through: a passthrough prefix is forwarded untouched.
+    (admission,) = [a for a in addons if isinstance(a, AdmissionControl)]
+    tctx.configure(admission, tokengate_passthrough=[path.rsplit("/", 2)[0]])
+    passing = reverse_flow(path=path, key=key)
+    passing.request.host = host
+    await through(addons, ("requestheaders", "request"), passing)
+    assert passing.response is None and notes.of(passing) is None
+    assert passing.request.headers["authorization"] == f"Bearer {key}"
+
+
+def test_passthrough_prefixes_are_paths(gate_addons):
+    tctx, _, addons = gate_addons
+    (admission,) = [a for a in addons if isinstance(a, AdmissionControl)]
+    with pytest.raises(exceptions.OptionsError, match="starts with /"):
+        tctx.configure(admission, tokengate_passthrough=["v1"])
 
 
 async def test_missing_key_is_answered_401_by_the_gate(gate_addons):

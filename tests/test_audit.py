@@ -211,9 +211,11 @@ async def test_comments_and_markers(gate_addons):  # noqa: F811
         "tokengate: p/alice gpt-4o 20 tokens (reported); left: total_tokens-1m 980"
     )
     assert not admitted.marked
-    assert admitted.request.path == "/p/chat/completions"  # the caller's URL, once sent
+    # Sent: the flow shows the URL it was sent to (as the log does), not one that never existed.
+    assert admitted.request.url == "http://upstream.test:8000/v1/chat/completions"
     anonymous = reverse_flow(key=None)
     await through(addons, ("requestheaders", "request", "responseheaders", "response"), anonymous)
+    assert anonymous.request.path == "/p/chat/completions"  # never sent: the caller's URL
     assert anonymous.marked == ":lock:" and anonymous.comment.startswith("tokengate 401")
     state = {"proxy": "p", "key": "alice", "answered_by_gate": 429, "refused_by": "t-1m"}
     refused = reverse_flow()

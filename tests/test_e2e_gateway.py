@@ -19,6 +19,7 @@ from tests.conftest import ALICE, BOB, key_entries
 from tests.e2e import MITMDUMP, PROVIDER_KEY, ROOT, Gateway, write_quotas
 
 HELLO = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
+SOURCE = "X-TokenGate-Source"
 
 
 def proxy_yaml(count: int = 100, duration: str = "1m", scope: str = "key", extra: str = "") -> str:
@@ -273,10 +274,27 @@ def test_streamed_request_passes_and_is_charged_by_tokenizer(gateway_factory, fr
     assert charged_before == 9 + 40
 
 
-def test_ungoverned_paths_pass_untouched(gateway_factory, fresh_mock):
+def test_ungoverned_paths_pass_untouched_unless_they_carry_a_key(gateway_factory, fresh_mock):
     gateway = gateway_factory()
+    url = f"{gateway.url}/v1/chat/completions"
+    answer = httpx.post(url, json=HELLO, timeout=30)  # no credential: not the gate's business
+    assert answer.status_code == 401 and answer.headers.get(SOURCE) is None  # the mock's 401
+    # A typo of the context with the caller's key, and any key to a configured provider's host:
+    # refused by the gate, never forwarded.
+    for path, key in (("/RATE-LIMITED-PROXY", ALICE), ("/rate-limited-proxyX", ALICE), ("", "x")):
+        answer = httpx.post(
+            f"{gateway.url}{path}/v1/chat/completions",
+            json=HELLO,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        assert answer.status_code == 404 and answer.headers[SOURCE] == "gateway"
+        assert "/rate-limited-proxy" in answer.json()["error"]["message"]
+    assert fresh_mock.stats()["by_endpoint"] == {"chat/completions": 1}
+    # The documented way through for other paths: tokengate_passthrough.
+    passing = gateway_factory(None, "--set", "tokengate_passthrough=/v1")
     answer = httpx.post(
-        f"{gateway.url}/v1/chat/completions",
+        f"{passing.url}/v1/chat/completions",
         json=HELLO,
         headers={"Authorization": f"Bearer {PROVIDER_KEY}"},
         timeout=30,

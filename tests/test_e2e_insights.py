@@ -81,13 +81,17 @@ def test_live_ledger_has_one_line_per_governed_request(captured):
     assert not any(secret in text for secret in secrets_of(captured))
 
 
-def test_saved_capture_holds_no_secret_and_the_callers_urls(captured):
+def test_saved_capture_holds_no_secret_and_the_urls_that_were_called(captured):
     saved = captured.flows.read_bytes()
     assert not any(secret in saved for secret in secrets_of(captured))
     flows = read_flows(captured.flows)
     assert [flow.response.status_code for flow in flows] == CAPTURED
-    # The caller's URL comes back once the request has left, so `-C` routes it again.
-    assert all(flow.request.path.startswith("/qa/") for flow in flows)
+    # A flow shows the URL it was sent to; one the gate answered, the URL its caller used
+    # (either way `-C` routes it again: see the client replay test).
+    by_gate = [bool(flow.metadata["tokengate"].get("answered_by_gate")) for flow in flows]
+    assert by_gate == [False, True, True, False, False, False, False, True]
+    for flow, answered in zip(flows, by_gate, strict=True):
+        assert flow.request.path.startswith("/qa/" if answered else "/v1/"), flow.request.path
     assert flows[0].comment.startswith("tokengate: qa/alice gpt-4o-mini")
     assert "total_tokens-1m 0" in flows[0].comment
     assert flows[1].marked == ":no_entry:" and flows[2].marked == ":lock:"

@@ -49,7 +49,7 @@ PROXIES = (
     "    request_limits:\n      - {count: 3, duration: 1m}\n"
     "    keys:\n" + key_entries(bob=BOB) + "store:\n  kind: memory\n"
 )
-GATE_STATUSES = {400, 401, 403, 413, 429, 503}
+GATE_STATUSES = {400, 401, 403, 404, 413, 429, 503}
 KEY_OF_CONTEXT = {"/p": ("p", "alice", ALICE), "/small": ("small", "bob", BOB)}
 
 
@@ -466,6 +466,7 @@ async def test_a_request_mitmproxy_refuses_as_malformed_leaves_no_addon_error(ha
     await through(addons, ("requestheaders",), flow)
     assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
     flow.error = tflow.terr("HTTP/1 protocol error: Invalid Content-Length")
+    flow.server_conn.timestamp_start = None  # refused before any connection upstream
     await through(addons, ("error",), flow)
     assert flow.request.headers["authorization"] == f"Bearer {REDACTED_KEY}"
     assert (flow.request.scheme, flow.request.host, flow.request.path) == (

@@ -41,7 +41,7 @@ PROXIES = (
     "    keys:\n" + key_entries(bob=BOB)
 )
 CALLERS = {"/p": ("alice", ALICE), "/small": ("bob", BOB)}
-GATE_STATUSES = {400, 401, 403, 413, 429, 503}
+GATE_STATUSES = {400, 401, 403, 404, 413, 429, 503}
 MITMPROXY_STATUSES = {400, 413, 414, 431, 501, 502}
 # Modes where the provider breaks the connection, so mitmproxy's own 502 is the faithful answer.
 BREAKING_MODES = ("cut", "reset", "reset-mid")

@@ -13,18 +13,19 @@ quota is decided at requestheaders on what is left, and the body is read on its 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from mitmproxy import ctx, exceptions, http
 
 from . import answers, notes
-from .config import Proxy
+from .config import Config, Proxy
 from .gate import Gate
-from .intake import Reader
+from .intake import Reader, Unreadable
 from .keys import ConflictingKeys, format_timestamp
 from .limiter import Decision, Demand
 from .notes import Notes
 from .quota import DEFAULT_QUEUE_LIMIT, Admission, Ask, QuotaService, Refusal
-from .routing import USAGE_ENDPOINT, Route, is_reverse, route
+from .routing import USAGE_ENDPOINT, Route, is_reverse, route, route_saved, stray_credential
 from .stores import StoreUnavailable
 from .usage import BoundedBuffer
 
@@ -53,6 +54,7 @@ class AdmissionControl:
         self.gate = gate
         self.quota = quota
         self._bodies: dict[str, BoundedBuffer] = {}  # request bodies streamed upstream
+        self.passthrough: tuple[str, ...] = ()  # reverse-mode prefixes forwarded untouched
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -62,22 +64,40 @@ class AdmissionControl:
             "Most requests that wait at once for in-flight reservations (proxies with "
             "queue_wait); beyond it, requests get 429 at once.",
         )
+        loader.add_option(
+            "tokengate_passthrough",
+            Sequence[str],
+            [],
+            "Reverse mode: path prefixes outside every proxy's context that are forwarded "
+            "untouched even with a credential (elsewhere such a request gets 404).",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "tokengate_queue_limit" in updated:
             if ctx.options.tokengate_queue_limit < 0:
                 raise exceptions.OptionsError("tokengate_queue_limit must be 0 or more")
             self.quota.queue_limit = ctx.options.tokengate_queue_limit
+        if "tokengate_passthrough" in updated:
+            prefixes = ctx.options.tokengate_passthrough
+            if not all(prefix.startswith("/") for prefix in prefixes):
+                raise exceptions.OptionsError("tokengate_passthrough: each prefix starts with /")
+            self.passthrough = tuple(prefix.rstrip("/") or "/" for prefix in prefixes)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         # A flow loaded from a file may carry the notes of the run that saved it; they must not
         # make the addons act on it now.
-        flow.metadata.pop(notes.META, None)
+        saved = flow.metadata.pop(notes.META, None)
         # Flows loaded from a file or replayed by the server already carry a response.
-        if self.gate.config is None or flow.response is not None or not flow.live:
+        config = self.gate.config
+        if config is None or flow.response is not None or not flow.live:
             return
-        found = route(self.gate.config, flow.request, is_reverse(flow))
+        reverse = is_reverse(flow)
+        found = route(config, flow.request, reverse)
+        if found is None and saved and flow.is_replay == "request":
+            found = route_saved(config, flow.request, saved)
         if found is None:
+            if reverse and stray_credential(config, flow.request, self.passthrough):
+                self._refuse_stray(flow, config)
             return
         note = notes.start(
             flow,
@@ -100,6 +120,15 @@ class AdmissionControl:
         refusal = await self._body(flow, proxy, note)
         if refusal is not None:
             notes.answer(flow, refusal)
+
+    def _refuse_stray(self, flow: http.HTTPFlow, config: Config) -> None:
+        """404: a typo'd path must not carry the caller's key (or any key, to a provider)
+        upstream, and the caller learns where the proxies are."""
+        notes.start(flow, candidates=[], upstream_path=None, endpoint=None, allowed=False)
+        contexts = sorted(proxy.context for proxy in config.proxies.values())
+        # Only the proxies' dialects name credential headers, so there is at least one proxy.
+        dialect = next(iter(config.proxies.values())).dialect
+        notes.answer(flow, answers.unknown_context(dialect, flow.request.path, contexts))
 
     def _caller(self, flow: http.HTTPFlow, found: Route, note: Notes) -> http.Response | None:
         """The caller's key among the routed proxies' keys (401 otherwise), then the endpoint
@@ -167,9 +196,9 @@ class AdmissionControl:
         reader = Reader(proxy.dialect, self.gate.exact_prompt_chars, proxy.completion_reserve)
         read = await reader.read(raw, endpoint)
         admitted = self.quota.holding(flow.id)
-        if read is None:
+        if isinstance(read, Unreadable):
             # Not sent yet: refuse it rather than guess its cost.
-            return None if admitted else answers.unreadable_body(proxy.dialect)
+            return None if admitted else answers.unreadable_body(proxy.dialect, read.reason)
         terms = read.terms
         note.update(model=terms.model, stream=terms.stream, prompt_estimate=read.prompt)
         if admitted is not None:  # admitted at requestheaders; now its estimate is known

@@ -136,6 +136,17 @@ def expired_key(dialect: Dialect, name: str, expired_at: str) -> http.Response:
     )
 
 
+def unknown_context(dialect: Dialect, path: str, contexts: Sequence[str]) -> http.Response:
+    """404 for a reverse-mode path under no proxy's context that carries a credential."""
+    return invalid_request(
+        dialect,
+        404,
+        f"No TokenGate proxy serves {path.split('?', 1)[0]}; the gateway's proxies are at "
+        f"{', '.join(contexts)}. The request was not forwarded.",
+        "unknown_url",
+    )
+
+
 def endpoint_not_allowed(dialect: Dialect, method: str, path: str) -> http.Response:
     return invalid_request(
         dialect,
@@ -145,12 +156,9 @@ def endpoint_not_allowed(dialect: Dialect, method: str, path: str) -> http.Respo
     )
 
 
-def unreadable_body(dialect: Dialect) -> http.Response:
+def unreadable_body(dialect: Dialect, reason: str) -> http.Response:
     return invalid_request(
-        dialect,
-        400,
-        "We could not parse the JSON body of your request: expected a JSON object.",
-        None,
+        dialect, 400, f"We could not parse the JSON body of your request: {reason}.", None
     )
 
 

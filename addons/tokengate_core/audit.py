@@ -20,6 +20,8 @@ from typing import Any, BinaryIO
 
 from mitmproxy import http
 
+from .notes import Notes
+
 log = logging.getLogger("tokengate")
 
 AUTO = "auto"  # the ledger option's default: .state/ledger.jsonl beside the quotas file
@@ -29,6 +31,7 @@ GATE_DECISIONS = {
     400: "invalid",
     401: "unauthorized",
     403: "forbidden",
+    404: "unknown_context",
     413: "too_large",
     429: "refused",
     503: "unavailable",
@@ -67,9 +70,7 @@ def _latency_ms(flow: http.HTTPFlow) -> float | None:
     return round(max(0.0, end - start) * 1000, 1)
 
 
-def entry(
-    flow: http.HTTPFlow, state: dict[str, Any], status: int | None, decision: str
-) -> dict[str, Any]:
+def entry(flow: http.HTTPFlow, state: Notes, status: int | None, decision: str) -> dict[str, Any]:
     """The ledger line of one governed flow, from the notes the addons left in `state`.
 
     Only the flow's own timestamps are read (no wall clock), so replaying a capture gives the
@@ -77,7 +78,7 @@ def entry(
     """
     usage = state.get("usage") or {}
     reserved = state.get("reserved")
-    return {
+    line = {
         "time": iso_time(flow.request.timestamp_start),
         "proxy": state.get("proxy"),
         "key": state.get("key"),
@@ -97,9 +98,12 @@ def entry(
         "remaining": state.get("remaining", {}),
         "limits": state.get("limits", {}),
     }
+    if "max_tokens_lowered_to" in state:  # the completion was bounded by what was left
+        line["max_tokens_lowered_to"] = state["max_tokens_lowered_to"]
+    return line
 
 
-def live_entry(flow: http.HTTPFlow, state: dict[str, Any]) -> dict[str, Any]:
+def live_entry(flow: http.HTTPFlow, state: Notes) -> dict[str, Any]:
     answered = state.get("answered_by_gate")
     if flow.response is None:  # no answer at all: provider unreachable, or the caller gone
         return entry(flow, state, None, decision_of(answered) if answered else "error")

@@ -2,9 +2,10 @@
 
 The provider key is set on the request just before it is sent and replaced by a placeholder as
 soon as the request has left (response headers, error, or shutdown), so flows saved with `-w`,
-shown in mitmweb or printed by mitmdump never carry it. At the same moment a reverse-mode flow gets
-back the URL its caller used (the context path), so a saved flow replayed with `-C` through a gate
-is routed and governed again.
+shown in mitmweb or printed by mitmdump never carry it. A flow keeps the URL it was sent to (the
+log shows the provider URL that was called; a client replay `-C` through a gate is routed again by
+the notes saved with it); a flow that never reached the provider (the gate answered it, or it
+failed before connecting) gets back the URL its caller used.
 """
 
 from __future__ import annotations
@@ -95,17 +96,20 @@ class CredentialSwap:
         redacted = proxy.dialect.provider_auth(REDACTED_KEY)
         self._carrying_key[flow.id] = (flow, callers, redacted)
 
-    def _redact(self, flow: http.HTTPFlow) -> None:
+    def _redact(self, flow: http.HTTPFlow) -> Destination | None:
+        """Redact the provider key; the caller's destination, if the flow carried the key."""
         carrying = self._carrying_key.pop(flow.id, None)
-        if carrying is not None:
-            _, callers, redacted = carrying
-            flow.request.headers.update(redacted)
-            callers.apply(flow.request)
+        if carrying is None:
+            return None
+        _, callers, redacted = carrying
+        flow.request.headers.update(redacted)
+        return callers
 
     def request(self, flow: http.HTTPFlow) -> None:
-        # A flow the gate answers after reading the body (429, 400) never leaves.
-        if notes.answered_by_gate(flow):
-            self._redact(flow)
+        # A flow the gate answers after reading the body (429, 400) never leaves: it shows what
+        # its caller sent.
+        if notes.answered_by_gate(flow) and (callers := self._redact(flow)) is not None:
+            callers.apply(flow.request)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
@@ -114,7 +118,9 @@ class CredentialSwap:
         self._redact(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._redact(flow)
+        callers = self._redact(flow)
+        if callers is not None and flow.server_conn.timestamp_start is None:
+            callers.apply(flow.request)  # it never reached the provider
 
     def done(self) -> None:
         for flow, _, _ in list(self._carrying_key.values()):

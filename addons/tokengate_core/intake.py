@@ -25,13 +25,27 @@ class Read:
     prompt: int  # the prompt estimate
 
 
-def json_object(raw: bytes) -> dict[str, Any] | None:
-    """The request body as a JSON object; None if it is not one or nests too deeply to parse."""
+@dataclass(frozen=True)
+class Unreadable:
+    """Why the gate cannot read a body (it is refused with 400 rather than guessed at)."""
+
+    reason: str
+
+
+NOT_JSON = Unreadable("it is not valid JSON (in UTF-8)")
+NOT_AN_OBJECT = Unreadable("expected a JSON object")
+TOO_DEEP = Unreadable("it nests more deeply than the gateway reads")
+
+
+def json_object(raw: bytes) -> dict[str, Any] | Unreadable:
+    """The request body as a JSON object, or why it is not one the gate can read."""
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return body if isinstance(body, dict) else None
+    except RecursionError:
+        return TOO_DEEP
+    except (ValueError, UnicodeDecodeError):
+        return NOT_JSON
+    return body if isinstance(body, dict) else NOT_AN_OBJECT
 
 
 @dataclass(frozen=True)
@@ -46,27 +60,26 @@ class Reader:
     def terms(self, endpoint: str, body: dict[str, Any]) -> RequestTerms:
         return self.dialect.terms(endpoint, body, self.default_reserve)
 
-    def estimate(self, endpoint: str, body: dict[str, Any]) -> Read | None:
-        """None for a body nested too deeply to walk (as unreadable as bad JSON to the gate)."""
+    def estimate(self, endpoint: str, body: dict[str, Any]) -> Read | Unreadable:
+        """A body nested too deeply to walk is as unreadable to the gate as bad JSON."""
         try:
             prompt = self.dialect.estimate_prompt(endpoint, body, self.exact_chars)
         except RecursionError:
-            return None
+            return TOO_DEEP
         return Read(body, self.terms(endpoint, body), prompt)
 
-    def parse_and_estimate(self, raw: bytes, endpoint: str) -> Read | None:
-        """The body, its terms and its prompt estimate; None for what the gate cannot read (not
-        a JSON object, or nested too deeply to parse or to walk)."""
+    def parse_and_estimate(self, raw: bytes, endpoint: str) -> Read | Unreadable:
+        """The body, its terms and its prompt estimate, or why the gate cannot read it."""
         body = json_object(raw)
-        return None if body is None else self.estimate(endpoint, body)
+        return body if isinstance(body, Unreadable) else self.estimate(endpoint, body)
 
-    async def read(self, raw: bytes, endpoint: str) -> Read | None:
+    async def read(self, raw: bytes, endpoint: str) -> Read | Unreadable:
         """`parse_and_estimate`, on a worker thread for a large body; for a small one on the
         event loop, once the model's encoding is built (off the loop, the first time)."""
         if len(raw) > INLINE_TOKENIZE_BYTES:
             return await asyncio.to_thread(self.parse_and_estimate, raw, endpoint)
         body = json_object(raw)
-        if body is None:
-            return None
+        if isinstance(body, Unreadable):
+            return body
         await tokens.load_for(self.terms(endpoint, body).model)
         return self.estimate(endpoint, body)

@@ -124,6 +124,12 @@ class Decision:
     retry_at: float | None = None  # when the refused request would fit; None: never
 
 
+def whole_number(value: object, minimum: int = 0) -> bool:
+    """A count as JSON carries it: an integer >= minimum (JSON's true/false are not counts,
+    though Python's bool is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def slot_of(stamp: float, seconds: int) -> int:
     """The slot a charge stamped `stamp` settles into, in a window of `seconds`: slots are
     seconds / SLOTS wide and counted from the epoch, so every store and process agrees."""

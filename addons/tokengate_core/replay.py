@@ -19,8 +19,8 @@ from . import notes
 from .admission import note_decision
 from .audit import entry
 from .gate import Gate
-from .intake import Reader
-from .limiter import Demand
+from .intake import Reader, Unreadable
+from .limiter import Demand, Usage, whole_number
 from .notes import Notes
 from .quota import Ask, QuotaService, Refusal
 from .reporting import Reporting
@@ -101,7 +101,7 @@ class CaptureReplay:
             return captured, "answered"
         reader = Reader(proxy.dialect, self.gate.exact_prompt_chars, proxy.completion_reserve)
         read = await reader.read(flow.request.get_content(strict=False) or b"", endpoint)
-        if read is None:  # as live: unreadable, refused before it leaves
+        if isinstance(read, Unreadable):  # as live: refused before it leaves
             return 400, "invalid"
         proxy.dialect.as_requested(read.body, saved)
         terms = reader.terms(endpoint, read.body)
@@ -114,6 +114,13 @@ class CaptureReplay:
         if isinstance(outcome, Refusal):
             return outcome.answer.status_code, "refused"
         reserved = outcome.reservation.amounts
+        # As live: a max tokens above what is left is lowered, so the provider could not have
+        # produced more than was reserved; the capture may hold a longer answer (sent under
+        # roomier quotas), which these quotas would have cut.
+        changed = proxy.dialect.adjust(endpoint, read.body, reserved)
+        lowered = "max_tokens_lowered_to" in changed
+        if lowered:
+            note["max_tokens_lowered_to"] = changed["max_tokens_lowered_to"]
         if saved.get("answered_by_gate"):
             # The gate refused it then, so the capture holds no provider answer to go by: the
             # reservation is charged, as an estimate.
@@ -122,6 +129,9 @@ class CaptureReplay:
             answered = None
             if captured is not None and captured < 400:
                 answered = captured_usage(proxy.dialect, flow.response, read.prompt, terms.model)
+                answered = reported_live(answered, saved)
+                if lowered:
+                    answered = capped(answered, reserved.completion)
             message = flow.error.msg if flow.error else ""
             sent = caller_hung_up(message) and bool(flow.server_conn.timestamp_start)
             metered, status = charge(captured, answered, reserved, sent), captured
@@ -139,3 +149,26 @@ def captured_usage(dialect, response: http.Response, prompt: int, model: str | N
         meter.feed(body)
         return meter.result()
     return meter_json(dialect, body, prompt, model)
+
+
+def reported_live(metered: Metered, saved: dict[str, Any]) -> Metered:
+    """Where the gate asked a stream for usage, it removed that usage chunk from what the
+    caller got, and so from the capture: the provider's figures are the ones noted live."""
+    live = saved.get("usage")
+    if (
+        metered.source != "estimated"
+        or not saved.get("usage_injected")
+        or not isinstance(live, dict)
+    ):
+        return metered
+    prompt, completion = live.get("prompt_tokens"), live.get("completion_tokens")
+    if live.get("source") != "reported" or not (whole_number(prompt) and whole_number(completion)):
+        return metered
+    return Metered(Usage(prompt, completion), "reported")
+
+
+def capped(metered: Metered, completion: int) -> Metered:
+    """The usage of an answer whose max tokens would have been lowered to `completion`."""
+    if metered.usage.completion <= completion:
+        return metered
+    return Metered(Usage(metered.usage.prompt, completion), metered.source)

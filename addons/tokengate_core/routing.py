@@ -7,6 +7,7 @@ connection, not from the spoofable Host header. Everything else is not ours and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -63,3 +64,41 @@ def route(config: Config, request: http.Request, reverse_mode: bool) -> Route | 
 
 def is_reverse(flow: http.HTTPFlow) -> bool:
     return isinstance(flow.client_conn.proxy_mode, ReverseMode)
+
+
+def route_saved(config: Config, request: http.Request, saved: Mapping) -> Route | None:
+    """A client replay (`-C`) of a flow the gate sent in reverse mode: its URL is the provider's
+    it was sent to, so the proxy and the path below it come from the notes saved with it (the
+    caller's key is checked again all the same)."""
+    proxy = config.proxies.get(saved.get("proxy") or "")
+    path = saved.get("upstream_path")
+    if proxy is None or not isinstance(path, str):
+        return None
+    return Route((proxy,), path, *classify(request.method, path, proxy.dialect))
+
+
+def _presented_secrets(config: Config, request: http.Request) -> set[str]:
+    """Every value a caller credential header of any configured dialect carries."""
+    names = {name for p in config.proxies.values() for name in p.dialect.credential_headers}
+    found = set()
+    for name in names:
+        for value in request.headers.get_all(name):
+            scheme, _, token = value.strip().partition(" ")
+            found.add(token.strip() if scheme.lower() == "bearer" else value.strip())
+    return found - {""}
+
+
+def stray_credential(config: Config, request: http.Request, passthrough: Sequence[str]) -> bool:
+    """Reverse mode, a path under no context (a typo, another casing): True when forwarding it
+    would hand a credential to the reverse target that must not reach it: a TokenGate key, or
+    any credential at all where that target is a configured provider. Paths under a
+    `passthrough` prefix are the operator's to forward."""
+    if any(_below(prefix, request.path) is not None for prefix in passthrough):
+        return False
+    secrets = _presented_secrets(config, request)
+    if not secrets:
+        return False
+    host = request.host.lower()
+    if any(host in provider.hosts for provider in config.providers.values()):
+        return True
+    return any(p.keys.find(secret) for p in config.proxies.values() for secret in secrets)

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import keys, tokens
-from ..limiter import Usage
+from ..limiter import Usage, whole_number
 from ..tokens import PromptCounter
 from .base import RequestTerms
 
@@ -38,11 +38,6 @@ TOKENS_REPLY_PRIMING = 3
 # An image part cannot be tokenized as text; OpenAI bills a low-detail image at 85 tokens.
 TOKENS_PER_IMAGE = 85
 IMAGE_TYPES = ("image_url", "input_image", "image")
-
-
-def whole_number(value: Any, minimum: int = 0) -> bool:
-    """A JSON integer >= minimum (JSON's true/false are not counts, though Python's bool is int)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def believable(value: Any) -> int | None:
