@@ -371,3 +371,60 @@ async def test_replay_of_a_body_too_deep_to_count_is_invalid_as_live(
     addon.done()
     (line,) = lines_of(path)
     assert (line["status"], line["decision"], line["reserved"]) == (400, "invalid", 0)
+
+
+async def test_replay_charges_what_the_replayed_quotas_would_have_allowed(
+    gate_addons,  # noqa: F811
+    ledger,
+):
+    """Captured under roomier quotas, the second call's answer ran to 900 tokens; under these
+    (1000 a minute) live would have lowered its max tokens to what was left, so replay charges
+    that and says so, rather than a key at twice its limit."""
+    _, _, addons = gate_addons
+    addon, path = ledger
+    saved = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    body = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "Hello!"}],
+        "max_tokens": 900,
+    }
+    long_answer = json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 900}}).encode()
+    flows = [captured_flow(saved, usage=long_answer) for _ in range(2)]
+    for flow in flows:
+        flow.request.content = json.dumps(body).encode()
+        await through(addons, ("requestheaders", "request", "response"), flow)
+    addon.done()
+    first, second = lines_of(path)
+    assert first["total_tokens"] == 909 and "max_tokens_lowered_to" not in first
+    left = 1000 - 909
+    assert second["completion_tokens"] == second["max_tokens_lowered_to"] == left - 9
+    assert first["total_tokens"] + second["total_tokens"] <= 1000
+
+
+async def test_replay_of_a_stream_the_gate_asked_usage_of_agrees_with_live(
+    gate_addons,  # noqa: F811
+    ledger,
+):
+    """Live, the gate asked the stream for usage and dropped that chunk from what the caller
+    (and so the capture) got: replay takes the provider's figures noted live."""
+    _, _, addons = gate_addons
+    addon, path = ledger
+    live_usage = {"prompt_tokens": 9, "completion_tokens": 11, "total_tokens": 20}
+    saved = {
+        "proxy": "p",
+        "key": "alice",
+        "endpoint": "chat/completions",
+        "allowed": True,
+        "usage_injected": True,
+        "usage": {**live_usage, "source": "reported"},
+    }
+    stream = b'data: {"choices": [{"delta": {"content": "Hi there"}}]}\n\ndata: [DONE]\n\n'
+    flow = captured_flow(saved, usage=stream)
+    flow.response.headers["content-type"] = "text/event-stream"
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello!"}], "stream": True}
+    flow.request.content = json.dumps(body).encode()
+    await through(addons, ("requestheaders", "request", "response"), flow)
+    addon.done()
+    (line,) = lines_of(path)
+    assert line["usage_source"] == "reported"
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (9, 11)

@@ -7,6 +7,7 @@ import http.client
 import json
 import math
 import os
+import re
 import subprocess
 import time
 
@@ -16,7 +17,7 @@ import pytest
 from mitmproxy import io
 
 from tests.conftest import ALICE, BOB, key_entries
-from tests.e2e import MITMDUMP, PROVIDER_KEY, ROOT, Gateway, write_quotas
+from tests.e2e import MITMDUMP, PROVIDER_KEY, ROOT, Gateway, wait_until, write_quotas
 
 HELLO = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
 SOURCE = "X-TokenGate-Source"
@@ -467,3 +468,17 @@ def test_only_metered_endpoints_and_the_model_list_are_served(gateway_factory, f
         connection.close()
     assert httpx.post(f"{gateway.url}/rate-limited-proxy/files").status_code == 401
     assert fresh_mock.stats()["requests"] == 1
+
+
+def test_log_shows_the_url_each_request_was_sent_to(gateway_factory, fresh_mock):
+    """mitmdump's flow log names the provider URL a call was sent to, not the provider's host
+    with the caller's path (a URL that never existed); a call the gate answered itself was
+    never sent and shows the path its caller used."""
+    gateway = gateway_factory(proxy_yaml(count=1000), flow_detail=1)
+    assert call(gateway, ALICE).status_code == 200
+    assert call(gateway, None).status_code == 401
+    logged = re.compile(r"POST (\S+)\s*\n\s*<< (\d+)")
+    assert wait_until(lambda: len(logged.findall(gateway.process.output)) == 2)
+    (sent, sent_status), (refused, refused_status) = logged.findall(gateway.process.output)
+    assert (sent, sent_status) == (f"{fresh_mock.url}/v1/chat/completions", "200")
+    assert refused_status == "401" and refused.startswith(f"{fresh_mock.url}/rate-limited-proxy/")

@@ -151,9 +151,30 @@ async def test_body_nested_too_deeply_is_refused_before_it_leaves(make_gate, raw
     flow.request.content = raw.encode()
     await through(addons, ("requestheaders", "request"), flow)
     assert flow.response.status_code == 400 and notes.answered_by_gate(flow)
+    message = json.loads(flow.response.content)["error"]["message"]
+    assert message.endswith("it nests more deeply than the gateway reads.")
     await gate.writes.caught_up()  # the settlements handed over
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"model": "gpt-4o-mini", "messages": [', "it is not valid JSON (in UTF-8)"),
+        (b'{"model": "\xff"}', "it is not valid JSON (in UTF-8)"),
+        (b'[{"model": "gpt-4o-mini"}]', "expected a JSON object"),
+    ],
+    ids=["truncated", "not-utf8", "array"],
+)
+async def test_unreadable_body_is_refused_saying_why(make_gate, raw, reason):
+    _, addons, _ = make_gate()
+    flow = reverse_flow(body=chat())
+    flow.request.content = raw
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.response.status_code == 400
+    message = json.loads(flow.response.content)["error"]["message"]
+    assert message == f"We could not parse the JSON body of your request: {reason}."
 
 
 async def test_answer_nested_too_deeply_is_charged_the_tokenizer_count(make_gate):
