@@ -77,7 +77,7 @@ def entry(
     """
     usage = state.get("usage") or {}
     reserved = state.get("reserved")
-    return {
+    line = {
         "time": iso_time(flow.request.timestamp_start),
         "proxy": state.get("proxy"),
         "key": state.get("key"),
@@ -96,6 +96,9 @@ def entry(
         "remaining": state.get("remaining", {}),
         "limits": state.get("limits", {}),
     }
+    if state.get("scrubbed"):  # a provider key was scrubbed from the answer (never the key)
+        line["scrubbed"] = True
+    return line
 
 
 def live_entry(flow: http.HTTPFlow, state: dict[str, Any]) -> dict[str, Any]:
