@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
+from collections.abc import Set
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -149,7 +150,7 @@ class CredentialSwap:
         if secrets and flow.response is not None:
             self._scrubbed(flow, scrub_body(flow.response, secrets), headers_left=False)
 
-    def _scrubbed(self, flow: http.HTTPFlow, owners: set[str], headers_left: bool) -> None:
+    def _scrubbed(self, flow: http.HTTPFlow, owners: Set[str], headers_left: bool) -> None:
         """Mark an answer that carried a provider key: a header (while the headers have not
         left), the flow's notes (ledger and comment), and one log line per flow."""
         if not owners:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 
 from mitmproxy import http
 
@@ -29,6 +29,7 @@ MARK_HEADER = "X-TokenGate-Scrubbed"  # on an answer whose headers had not left 
 MARK = "provider-key"
 
 StreamHook = Callable[[bytes], bytes | Iterable[bytes]]
+NONE: frozenset[str] = frozenset()  # no key found
 
 
 def forms(key: str) -> set[bytes]:
@@ -60,7 +61,7 @@ class Secrets:
     def __bool__(self) -> bool:
         return bool(self.owners)
 
-    def found(self, data: bytes) -> set[str]:
+    def found(self, data: bytes) -> Set[str]:
         """The providers whose key `data` holds (the hot path: one search per key form)."""
         return {owner for form, owner in self.owners.items() if form in data}
 
@@ -70,10 +71,12 @@ class Secrets:
             return self._pattern.sub(lambda m: masked(len(m[0])), data)
         return self._pattern.sub(PLACEHOLDER.encode(), data)
 
-    def scrub(self, data: bytes, keep_length: bool = False) -> tuple[bytes, set[str]]:
+    def scrub(self, data: bytes, keep_length: bool = False) -> tuple[bytes, Set[str]]:
         """`data` without any key, and whose keys were in it."""
-        owners = self.found(data)
-        return (self.replace(data, keep_length) if owners else data), owners
+        for form in self.owners:
+            if form in data:
+                return self.replace(data, keep_length), self.found(data)
+        return data, NONE
 
     def unfinished(self, data: bytes) -> int:
         """The length of the longest end of `data` that begins a key: bytes to hold back until
@@ -103,7 +106,7 @@ class StreamScrub:
         secrets: Secrets,
         inner: StreamHook | None,
         keep_length: bool,
-        found: Callable[[set[str]], None],
+        found: Callable[[Set[str]], None],
     ) -> None:
         self.secrets = secrets
         self.inner = inner
@@ -113,17 +116,22 @@ class StreamScrub:
 
     def __call__(self, chunk: bytes) -> list[bytes]:
         passed = chunk if self.inner is None else self.inner(chunk)
-        data = self._held + (passed if isinstance(passed, bytes) else b"".join(passed))
+        data = passed if isinstance(passed, bytes) else b"".join(passed)
+        if self._held:
+            data = self._held + data
         data, owners = self.secrets.scrub(data, self.keep_length)
         if owners:
             self.found(owners)
-        cut = len(data) - (self.secrets.unfinished(data) if chunk else 0)
-        out, self._held = data[:cut], data[cut:]
+        held = self.secrets.unfinished(data) if chunk else 0
+        if held:
+            data, self._held = data[:-held], data[-held:]
+        else:
+            self._held = b""
         # Never an empty chunk: mitmproxy would write it as the end of a chunked body.
-        return [out] if out else []
+        return [data] if data else []
 
 
-def scrub_headers(headers: http.Headers, secrets: Secrets) -> set[str]:
+def scrub_headers(headers: http.Headers, secrets: Secrets) -> Set[str]:
     """Replace any key in the header values (names are left: no key is a header name)."""
     fields = headers.fields
     owners = secrets.found(b"\n".join(value for _, value in fields))
@@ -132,17 +140,17 @@ def scrub_headers(headers: http.Headers, secrets: Secrets) -> set[str]:
     return owners
 
 
-def scrub_head(response: http.Response, secrets: Secrets) -> set[str]:
+def scrub_head(response: http.Response, secrets: Secrets) -> Set[str]:
     """The status line's reason phrase and the headers."""
     reason, owners = secrets.scrub(response.data.reason)
     response.data.reason = reason
     return owners | scrub_headers(response.headers, secrets)
 
 
-def scrub_body(response: http.Response, secrets: Secrets) -> set[str]:
+def scrub_body(response: http.Response, secrets: Secrets) -> Set[str]:
     """A buffered body and its trailers. A compressed body is searched decoded (mitmproxy keeps
-    the last decoding, which metering has already made) and encoded again when changed;
-    setting the content keeps Content-Length right."""
+    its last decoding: a body metering has read is not decoded twice) and encoded again when
+    changed; setting the content keeps Content-Length right."""
     owners = scrub_headers(response.trailers, secrets) if response.trailers else set()
     body = response.get_content(strict=False)
     if body:
