@@ -30,6 +30,8 @@ def comment(state: Notes, status: int | None) -> str:
         head = f"tokengate: {who} error, nothing charged"
     else:
         head = f"tokengate: {who} no charge (status {status})"
+    if state.get("scrubbed"):
+        head += " (provider key scrubbed from the answer)"
     remaining = state.get("remaining")
     if not remaining:
         return head

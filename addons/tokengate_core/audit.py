@@ -100,6 +100,8 @@ def entry(flow: http.HTTPFlow, state: Notes, status: int | None, decision: str) 
     }
     if "max_tokens_lowered_to" in state:  # the completion was bounded by what was left
         line["max_tokens_lowered_to"] = state["max_tokens_lowered_to"]
+    if state.get("scrubbed"):  # a provider key was scrubbed from the answer (never the key)
+        line["scrubbed"] = True
     return line
 
 

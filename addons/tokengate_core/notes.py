@@ -52,6 +52,7 @@ class Notes(TypedDict, total=False):
     remaining: dict[str, int]  # what each limit has left, by name
     # The outcome.
     usage: Usage | None  # what the call was charged; None: nothing
+    scrubbed: bool  # the provider's answer carried a provider key, replaced before it left
     audited: bool  # its ledger line is written
 
 

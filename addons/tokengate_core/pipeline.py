@@ -6,9 +6,11 @@ Six addons, each one concern, grouped so that a flow pays for few dispatches:
   drops them.
 - AdmissionControl: route, key (401), endpoint (403), size (413), body (400), quota (429/503).
 - Metering: settle what an admitted request cost, from its answer or stream.
-- Reporting: the ledger line and the flow's comment, once the flow ends (after Metering).
-- CredentialSwap: strip the caller's key, set the provider's (after AdmissionControl decided), and
-  redact it once the request has left.
+- CredentialSwap: strip the caller's key, set the provider's (after AdmissionControl decided),
+  redact it once the request has left, and scrub any provider key from the answer (after
+  Metering has set its stream hook, which it wraps).
+- Reporting: the ledger line and the flow's comment, once the flow ends (after Metering, and
+  after CredentialSwap has noted a scrubbed answer).
 """
 
 from __future__ import annotations
@@ -31,6 +33,6 @@ def build(gate: Gate) -> list:
         CaptureReplay(gate, reporting),
         AdmissionControl(gate, quota),
         Metering(gate, quota),
-        reporting,
         CredentialSwap(gate),
+        reporting,
     ]

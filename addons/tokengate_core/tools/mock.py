@@ -64,6 +64,7 @@ MODES = (
     "usage-absurd",  # usage figures of 10^15
     "usage-float",  # usage figures with a fraction
     "usage-string",  # usage figures as JSON strings
+    "echo-key",  # the key received, echoed: in a 401 and a header, or in a stream split apart
 )  # and "error:CODE"
 # Usage figures as a misbehaving provider reports them (generation endpoints).
 USAGE_FAULTS = {
@@ -551,6 +552,8 @@ class MockHandler(BaseHTTPRequestHandler):
                 return
             if mode.error_status:
                 self._send_error(mode.error_status, f"Mock provider error ({mode.name})")
+            elif mode.name == "echo-key":
+                self._echo_key(body, mode)
             elif mode.name == "reset":
                 self._reset()
             elif mode.name == "hang":
@@ -658,6 +661,21 @@ class MockHandler(BaseHTTPRequestHandler):
             kind = "server_error"
         error = {"message": message, "type": kind, "param": None, "code": code}
         self._send_json(status, {"error": error}, *extra)
+
+    def _echo_key(self, body: Any, mode: Mode) -> None:
+        """Repeat the key received, as some OpenAI-compatible servers do: in header
+        `x-echo-key` and a 401's message, or (a stream) in an event written in small pieces."""
+        received = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        echo = ("x-echo-key", received)
+        if not (isinstance(body, dict) and body.get("stream") is True):
+            message = f"Incorrect API key provided: {received}."
+            error = {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}
+            self._send_json(401, {"error": error}, echo)
+            return
+        delta = {"choices": [{"index": 0, "delta": {"content": f"You sent {received}."}}]}
+        self._send_head(200, "text/event-stream", None, echo)
+        self._write_pieces(b"".join(map(render, [(None, _dumps(delta)), DONE])), mode.seed, True)
+        self.wfile.write(b"0\r\n\r\n")
 
     def _send_reply(self, reply: dict, mode: Mode) -> bool:
         """A JSON answer; False when the mode cut it short."""
