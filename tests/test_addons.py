@@ -14,7 +14,7 @@ from tokengate_core.metering import Metering, buckets_for
 from tokengate_core.settings import Gate
 
 from tests.conftest import ALICE, key_entries
-from tests.e2e import PROVIDER_KEY
+from tests.e2e import PROVIDER_KEY, credentials_in
 from tests.harness import gate_in_harness
 
 PROXIES = (
@@ -82,19 +82,26 @@ async def test_unrouted_flow_is_untouched(gate_addons):
 async def test_missing_key_is_answered_401_by_the_gate(gate_addons):
     _, _, addons = gate_addons
     flow = reverse_flow(key=None)
+    # Credentials, but no TokenGate key: not a bearer token, an empty one, an unknown one.
+    flow.request.headers["authorization"] = "Basic YWxpY2U6c2VjcmV0"
+    flow.request.headers["X-API-Key"] = ""
+    flow.request.headers["api-key"] = "tg-not-a-key"
     await through(addons, ("requestheaders", "request"), flow)
     assert flow.response.status_code == 401
     assert flowstate.answered_by_gate(flow)
-    assert "authorization" not in flow.request.headers
+    assert credentials_in(flow.request.headers) == []  # the saved flow keeps none
 
 
 async def test_key_swap_rewrite_and_redaction(gate_addons):
     _, _, addons = gate_addons
     flow = reverse_flow()
+    flow.request.headers["X-API-Key"] = ALICE  # the same key in every caller header
+    flow.request.headers["Api-Key"] = ALICE  # Azure's form
     await through(addons, ("requestheaders", "request"), flow)
     assert flow.response is None
     assert flow.request.url == "http://upstream.test:8000/v1/chat/completions"
-    assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert flow.request.headers.get_all("authorization") == [f"Bearer {PROVIDER_KEY}"]
+    assert credentials_in(flow.request.headers) == ["authorization"]
     assert flow.request.headers["accept-encoding"] == "identity"
     flow.response = tutils.tresp(
         content=json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 11}}).encode()
