@@ -9,7 +9,7 @@ from mitmproxy import exceptions
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow, tutils
 from tokengate_core import flowstate
-from tokengate_core.credentials import REDACTED
+from tokengate_core.credentials import REDACTED, CredentialSwap
 from tokengate_core.metering import Metering, buckets_for
 from tokengate_core.settings import Gate
 
@@ -92,6 +92,19 @@ async def test_missing_key_is_answered_401_by_the_gate(gate_addons):
     assert credentials_in(flow.request.headers) == []  # the saved flow keeps none
 
 
+async def test_a_flow_the_gate_refuses_after_finding_the_key_never_gets_the_provider_key(
+    gate_addons,
+):
+    _, _, addons = gate_addons
+    flow = reverse_flow(path="/p/files")  # alice's key is good; the endpoint is not served
+    await through(addons, ("requestheaders",), flow)
+    assert flow.response.status_code == 403 and flowstate.governed(flow)["proxy"] == "p"
+    assert credentials_in(flow.request.headers) == []
+    assert flow.request.url == "http://address:22/p/files"  # the caller's, not rewritten
+    await through(addons, ("request",), flow)
+    assert credentials_in(flow.request.headers) == []
+
+
 async def test_key_swap_rewrite_and_redaction(gate_addons):
     _, _, addons = gate_addons
     flow = reverse_flow()
@@ -112,6 +125,17 @@ async def test_key_swap_rewrite_and_redaction(gate_addons):
     assert flow.response.headers["X-RateLimit-Remaining"] == "980"
     assert flowstate.governed(flow)["usage"]["source"] == "reported"
     json.dumps(flow.metadata)  # plain data only: mitmproxy saves it with the flow
+
+
+async def test_a_flow_still_out_at_shutdown_is_redacted(gate_addons):
+    _, _, addons = gate_addons
+    (swap,) = [addon for addon in addons if isinstance(addon, CredentialSwap)]
+    flow = reverse_flow()
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    swap.done()  # mitmdump stops with the request still waiting for its answer
+    assert flow.request.headers.get_all("authorization") == [REDACTED]
+    assert flow.request.url == "http://address:22/p/chat/completions"  # the caller's again
 
 
 async def test_settles_once_and_error_releases(gate_addons):

@@ -95,6 +95,26 @@ def test_waiting_as_told_is_enough_and_a_second_less_is_not(stamps, need, ahead)
     assert now + (wait_ms - 1) / 1000 < decision.retry_at <= now + wait_ms / 1000
 
 
+def test_429_headline_is_the_limit_that_refused_not_the_emptiest():
+    """The minute is empty (0 left) but frees soon; the hour has 10 left and refuses the 30
+    asked for until 4600: the hour is what the caller waits for, so the headline is the hour."""
+    hour = limit("total_tokens", 1000, 3600, "1h")
+    windows = [
+        (Bucket("p:k:m", TOTAL_100), [Charge(1000.0, 100, True)]),
+        (Bucket("p:k:h", hour), [Charge(1000.0, 990, True)]),
+    ]
+    decision = decide(windows, Demand(30, 0), NOW)
+    assert decision.blocking.limit == hour
+    answer, error = answer_to(decision)
+    assert answer.headers["X-RateLimit-Quota"] == "total_tokens-1h"
+    assert (answer.headers["X-RateLimit-Limit"], answer.headers["X-RateLimit-Remaining"]) == (
+        "1000",
+        "10",
+    )
+    assert answer.headers["X-RateLimit-Reset"] == "4600"
+    assert "per 1h (total_tokens-1h): limit 1000, used 990" in error["message"]
+
+
 def test_429_for_a_request_that_can_never_fit_says_do_not_retry():
     decision = refused([], Demand(101, 0))
     assert decision.retry_at is None
@@ -152,7 +172,13 @@ def test_gate_answers_are_marked_and_openai_shaped():
     down = responses.store_unavailable(5)
     assert down.status_code == 503
     assert (down.headers["Retry-After"], down.headers["retry-after-ms"]) == ("5", "5000")
-    assert json.loads(down.content)["error"]["code"] == "quota_store_unavailable"
+    assert json.loads(down.content)["error"] == {
+        "message": "TokenGate cannot reach its usage store, so it cannot check your quota; the "
+        "request was not sent. Please try again in 5s.",
+        "type": "server_error",
+        "param": None,
+        "code": "quota_store_unavailable",
+    }
 
 
 def status(lim, used: int, reserved: int, reset_at: float) -> LimitStatus:
