@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,16 +75,33 @@ def scratch_copy(folder: Path, module: str, tests: tuple[str, ...]) -> None:
     (folder / "pyproject.toml").write_text(f"{pyproject}\n[tool.mutmut]\n{table}", "utf-8")
 
 
-def mutmut(folder: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+def mutmut(folder: Path, *args: str, timeout: float) -> Ran | None:
+    """Run mutmut in `folder`; None when it ran out of time. It forks a worker per mutant, so
+    it runs in a session of its own and the whole session is stopped then."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the copy, not the checkout
-    return subprocess.run(
+    process = subprocess.Popen(
         [str(Path(sys.executable).with_name("mutmut")), *args],
         cwd=folder,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=max(1.0, timeout),
+        start_new_session=True,
     )
+    try:
+        out, err = process.communicate(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return None
+    return Ran(process.returncode, out, err)
 
 
 def mutate(module: str, tests: tuple[str, ...], jobs: int, deadline: float) -> Outcome:
@@ -92,20 +110,18 @@ def mutate(module: str, tests: tuple[str, ...], jobs: int, deadline: float) -> O
     with tempfile.TemporaryDirectory(prefix="tokengate-mutation-") as tmp:
         folder = Path(tmp)
         scratch_copy(folder, module, tests)
-        try:
-            run = mutmut(folder, "run", "--max-children", str(jobs), timeout=deadline - began)
-        except subprocess.TimeoutExpired:
-            run = None
-        listed = mutmut(folder, "results", "--all", "true", timeout=60).stdout
-        statuses = dict(RESULT.findall(listed))
+        run = mutmut(folder, "run", "--max-children", str(jobs), timeout=deadline - began)
+        listed = mutmut(folder, "results", "--all", "true", timeout=60)
+        statuses = dict(RESULT.findall(listed.out if listed else ""))
         for status in statuses.values():
             outcome.counts[status] = outcome.counts.get(status, 0) + 1
         for name, status in statuses.items():
             if status in LIVE:
-                outcome.survivors[name] = mutmut(folder, "show", name, timeout=60).stdout
-        outcome.finished = run is not None and run.returncode == 0 and bool(statuses)
-        if run is not None and not statuses:
-            print(run.stdout[-3000:], run.stderr[-3000:], sep="\n", file=sys.stderr)
+                shown = mutmut(folder, "show", name, timeout=60)
+                outcome.survivors[name] = shown.out if shown else f"# {name}: {status}"
+        outcome.finished = run is not None and run.code == 0 and bool(statuses)
+        if run is not None and not statuses:  # mutmut could not start: say why
+            print(run.out[-3000:], run.err[-3000:], sep="\n", file=sys.stderr)
     outcome.seconds = round(time.monotonic() - began, 1)
     return outcome
 
