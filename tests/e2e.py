@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,6 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 PROVIDER_KEY = "sk-provider-secret-0123456789"
 STARTUP_SECONDS = 30
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")  # where a caller's key can be
+
+
+def credentials_in(headers) -> list[str]:
+    """The credential headers present in `headers` (any mapping of names), compared
+    case-insensitively as HTTP does: the names of mitmproxy's headers and of the mock's report
+    (a plain dict) stay as they were sent (`X-API-Key`), where a lower-case key finds nothing."""
+    names = {name.lower() for name in headers}
+    return [name for name in CREDENTIAL_HEADERS if name in names]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -57,6 +67,12 @@ class Mock:
 
     def reset(self) -> None:
         self._call("POST", "/mock/reset")
+
+    def last_request_headers(self) -> httpx.Headers:
+        """The headers of the last request the mock received. The mock reports names as they were
+        sent (`X-API-Key`); these compare them case-insensitively, as HTTP does."""
+        last = self.stats()["last_request"]
+        return httpx.Headers(last["headers"] if last else {})
 
 
 def _insecure():

@@ -10,13 +10,13 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import tflow, tutils
 from tokengate_core import notes
 from tokengate_core.admission import AdmissionControl
-from tokengate_core.credentials import REDACTED_KEY
+from tokengate_core.credentials import REDACTED_KEY, CredentialSwap
 from tokengate_core.gate import Gate
 from tokengate_core.metering import Metering
 from tokengate_core.quota import buckets_for
 
 from tests.conftest import ALICE, key_entries
-from tests.e2e import PROVIDER_KEY
+from tests.e2e import PROVIDER_KEY, credentials_in
 from tests.harness import gate_in_harness
 
 PROXIES = (
@@ -123,19 +123,39 @@ def test_passthrough_prefixes_are_paths(gate_addons):
 async def test_missing_key_is_answered_401_by_the_gate(gate_addons):
     _, _, addons = gate_addons
     flow = reverse_flow(key=None)
+    # Credentials, but no TokenGate key: not a bearer token, an empty one, an unknown one.
+    flow.request.headers["authorization"] = "Basic YWxpY2U6c2VjcmV0"
+    flow.request.headers["X-API-Key"] = ""
+    flow.request.headers["api-key"] = "tg-not-a-key"
     await through(addons, ("requestheaders", "request"), flow)
     assert flow.response.status_code == 401
     assert notes.answered_by_gate(flow)
-    assert "authorization" not in flow.request.headers
+    assert credentials_in(flow.request.headers) == []  # the saved flow keeps none
+
+
+async def test_a_flow_the_gate_refuses_after_finding_the_key_never_gets_the_provider_key(
+    gate_addons,
+):
+    _, _, addons = gate_addons
+    flow = reverse_flow(path="/p/files")  # alice's key is good; the endpoint is not served
+    await through(addons, ("requestheaders",), flow)
+    assert flow.response.status_code == 403 and notes.of(flow)["proxy"] == "p"
+    assert credentials_in(flow.request.headers) == []
+    assert flow.request.url == "http://address:22/p/files"  # the caller's, not rewritten
+    await through(addons, ("request",), flow)
+    assert credentials_in(flow.request.headers) == []
 
 
 async def test_key_swap_rewrite_and_redaction(gate_addons):
     _, _, addons = gate_addons
     flow = reverse_flow()
+    flow.request.headers["X-API-Key"] = ALICE  # the same key in every caller header
+    flow.request.headers["Api-Key"] = ALICE  # Azure's form
     await through(addons, ("requestheaders", "request"), flow)
     assert flow.response is None
     assert flow.request.url == "http://upstream.test:8000/v1/chat/completions"
-    assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert flow.request.headers.get_all("authorization") == [f"Bearer {PROVIDER_KEY}"]
+    assert credentials_in(flow.request.headers) == ["authorization"]
     assert flow.request.headers["accept-encoding"] == "identity"
     flow.response = tutils.tresp(
         content=json.dumps({"usage": {"prompt_tokens": 9, "completion_tokens": 11}}).encode()
@@ -146,6 +166,17 @@ async def test_key_swap_rewrite_and_redaction(gate_addons):
     assert flow.response.headers["X-RateLimit-Remaining"] == "980"
     assert notes.of(flow)["usage"]["source"] == "reported"
     json.dumps(flow.metadata)  # plain data only: mitmproxy saves it with the flow
+
+
+async def test_a_flow_still_out_at_shutdown_is_redacted(gate_addons):
+    _, _, addons = gate_addons
+    (swap,) = [addon for addon in addons if isinstance(addon, CredentialSwap)]
+    flow = reverse_flow()
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.request.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    swap.done()  # mitmdump stops with the request still waiting for its answer
+    assert flow.request.headers.get_all("authorization") == [f"Bearer {REDACTED_KEY}"]
+    assert flow.request.url == "http://upstream.test:8000/v1/chat/completions"  # where it went
 
 
 async def test_settles_once_and_error_releases(gate_addons):

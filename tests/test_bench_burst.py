@@ -18,7 +18,10 @@ def test_tiny_run_reports_every_scenario():
     for row in rows:
         assert row["admitted"] + row["refused"] == 6, row
         assert row["settled"] == row["served"], row  # exact books, streams included
-        assert row["overshoot"] == row["served"] - 150
         if row["max_tokens"]:
             # 150 / 59 per request: two whole, the third lowered to what was left.
             assert (row["admitted"], row["overshoot"]) == (3, 0), row
+        else:
+            # Each reserve takes all that is left (9 + 256 > 150), so one request is in flight at
+            # a time; the worst is a third admitted on the last 32 (9 + 23) that produces 59.
+            assert row["overshoot"] <= 50 - 23, row

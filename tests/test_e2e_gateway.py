@@ -17,7 +17,15 @@ import pytest
 from mitmproxy import io
 
 from tests.conftest import ALICE, BOB, key_entries
-from tests.e2e import MITMDUMP, PROVIDER_KEY, ROOT, Gateway, wait_until, write_quotas
+from tests.e2e import (
+    MITMDUMP,
+    PROVIDER_KEY,
+    ROOT,
+    Gateway,
+    credentials_in,
+    wait_until,
+    write_quotas,
+)
 
 HELLO = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
 SOURCE = "X-TokenGate-Source"
@@ -110,15 +118,19 @@ def test_key_scope_and_x_api_key_header(gateway_factory, fresh_mock):
     gateway = gateway_factory()
     assert call(gateway, ALICE).status_code == 200
     assert call(gateway, ALICE).status_code == 429
-    # bob has his own budget, and may send his key as X-API-Key
+    # bob has his own budget, and may send his key as X-API-Key (Azure's `api-key` form beside it)
     by_header = httpx.post(
         f"{gateway.url}/rate-limited-proxy/chat/completions",
         json=HELLO,
-        headers={"X-API-Key": BOB},
+        headers={"X-API-Key": BOB, "api-key": BOB},
         timeout=30,
     )
     assert by_header.status_code == 200
-    assert fresh_mock.stats()["last_request"]["headers"].get("x-api-key") is None
+    assert fresh_mock.stats()["requests"] == 2  # alice's first call, then bob's: the last one
+    seen = fresh_mock.last_request_headers()
+    assert seen["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert credentials_in(seen) == ["authorization"]
+    assert fresh_mock.stats()["other_headers_seen"] == {"x-api-key": 0, "api-key": 0}
 
 
 def test_proxy_scope_is_shared(gateway_factory):
@@ -323,6 +335,14 @@ def test_provider_key_never_in_saved_flows_or_log(gateway_factory, fresh_mock, t
         b"".join(cut.iter_bytes())
     # in flight at shutdown: a slow request that is still waiting for its answer
     slow = httpx.AsyncClient(timeout=30)
+    received_before = fresh_mock.stats()["requests"]
+
+    def provider_holds_it() -> bool:
+        """The mock has the slow request (it answers only after its delay)."""
+        return (
+            fresh_mock.stats()["requests"] > received_before
+            and fresh_mock.last_request_headers().get("x-mock-mode") == "slow"
+        )
 
     async def start_slow():
         task = asyncio.create_task(
@@ -336,7 +356,11 @@ def test_provider_key_never_in_saved_flows_or_log(gateway_factory, fresh_mock, t
                 },
             )
         )
-        await asyncio.sleep(1.0)
+        for _ in range(500):  # at most 10 s
+            if await asyncio.to_thread(provider_holds_it):
+                break
+            await asyncio.sleep(0.02)
+        assert provider_holds_it() and not task.done()  # sent upstream, not answered yet
         assert gateway.stop() is not None
         with pytest.raises(httpx.HTTPError):
             await task

@@ -620,6 +620,39 @@ def test_settled_view_swaps_this_reservation_for_its_usage():
     ]
     # Debt: more than was reserved drives the view to 0, never below.
     assert settled_view(statuses, Usage(10, 30), Usage(10, 500))[0].remaining == 0
+    # The only reservation in flight settles: nothing stays reserved.
+    alone = (LimitStatus(total(100), used=30, reserved=40, reset_at=T0),)
+    assert [(s.used, s.reserved) for s in settled_view(alone, Usage(10, 30), Usage(5, 5))] == [
+        (40, 0)
+    ]
+
+
+def test_a_window_with_one_left_admits_what_needs_one():
+    """Requests and completion windows need one unit left; prompt and total, the prompt."""
+    windows = [
+        (Bucket("r", limit(REQUESTS, 3, 60)), [Charge(T0, 2, True)]),
+        (Bucket("c", limit("completion_tokens", 40, 60)), [Charge(T0, 39, True)]),
+        (Bucket("t", total(100)), []),
+    ]
+    decision = decide(windows, Demand(50, 30), T0 + 1)
+    assert decision.admitted and decision.reserved == Usage(50, 1)
+
+
+def test_every_decision_carries_the_windows_it_was_taken_on():
+    windows = [(Bucket("t", total(100)), [Charge(T0, 60, True)])]
+    expected = (LimitStatus(total(100), used=60, reserved=0, reset_at=T0 + 60),)
+    for demand in (Demand(10, 10), Demand(50, 0), Demand(101, 0)):  # admitted, later, never
+        assert decide(windows, demand, T0 + 1).statuses == expected, demand
+
+
+def test_two_windows_refusing_until_the_same_moment_name_the_first():
+    windows = [
+        (Bucket("t", total(100)), [Charge(T0, 100, True)]),
+        (Bucket("p", limit("prompt_tokens", 100, 60)), [Charge(T0, 100, True)]),
+    ]
+    decision = decide(windows, Demand(10, 0), T0 + 1)
+    assert not decision.admitted and decision.retry_at == T0 + 60
+    assert decision.blocking.limit == total(100)
 
 
 # --------------------------------------------------------------------------------------------

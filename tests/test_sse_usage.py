@@ -10,11 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokengate_core import tokens
 from tokengate_core.config import Limit
-from tokengate_core.dialects.openai import MAX_BELIEVABLE_TOKENS, OpenAI, reported_usage
+from tokengate_core.dialects.openai import (
+    MAX_BELIEVABLE_TOKENS,
+    OpenAI,
+    generated_text,
+    reported_usage,
+)
 from tokengate_core.limiter import LimitStatus, Usage
 from tokengate_core.sse import Event, EventFramer, SSEParser
 from tokengate_core.streaming import StreamRelay, trailer_comment
-from tokengate_core.usage import Metered, StreamMeter, meter_json
+from tokengate_core.usage import BodyMeter, BoundedBuffer, Metered, StreamMeter, meter_json
 
 OPENAI = OpenAI()
 
@@ -287,13 +292,67 @@ def test_meter_json_responses_reported() -> None:
     assert meter_json(OPENAI, body, 50, None) == Metered(Usage(4, 1), "reported")
 
 
+# Counted differently by gpt-4's encoding and gpt-4o's (the default): shows which one was used.
+MIXED_TEXT = "Bonjour, ça va très bien aujourd\u2019hui 🙂 — 東京"
+
+
 @pytest.mark.parametrize("model", ["gpt-4o", "gpt-4"])
 def test_meter_json_missing_usage_is_estimated(model: str) -> None:
-    content = "Bonjour, ça va très bien aujourd\u2019hui 🙂 — 東京"
+    content = MIXED_TEXT
     metered = meter_json(OPENAI, chat_body(content), prompt_estimate=42, model=model)
     assert metered.source == "estimated"
     assert metered.usage == Usage(42, tokens.count_text(content, model))
     assert metered.usage.completion > 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "text"),
+    [
+        # chat/completions: every text a message can carry, in order
+        (
+            {"choices": [{"message": {"content": "a", "refusal": "b", "reasoning_content": "c"}}]},
+            "abc",
+        ),
+        ({"choices": [None, "x", {"message": {"content": "hi"}}]}, "hi"),  # odd choices skipped
+        (
+            {
+                "choices": [
+                    {
+                        "message": {
+                            "content": None,
+                            "tool_calls": [
+                                "junk",
+                                {"function": None},
+                                {"function": {"arguments": 5}},
+                                {"function": {"arguments": '{"a":1}'}},
+                            ],
+                        }
+                    }
+                ]
+            },
+            '{"a":1}',
+        ),
+        ({"choices": [{"text": "once"}, {"text": " upon"}]}, "once upon"),  # completions
+        # Responses API: a delta event, and a whole response's output items
+        ({"type": "response.output_text.delta", "delta": "x"}, "x"),
+        ({"type": "response.output_text.done", "delta": "x", "text": "x"}, ""),  # said already
+        ({"delta": "stray"}, ""),
+        (
+            {
+                "output": [
+                    {"type": "message", "content": [{"text": "Hi"}, "junk", {"text": 5}]},
+                    {"type": "function_call", "arguments": '{"q":1}'},
+                    "junk",
+                ]
+            },
+            'Hi{"q":1}',
+        ),
+        ({"output": [{"type": "message", "content": None}]}, ""),
+        (["not", "an", "object"], ""),
+    ],
+)
+def test_generated_text_is_every_text_the_answer_carries(payload, text: str) -> None:
+    assert generated_text(payload) == text
 
 
 def test_meter_json_unbelievable_usage_falls_back_to_estimate() -> None:
@@ -365,6 +424,30 @@ def test_stream_without_usage_is_estimated_from_concatenated_deltas() -> None:
     # Deltas are counted as one text ("Hello" is one token, "Hel" + "lo" would be two).
     assert meter.result() == Metered(Usage(30, tokens.count_text(text, "gpt-4o")), "estimated")
     assert tokens.count_text(text, "gpt-4o") < sum(tokens.count_text(d, "gpt-4o") for d in DELTAS)
+
+
+def test_stream_without_usage_is_counted_with_the_models_encoding() -> None:
+    assert tokens.count_text(MIXED_TEXT, "gpt-4") != tokens.count_text(MIXED_TEXT, None)
+    meter = StreamMeter(OPENAI.stream, prompt_estimate=3, model="gpt-4")
+    meter.feed(sse({"choices": [{"delta": {"content": MIXED_TEXT}}]}, "[DONE]"))
+    assert meter.result() == Metered(Usage(3, tokens.count_text(MIXED_TEXT, "gpt-4")), "estimated")
+
+
+def test_a_body_is_kept_up_to_its_bound_and_metered_whole() -> None:
+    buffer = BoundedBuffer(10)
+    assert buffer.passing(b"12345") == b"12345"
+    buffer.feed(b"67890")
+    assert (buffer.data, buffer.overflowed, buffer.bytes_seen) == (b"1234567890", False, 10)
+    assert buffer.passing(b"!") == b"!"
+    assert (buffer.data, buffer.overflowed, buffer.bytes_seen) == (b"", True, 11)
+    body = chat_body(MIXED_TEXT)
+    meter = BodyMeter(OPENAI, prompt_estimate=7, model="gpt-4")  # not the default encoding's count
+    assert meter.limit == BodyMeter.MAX_BYTES == 64 * 1024 * 1024
+    for start in range(0, len(body), 4):
+        meter.passing(body[start : start + 4])
+    assert meter.result() == Metered(Usage(7, tokens.count_text(MIXED_TEXT, "gpt-4")), "estimated")
+    meter.feed(b" " * BodyMeter.MAX_BYTES)  # beyond the bound: only the prompt is charged
+    assert meter.result() == Metered(Usage(7, 0), "estimated")
 
 
 def test_stream_without_done_is_not_done_but_still_metered() -> None:
