@@ -33,17 +33,17 @@ PACKAGE = "tokengate_core"
 
 # The modules mutated, as paths under addons/tokengate_core (a subfolder works too, e.g.
 # "dialects/openai.py"), each with the unit tests that pin it: fast ones only, no processes.
-# A module that moves or is renamed moves here too (tests/test_mutation_script.py checks).
+# A module that moves or is renamed moves here too (tests/unit/test_mutation_script.py checks).
 TARGETS: dict[str, tuple[str, ...]] = {
-    "limiter.py": ("tests/test_limiter.py",),
-    "answers.py": ("tests/test_answers.py",),
-    "keys.py": ("tests/test_keys.py",),
-    "credentials.py": ("tests/test_credentials.py", "tests/test_addons.py"),
-    "usage.py": ("tests/test_sse_usage.py",),
+    "limiter.py": ("tests/unit/test_limiter.py",),
+    "answers.py": ("tests/unit/test_answers.py",),
+    "keys.py": ("tests/unit/test_keys.py",),
+    "credentials.py": ("tests/unit/test_credentials.py", "tests/addon/test_addons.py"),
+    "usage.py": ("tests/unit/test_sse_usage.py",),
     "dialects/openai.py": (
-        "tests/test_sse_usage.py",
-        "tests/test_tokens.py",
-        "tests/test_routing.py",
+        "tests/unit/test_sse_usage.py",
+        "tests/unit/test_tokens.py",
+        "tests/unit/test_routing.py",
     ),
 }
 PYTEST_ARGS = ["-p", "no:cacheprovider", "--hypothesis-seed=0"]  # the same cases every run

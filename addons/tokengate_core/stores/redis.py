@@ -5,7 +5,7 @@ rules they share in lua/window.lua), so it is atomic across all the limits of th
 decided on the Redis server's clock (`TIME`): instances whose clocks disagree still agree on the
 windows. The scripts apply the rules of `limiter.decide_on` (minimum per dimension, completion
 capped by what is left, debt kept, `fits_at` for the retry time) and of `window.Window`; the
-conformance suite (tests/test_stores.py) holds them to the memory store's decisions.
+conformance suite (tests/unit/test_stores.py) holds them to the memory store's decisions.
 
 Per bucket, one hash (`tokengate:{proxy:alice}:total_tokens#0`): its head (`used`, `reserved`,
 `newest` stamp, lower bounds `oldest` and `since` on the oldest stamp and the oldest pending
