@@ -17,7 +17,6 @@ from tests.support.docblocks import (
     Terminal,
     blocks_for,
     free_port,
-    pending,
     reader_env,
     run_console,
     tool_folder,
@@ -74,7 +73,6 @@ def test_readme_walkthrough(reader, terminals):
     run_console(walkthrough, folder, env, {8080: gate_port, 4010: mock_port})
 
 
-@pending("tokengate-keys")
 def test_keys_walkthrough(reader):
     """The key commands of the README, on a copy of the default quotas.yaml."""
     (block,) = run_by("test_keys_walkthrough")
@@ -96,7 +94,6 @@ def test_keys_walkthrough(reader):
     assert "# revoked my-app" in written
 
 
-@pending("tokengate-mock")
 def test_regular_mode_walkthrough(reader, terminals):
     """docs/regular-mode.md: the mock over HTTPS, the gate as HTTPS_PROXY, curl trusting the CA."""
     provider, gateway, app = run_by("test_regular_mode_walkthrough")
@@ -109,7 +106,6 @@ def test_regular_mode_walkthrough(reader, terminals):
     run_console(app, folder, env, ports)
 
 
-@pending("tokengate-capture", "tokengate-report")
 def test_replay_walkthrough(reader):
     """docs/replay.md: a capture made with the mock, replayed with -nr, its ledger reported."""
     (block,) = run_by("test_replay_walkthrough")

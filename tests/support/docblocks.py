@@ -13,7 +13,6 @@ A YAML block may carry `<!-- valid-quotas -->`: the docs check loads it as a quo
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -25,8 +24,6 @@ import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 
 def _root() -> Path:
@@ -40,20 +37,9 @@ DOCS_CHECK = "docs-check"
 _FENCE = re.compile(r"^( *)(`{3,}|~{3,})\s*([\w+-]*)\s*$")
 _MARKER = re.compile(r"^\s*<!--\s*(run-by|valid-quotas)\s*(?::\s*(\S+))?\s*-->\s*$")
 
+
 # Names the docs already use while the rename that creates them is under way in another branch:
 # a check that needs one of them, missing here, is an expected failure naming the rename.
-PENDING = {
-    "tokengate-keys": "scripts/keys.py becomes the console script tokengate-keys",
-    "tokengate-report": "python -m scripts.report becomes the console script tokengate-report",
-    "tokengate-capture": "scripts/capture.py becomes the console script tokengate-capture",
-    "tokengate-mock": "scripts/mock_openai.py becomes the console script tokengate-mock",
-    "scripts.bench.bench": "scripts/bench.py moves to scripts/bench/bench.py",
-    "scripts.bench.bench_burst": "scripts/bench_burst.py moves to scripts/bench/bench_burst.py",
-    "scripts.bench.soak": "scripts/soak.py moves to scripts/bench/soak.py",
-    "addons/replay_key.py": "scripts/replay_key.py moves to addons/replay_key.py",
-}
-
-
 def doc_files() -> list[Path]:
     """README.md and every Markdown file under docs/, relative to the repository root."""
     docs = sorted((ROOT / "docs").rglob("*.md")) if (ROOT / "docs").is_dir() else []
@@ -182,51 +168,6 @@ def console_scripts() -> dict[str, str]:
     """pyproject's [project.scripts]: name -> `module:function`."""
     with (ROOT / "pyproject.toml").open("rb") as file:
         return tomllib.load(file)["project"].get("scripts", {})
-
-
-def missing(name: str) -> bool:
-    """Whether a console script, module (dotted) or repository path named in the docs is absent."""
-    if name.startswith("tokengate-"):
-        return name not in console_scripts()
-    if "/" in name:
-        return not (ROOT / name).exists()
-    sys.path[:0] = [str(ROOT), str(ROOT / "addons")]
-    try:
-        return importlib.util.find_spec(name) is None
-    except ModuleNotFoundError:
-        return True
-    finally:
-        del sys.path[:2]
-
-
-def pending_rename(name: str) -> str | None:
-    """The rename that will bring `name` (a path: it or a folder above it), if one is pending."""
-    for pending, rename in PENDING.items():
-        if name == pending or name.startswith(pending + "/"):
-            return rename
-    return None
-
-
-def pending_marks(*names: str) -> list[pytest.MarkDecorator]:
-    """An xfail naming the pending rename of each of `names` not there yet; none once all are.
-    A missing name that no rename brings gets no mark: the test fails on it."""
-    reasons = sorted(
-        {rename for name in names if missing(name) and (rename := pending_rename(name))}
-    )
-    if not reasons:
-        return []
-    return [pytest.mark.xfail(strict=False, reason="pending rename: " + "; ".join(reasons))]
-
-
-def pending(*names: str):
-    """Decorate a test that needs `names` with the xfail of their pending rename, if any."""
-
-    def decorate(test):
-        for mark in pending_marks(*names):
-            test = mark(test)
-        return test
-
-    return decorate
 
 
 def tool_folder(folder: Path) -> Path:

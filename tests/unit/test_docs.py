@@ -33,7 +33,6 @@ from tests.support.docblocks import (
     commands,
     console_scripts,
     doc_files,
-    pending_marks,
 )
 
 README_MAX_LINES = 250
@@ -224,20 +223,9 @@ def command_problems(command: Command) -> list[str]:
     return [f"{program}: no docs check knows this program; mark the block run-by a test"]
 
 
-def needed_names(command: Command) -> list[str]:
-    """The tools, modules and paths a command needs: those a pending rename will bring."""
-    argv = [arg for arg in command.argv if not _ASSIGNMENT.match(arg)]
-    names = [argv[0]] if argv and argv[0].startswith("tokengate-") else []
-    names += [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in {"-m", "-s"}]
-    names += [arg for arg in argv if arg.startswith("tests/")]
-    return [name for name in names if name != "pytest"]
-
-
 def _docs_checked() -> list:
     return [
-        pytest.param(
-            command, id=f"{block.where}:{index}", marks=pending_marks(*needed_names(command))
-        )
+        pytest.param(command, id=f"{block.where}:{index}")
         for block in all_blocks()
         if block.marker == DOCS_CHECK
         for index, command in enumerate(commands(block))
