@@ -236,3 +236,102 @@ def test_put_headers_replaces_same_named_ones_in_any_case():
     assert answer.headers.get_all("x-ratelimit-remaining") == ["9"]
     assert answer.headers["x-new"] == "1"
     assert answer.headers["WWW-Authenticate"] == 'Bearer realm="tokengate"'  # others kept
+
+
+def error_of(answer) -> dict:
+    assert answer.headers["Content-Type"] == "application/json"
+    assert answer.headers[answers.SOURCE_HEADER] == "gateway"
+    return json.loads(answer.content)["error"]
+
+
+def test_refusals_of_the_request_itself_say_why_in_the_dialects_shape():
+    cases = {
+        answers.missing_key(OPENAI): (401, "invalid_api_key", "Missing API key. Send your"),
+        answers.expired_key(OPENAI, "old", "2026-01-01T00:00:00Z"): (
+            401,
+            "invalid_api_key",
+            "This API key ('old') expired at 2026-01-01T00:00:00Z. Ask",
+        ),
+        answers.conflicting_keys(OPENAI, ["X-API-Key", "Authorization"]): (
+            401,
+            "invalid_api_key",
+            "Different API keys were sent in X-API-Key, Authorization. Send",
+        ),
+        answers.endpoint_not_allowed(OPENAI, "POST", "/p/files"): (
+            403,
+            "endpoint_not_allowed",
+            "POST /p/files is not available through this gateway: it serves the chat/completions",
+        ),
+        answers.unreadable_body(OPENAI, "it is not valid JSON"): (
+            400,
+            None,
+            "We could not parse the JSON body of your request: it is not valid JSON.",
+        ),
+        answers.unknown_context(OPENAI, "/P/chat?x=1", ["/a", "/p"]): (
+            404,
+            "unknown_url",
+            "No TokenGate proxy serves /P/chat; the gateway's proxies are at /a, /p. The",
+        ),
+    }
+    for answer, (status, code, message) in cases.items():
+        error = error_of(answer)
+        assert answer.status_code == status
+        assert (error["type"], error["code"], error["param"]) == (
+            "invalid_request_error",
+            code,
+            None,
+        )
+        assert error["message"].startswith(message), error["message"]
+        if status == 401:
+            assert answer.headers["WWW-Authenticate"] == 'Bearer realm="tokengate"'
+        else:
+            assert "WWW-Authenticate" not in answer.headers
+
+
+def test_usage_unavailable_asks_to_retry_shortly():
+    answer = answers.usage_unavailable(OPENAI)
+    error = error_of(answer)
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+    assert (error["type"], error["code"]) == ("server_error", None)
+    assert error["message"] == "The usage store is unreachable; try again shortly."
+
+
+def test_usage_report_is_the_callers_standing_with_its_headers():
+    proxy = type("P", (), {"name": "p", "scope": "key"})()
+    hour = limit("total_tokens", 1000, 3600, "1h")
+    statuses = (LimitStatus(TOTAL_100, 60, 10, 1070.5), LimitStatus(hour, 70, 0, 4600.25))
+    answer = answers.usage_report(proxy, "alice", statuses, NOW)
+    assert answer.status_code == 200
+    assert answer.headers[answers.SOURCE_HEADER] == "gateway"
+    assert answer.headers["X-RateLimit-Remaining"] == "30"  # the tightest window leads
+    body = json.loads(answer.content)
+    assert (body["object"], body["proxy"], body["key"], body["scope"]) == (
+        "tokengate.usage",
+        "p",
+        "alice",
+        "key",
+    )
+    assert body["limits"] == [
+        {
+            "name": "total_tokens-1m",
+            "dimension": "total_tokens",
+            "limit": 100,
+            "window_seconds": 60,
+            "used": 60,
+            "reserved": 10,
+            "remaining": 30,
+            "reset": 1071,
+            "reset_in_seconds": 51,
+        },
+        {
+            "name": "total_tokens-1h",
+            "dimension": "total_tokens",
+            "limit": 1000,
+            "window_seconds": 3600,
+            "used": 70,
+            "reserved": 0,
+            "remaining": 930,
+            "reset": 4601,
+            "reset_in_seconds": 3581,
+        },
+    ]

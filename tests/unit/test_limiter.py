@@ -35,6 +35,7 @@ from tokengate_core.limiter import (
     settled_view,
     slot_of,
     status_of,
+    whole_number,
 )
 from tokengate_core.quota import buckets_for
 from tokengate_core.stores import Reservation
@@ -849,3 +850,26 @@ LimiterMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_limiter_state_machine = LimiterMachine.TestCase
+
+
+@pytest.mark.parametrize(
+    ("value", "minimum", "expected"),
+    [
+        (0, 0, True),
+        (7, 1, True),
+        (1, 1, True),
+        (0, 1, False),
+        (-1, 0, False),
+        (True, 0, False),  # JSON's true is not a count, though Python's bool is an int
+        (False, 0, False),
+        (1.0, 0, False),
+        ("3", 0, False),
+        (None, 0, False),
+    ],
+)
+def test_whole_number_is_a_json_count(value, minimum, expected):
+    assert whole_number(value, minimum) is expected
+
+
+def test_whole_number_counts_from_zero_by_default():
+    assert whole_number(0) and not whole_number(-1)

@@ -19,7 +19,15 @@ from tokengate_core.dialects.openai import (
 from tokengate_core.limiter import LimitStatus, Usage
 from tokengate_core.sse import Event, EventFramer, SSEParser
 from tokengate_core.streaming import StreamRelay, trailer_comment
-from tokengate_core.usage import BodyMeter, BoundedBuffer, Metered, StreamMeter, meter_json
+from tokengate_core.usage import (
+    BodyMeter,
+    BoundedBuffer,
+    Metered,
+    StreamMeter,
+    caller_hung_up,
+    charge,
+    meter_json,
+)
 
 OPENAI = OpenAI()
 
@@ -692,3 +700,38 @@ def test_responses_stream_gets_the_trailer_after_response_completed() -> None:
     data = b"event: response.output_text.delta\n" + sse(delta)
     data += b"event: response.completed\n" + sse(completed)
     assert relay_all(relay(drop_usage_chunk=False), [data]) == data + TRAILER
+
+
+HELD = Usage(9, 91)
+SO_FAR = Metered(Usage(9, 20), "estimated")
+
+
+@pytest.mark.parametrize(
+    ("status", "metered", "sent_then_hung_up", "expected"),
+    [
+        (200, Metered(Usage(9, 11), "reported"), False, Metered(Usage(9, 11), "reported")),
+        (399, SO_FAR, False, SO_FAR),
+        (400, Metered(Usage(9, 11), "reported"), False, None),  # the provider's error: free
+        (500, None, True, None),
+        (None, SO_FAR, True, SO_FAR),  # cut short: what streamed, not the reservation
+        (None, SO_FAR, False, SO_FAR),
+        (None, None, True, Metered(HELD, "estimated")),  # hung up after it left
+        (None, None, False, None),  # the provider failed before answering
+    ],
+)
+def test_charge_of_an_admitted_request(status, metered, sent_then_hung_up, expected):
+    assert charge(status, metered, HELD, sent_then_hung_up) == expected
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("Client disconnected.", True),
+        ("stream reset by client (CANCEL)", True),
+        ("Server disconnected.", False),
+        ("Connection refused", False),
+        ("", False),
+    ],
+)
+def test_caller_hung_up_reads_mitmproxys_words(message, expected):
+    assert caller_hung_up(message) is expected
