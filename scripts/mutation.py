@@ -38,7 +38,11 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "limiter.py": ("tests/unit/test_limiter.py",),
     "answers.py": ("tests/unit/test_answers.py",),
     "keys.py": ("tests/unit/test_keys.py", "tests/addon/test_caller_keys.py"),
-    "credentials.py": ("tests/unit/test_credentials.py", "tests/addon/test_addons.py"),
+    "credentials.py": (
+        "tests/unit/test_credentials.py",
+        "tests/addon/test_addons.py",
+        "tests/addon/test_scrub.py",
+    ),
     "scrub.py": ("tests/addon/test_scrub.py",),
     "usage.py": ("tests/unit/test_sse_usage.py",),
     "dialects/openai.py": (
