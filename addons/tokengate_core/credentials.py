@@ -92,7 +92,9 @@ class CredentialSwap:
         note = notes.of(flow)
         if note is None:
             return
-        for name in note["candidates"]:
+        # A flow refused for its path (404) has no candidate: every dialect's headers go.
+        names = note["candidates"] or (self.gate.config.proxies if self.gate.config else ())
+        for name in names:
             proxy = self.gate.proxy(name)
             for header in proxy.dialect.credential_headers if proxy else ():
                 flow.request.headers.pop(header, None)

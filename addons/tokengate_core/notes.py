@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 META = "tokengate"
 
 
-class Usage(TypedDict):
+class Charged(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -51,7 +51,7 @@ class Notes(TypedDict, total=False):
     limits: dict[str, int]  # every limit's count, by name
     remaining: dict[str, int]  # what each limit has left, by name
     # The outcome.
-    usage: Usage | None  # what the call was charged; None: nothing
+    usage: Charged | None  # what the call was charged; None: nothing
     scrubbed: bool  # the provider's answer carried a provider key, replaced before it left
     audited: bool  # its ledger line is written
 

@@ -60,6 +60,7 @@ async def test_unrouted_flow_with_a_credential_is_refused_404(gate_addons, path,
     flow.request.host = host
     await through(addons, ("requestheaders", "request"), flow)
     assert flow.response.status_code == 404 and notes.answered_by_gate(flow)
+    assert credentials_in(flow.request.headers) == []  # a saved flow keeps no key
     body = json.loads(flow.response.content)
     assert body["error"]["code"] == "unknown_url" and "/p" in body["error"]["message"]
     # The documented way through: a passthrough prefix is forwarded untouched.
