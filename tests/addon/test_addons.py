@@ -6,7 +6,7 @@ import json
 
 import pytest
 from mitmproxy import exceptions
-from mitmproxy.test import tutils
+from mitmproxy.test import tflow, tutils
 from tokengate_core import notes
 from tokengate_core.admission import AdmissionControl
 from tokengate_core.credentials import REDACTED_KEY, CredentialSwap
@@ -126,6 +126,40 @@ async def test_key_swap_rewrite_and_redaction(gate_addons):
     assert flow.response.headers["X-RateLimit-Remaining"] == "980"
     assert notes.of(flow)["usage"]["source"] == "reported"
     json.dumps(flow.metadata)  # plain data only: mitmproxy saves it with the flow
+
+
+@pytest.mark.parametrize("connected", [False, True], ids=["before-connecting", "after-sending"])
+async def test_a_failed_flow_shows_the_url_it_was_sent_to_and_keeps_nothing(gate_addons, connected):
+    _, _, addons = gate_addons
+    (swap,) = [addon for addon in addons if isinstance(addon, CredentialSwap)]
+    flow = reverse_flow()
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.request.url == "http://upstream.test:8000/v1/chat/completions"
+    flow.server_conn.timestamp_start = 1.0 if connected else None
+    flow.error = tflow.terr("Connection refused" if not connected else "Server disconnected.")
+    await through(addons, ("error",), flow)
+    assert flow.request.headers.get_all("authorization") == [f"Bearer {REDACTED_KEY}"]
+    expected = (
+        "http://upstream.test:8000/v1/chat/completions"
+        if connected
+        else (
+            "http://address:22/p/chat/completions"  # never reached the provider: the caller's
+        )
+    )
+    assert flow.request.url == expected
+    assert not swap._carrying_key and not swap._answering
+
+
+async def test_a_flow_refused_after_its_body_was_read_shows_the_callers_url(gate_addons):
+    _, _, addons = gate_addons
+    (swap,) = [addon for addon in addons if isinstance(addon, CredentialSwap)]
+    huge = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    flow = reverse_flow(body={**huge, "messages": [{"role": "user", "content": "word " * 2000}]})
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.response.status_code == 429  # the prompt alone is over the 1000 limit
+    assert flow.request.url == "http://address:22/p/chat/completions"
+    assert flow.request.headers.get_all("authorization") == [f"Bearer {REDACTED_KEY}"]
+    assert not swap._carrying_key and not swap._answering
 
 
 async def test_a_flow_still_out_at_shutdown_is_redacted(gate_addons):

@@ -8,6 +8,7 @@ import json
 import logging
 
 import pytest
+from mitmproxy.http import Headers
 from mitmproxy.test import tutils
 from tokengate_core import audit, notes
 from tokengate_core.scrub import MARK, MARK_HEADER, PLACEHOLDER, Secrets, StreamScrub, masked
@@ -64,6 +65,24 @@ def test_a_key_split_at_any_byte_across_two_chunks_never_passes(keep_length):
         assert b"".join(b"".join(chunks) for chunks in out) == expected, cut
         assert all(chunk and KEY not in chunk for chunks in out for chunk in chunks)
         assert seen == [{"mock"}]
+
+
+@pytest.mark.parametrize(
+    ("data", "held"),
+    [
+        (b"", 0),
+        (b"no key here\n", 0),
+        (b"x" + KEY[:1], 1),
+        (b"x" + KEY[:7], 7),
+        (KEY[:-1], len(KEY) - 1),
+        (b"x" + KEY[1:5], 0),  # key bytes, but not the start of a key
+        (KEY[:3] + b"z" + KEY[:2], 2),  # only the last start counts
+        (KEY, 0),  # a whole key is replaced, not held
+    ],
+)
+def test_unfinished_is_exactly_the_end_that_begins_a_key(data, held):
+    secrets = Secrets({"mock": PROVIDER_KEY})
+    assert secrets.unfinished(data) == held
 
 
 def test_only_what_could_begin_a_key_is_held_back():
@@ -133,6 +152,27 @@ async def test_header_and_status_line_echo_is_scrubbed(gate_addons):
     assert notes.of(flow)["scrubbed"] is True
 
 
+async def test_an_echo_in_one_header_alone_is_marked(gate_addons):
+    _, _, addons = gate_addons
+    flow = await forwarded(addons)
+    flow.response = tutils.tresp(status_code=401, content=b"{}")
+    flow.response.headers["x-echo-key"] = PROVIDER_KEY
+    await through(addons, ("responseheaders", "response"), flow)
+    assert flow.response.headers["x-echo-key"] == PLACEHOLDER
+    assert flow.response.headers[MARK_HEADER] == MARK and notes.of(flow)["scrubbed"] is True
+
+
+async def test_an_echo_in_the_trailers_is_scrubbed(gate_addons):
+    _, _, addons = gate_addons
+    flow = await forwarded(addons)
+    flow.response = tutils.tresp(content=NORMAL)
+    flow.response.trailers = Headers(x_echo=f"key {PROVIDER_KEY}")
+    await through(addons, ("responseheaders", "response"), flow)
+    assert flow.response.trailers["x-echo"] == f"key {PLACEHOLDER}"
+    assert flow.response.content == NORMAL
+    assert notes.of(flow)["scrubbed"] is True
+
+
 async def test_gzip_encoded_echo_is_scrubbed_and_stays_gzip(gate_addons):
     _, _, addons = gate_addons
     flow = await forwarded(addons)
@@ -164,6 +204,26 @@ async def test_sse_echo_split_anywhere_is_scrubbed_behind_the_meter(gate_addons)
         assert b"x-tokens-consumed=" in received
         assert notes.of(flow)["scrubbed"] is True
         assert notes.of(flow)["usage"]["total_tokens"] > 0  # metered on what the provider sent
+        assert MARK_HEADER not in flow.response.headers  # its headers had left already
+
+
+async def test_a_stream_echoing_twice_is_logged_once(gate_addons, caplog):
+    _, _, addons = gate_addons
+    flow = await forwarded(addons, body={**HELLO, "stream": True})
+    flow.response = tutils.tresp(content=None)
+    flow.response.headers["content-type"] = "text/event-stream"
+    await through(addons, ("responseheaders",), flow)
+    event = {"choices": [{"index": 0, "delta": {"content": f"{PROVIDER_KEY}"}}]}
+    with caplog.at_level(logging.WARNING, "tokengate"):
+        for _ in range(2):
+            flow.response.stream(f"data: {json.dumps(event)}\n\n".encode())
+        flow.response.stream(b"")
+        await through(addons, ("response",), flow)
+    lines = [r.getMessage() for r in caplog.records if "scrubbed" in r.getMessage()]
+    assert lines == [
+        f"tokengate: the answer to p/alice carried the key of provider mock; scrubbed "
+        f"(flow {flow.id})"
+    ]
 
 
 async def test_streamed_body_of_fixed_length_keeps_its_length(gate_addons):
@@ -183,8 +243,9 @@ async def test_streamed_body_of_fixed_length_keeps_its_length(gate_addons):
 
 async def test_flow_the_gate_does_not_govern_is_untouched(gate_addons):
     _, _, addons = gate_addons
-    flow = reverse_flow(path="/elsewhere/chat/completions")
+    flow = reverse_flow(path="/elsewhere/chat/completions", key=None)
     await through(addons, ("requestheaders", "request"), flow)
+    assert notes.of(flow) is None
     flow.response = tutils.tresp(status_code=401, content=ECHO)
     flow.response.headers["x-echo-key"] = PROVIDER_KEY
     await through(addons, ("responseheaders", "response"), flow)

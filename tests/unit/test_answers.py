@@ -246,21 +246,30 @@ def error_of(answer) -> dict:
 
 def test_refusals_of_the_request_itself_say_why_in_the_dialects_shape():
     cases = {
-        answers.missing_key(OPENAI): (401, "invalid_api_key", "Missing API key. Send your"),
+        answers.missing_key(OPENAI): (
+            401,
+            "invalid_api_key",
+            "Missing API key. Send your TokenGate key as 'Authorization: Bearer <key>' or "
+            "'X-API-Key: <key>'.",
+        ),
         answers.expired_key(OPENAI, "old", "2026-01-01T00:00:00Z"): (
             401,
             "invalid_api_key",
-            "This API key ('old') expired at 2026-01-01T00:00:00Z. Ask",
+            "This API key ('old') expired at 2026-01-01T00:00:00Z. Ask the gateway's operator "
+            "for a new one.",
         ),
         answers.conflicting_keys(OPENAI, ["X-API-Key", "Authorization"]): (
             401,
             "invalid_api_key",
-            "Different API keys were sent in X-API-Key, Authorization. Send",
+            "Different API keys were sent in X-API-Key, Authorization. Send your TokenGate key "
+            "once, or the same key in each.",
         ),
         answers.endpoint_not_allowed(OPENAI, "POST", "/p/files"): (
             403,
             "endpoint_not_allowed",
-            "POST /p/files is not available through this gateway: it serves the chat/completions",
+            "POST /p/files is not available through this gateway: it serves the "
+            "chat/completions, completions, embeddings and responses endpoints and the model "
+            "list.",
         ),
         answers.unreadable_body(OPENAI, "it is not valid JSON"): (
             400,
@@ -270,7 +279,8 @@ def test_refusals_of_the_request_itself_say_why_in_the_dialects_shape():
         answers.unknown_context(OPENAI, "/P/chat?x=1", ["/a", "/p"]): (
             404,
             "unknown_url",
-            "No TokenGate proxy serves /P/chat; the gateway's proxies are at /a, /p. The",
+            "No TokenGate proxy serves /P/chat; the gateway's proxies are at /a, /p. The request "
+            "was not forwarded.",
         ),
     }
     for answer, (status, code, message) in cases.items():
@@ -281,7 +291,7 @@ def test_refusals_of_the_request_itself_say_why_in_the_dialects_shape():
             code,
             None,
         )
-        assert error["message"].startswith(message), error["message"]
+        assert error["message"] == message
         if status == 401:
             assert answer.headers["WWW-Authenticate"] == 'Bearer realm="tokengate"'
         else:
@@ -303,6 +313,7 @@ def test_usage_report_is_the_callers_standing_with_its_headers():
     answer = answers.usage_report(proxy, "alice", statuses, NOW)
     assert answer.status_code == 200
     assert answer.headers[answers.SOURCE_HEADER] == "gateway"
+    assert answer.headers["Content-Type"] == "application/json"
     assert answer.headers["X-RateLimit-Remaining"] == "30"  # the tightest window leads
     body = json.loads(answer.content)
     assert (body["object"], body["proxy"], body["key"], body["scope"]) == (

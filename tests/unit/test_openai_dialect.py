@@ -6,12 +6,14 @@ import json
 
 import pytest
 from mitmproxy.http import Headers
+from tokengate_core import tokens
 from tokengate_core.dialects import DEFAULT, DIALECTS
 from tokengate_core.dialects.openai import (
     MAX_COMPLETIONS,
     OpenAI,
     completion_reserve,
     completions_requested,
+    estimate_prompt,
     max_tokens_field,
 )
 from tokengate_core.keys import ConflictingKeys
@@ -194,3 +196,80 @@ def test_stream_usage_keeps_the_last_reported_figures():
     assert events.text({"choices": [{"delta": {"content": "x"}}]}) == "x"
     assert events.gate_only({"choices": [], "usage": {"prompt_tokens": 1}})
     assert not events.gate_only({"choices": [], "usage": None})
+
+
+def count(text: str) -> int:
+    return tokens.count_text(text, "gpt-4o")
+
+
+def messages_of(*messages) -> dict:
+    return {"model": "gpt-4o", "messages": list(messages)}
+
+
+def test_the_dialect_estimates_with_its_exact_budget():
+    body = messages_of({"role": "user", "content": "word " * 300})
+    assert OPENAI.estimate_prompt("chat/completions", body, 10**6) == estimate_prompt(
+        "chat/completions", body
+    )
+    assert OPENAI.estimate_prompt("chat/completions", body, 10) > estimate_prompt(
+        "chat/completions", body
+    )
+    assert OPENAI.estimate_prompt("embeddings", {"input": "hi there"}, 10**6) == count("hi there")
+
+
+def test_tool_calls_and_bare_messages_count():
+    plain = messages_of({"role": "assistant", "content": "ok"})
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    called = messages_of({"role": "assistant", "content": "ok", "tool_calls": [call, "odd"]})
+    added = estimate_prompt("chat/completions", called) - estimate_prompt("chat/completions", plain)
+    assert added == count(json.dumps(call["function"]))
+    bare = messages_of("just text", {"role": "user", "content": "hi"})
+    expected = 3 + (3 + count("just text")) + (3 + count("hi") + count("user"))
+    assert estimate_prompt("chat/completions", bare) == expected
+
+
+@pytest.mark.parametrize("key", ["text", "content", "input", "output", "arguments", "refusal"])
+def test_every_text_field_of_a_part_counts(key):
+    part = {"type": "something", key: "the quick brown fox"}
+    body = messages_of({"role": "user", "content": [part]})
+    empty = messages_of({"role": "user", "content": []})
+    added = estimate_prompt("chat/completions", body) - estimate_prompt("chat/completions", empty)
+    assert added == count("the quick brown fox")
+
+
+def test_images_count_a_fixed_amount_and_their_fields_no_text():
+    image = {"type": "input_image", "text": "not counted", "image_url": "data:..."}
+    nested = {"type": "message", "content": [image, {"type": "image_url"}]}
+    assert estimate_prompt("responses", {"model": "gpt-4o", "input": nested}) == 2 * 85
+    listed = messages_of({"role": "user", "content": [image]})
+    assert estimate_prompt("chat/completions", listed) == 3 + 3 + count("user") + 85
+
+
+def test_tools_functions_and_formats_all_count():
+    base = messages_of({"role": "user", "content": "hi"})
+    tools = [{"type": "function", "function": {"name": "get"}}]
+    functions = [{"name": "legacy"}]
+    text = {"format": {"type": "json_object"}}
+    full = {**base, "tools": tools, "functions": functions, "text": text, "response_format": []}
+    added = estimate_prompt("chat/completions", full) - estimate_prompt("chat/completions", base)
+
+    def compact(value) -> str:
+        return json.dumps(value, separators=(",", ":"))
+
+    assert added == count(compact(tools)) + count(compact(functions)) + count(compact(text))
+
+
+def test_responses_counts_instructions_and_input_items():
+    items = [{"role": "user", "content": "hi"}]
+    body = {"model": "gpt-4o", "instructions": "Be brief.", "input": items}
+    without = {"model": "gpt-4o", "input": items}
+    assert estimate_prompt("responses", body) == count("Be brief.") + estimate_prompt(
+        "responses", without
+    )
+    assert estimate_prompt("responses", without) == 3 + 3 + count("hi") + count("user")
+
+
+def test_terms_reserve_for_every_completion():
+    terms = OPENAI.terms("chat/completions", {**CHAT, "n": 3}, 100)
+    assert terms.completion_reserve == 300
+    assert OPENAI.terms("embeddings", {"input": "x"}, 100).completion_reserve == 0
