@@ -150,6 +150,16 @@ async def test_a_failed_flow_shows_the_url_it_was_sent_to_and_keeps_nothing(gate
     assert not swap._carrying_key and not swap._answering
 
 
+async def test_a_flow_the_gate_answered_may_still_end_in_error(gate_addons):
+    _, _, addons = gate_addons
+    flow = reverse_flow(key=None)
+    await through(addons, ("requestheaders", "request"), flow)
+    assert flow.response.status_code == 401
+    flow.error = tflow.terr("Client disconnected.")
+    await through(addons, ("error",), flow)  # no hook raises for a flow that was never sent
+    assert flow.request.url == "http://address:22/p/chat/completions"
+
+
 async def test_a_flow_refused_after_its_body_was_read_shows_the_callers_url(gate_addons):
     _, _, addons = gate_addons
     (swap,) = [addon for addon in addons if isinstance(addon, CredentialSwap)]

@@ -77,6 +77,7 @@ def test_a_key_split_at_any_byte_across_two_chunks_never_passes(keep_length):
         (KEY[:-1], len(KEY) - 1),
         (b"x" + KEY[1:5], 0),  # key bytes, but not the start of a key
         (KEY[:3] + b"z" + KEY[:2], 2),  # only the last start counts
+        (b"x" + KEY[:1] + KEY[:5], 5),  # a false start right before the real one
         (KEY, 0),  # a whole key is replaced, not held
     ],
 )
@@ -160,6 +161,17 @@ async def test_an_echo_in_one_header_alone_is_marked(gate_addons):
     await through(addons, ("responseheaders", "response"), flow)
     assert flow.response.headers["x-echo-key"] == PLACEHOLDER
     assert flow.response.headers[MARK_HEADER] == MARK and notes.of(flow)["scrubbed"] is True
+
+
+async def test_an_echo_in_a_body_that_does_not_decode_is_scrubbed_as_it_is(gate_addons):
+    _, _, addons = gate_addons
+    flow = await forwarded(addons)
+    flow.response = tutils.tresp(status_code=401, content=b"")
+    flow.response.headers["content-encoding"] = "gzip"  # but it is not
+    flow.response.raw_content = ECHO
+    await through(addons, ("responseheaders", "response"), flow)
+    assert KEY not in flow.response.raw_content
+    assert notes.of(flow)["scrubbed"] is True
 
 
 async def test_an_echo_in_the_trailers_is_scrubbed(gate_addons):

@@ -223,6 +223,10 @@ def test_tool_calls_and_bare_messages_count():
     called = messages_of({"role": "assistant", "content": "ok", "tool_calls": [call, "odd"]})
     added = estimate_prompt("chat/completions", called) - estimate_prompt("chat/completions", plain)
     assert added == count(json.dumps(call["function"]))
+    custom = {"type": "custom", "custom": {"name": "grep", "input": "needle in the haystack"}}
+    other = messages_of({"role": "assistant", "content": "ok", "tool_calls": [custom]})
+    added = estimate_prompt("chat/completions", other) - estimate_prompt("chat/completions", plain)
+    assert added == count(json.dumps(custom))  # a call of another kind counts whole
     bare = messages_of("just text", {"role": "user", "content": "hi"})
     expected = 3 + (3 + count("just text")) + (3 + count("hi") + count("user"))
     assert estimate_prompt("chat/completions", bare) == expected
