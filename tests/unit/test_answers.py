@@ -276,7 +276,7 @@ def test_refusals_of_the_request_itself_say_why_in_the_dialects_shape():
             None,
             "We could not parse the JSON body of your request: it is not valid JSON.",
         ),
-        answers.unknown_context(OPENAI, "/P/chat?x=1", ["/a", "/p"]): (
+        answers.unknown_context(OPENAI, "/P/chat?x=1?y", ["/a", "/p"]): (
             404,
             "unknown_url",
             "No TokenGate proxy serves /P/chat; the gateway's proxies are at /a, /p. The request "
