@@ -27,6 +27,18 @@ HERE = Path(__file__).resolve().relative_to(ROOT).as_posix()
 LISTENING = r"listening at \S*:(\d+)"
 
 
+def run_block(script: str, folder, env, timeout: float) -> subprocess.CompletedProcess:
+    """A shell block of a document, run as a reader would paste it, failing on any error."""
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run_by(test: str):
     return blocks_for(f"{HERE}::{test}")
 
@@ -79,14 +91,7 @@ def test_keys_walkthrough(reader):
     folder, env = reader
     quotas = folder / "quotas.yaml"
     quotas.write_text((ROOT / "quotas.yaml").read_text(encoding="utf-8"), encoding="utf-8")
-    run = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", block.text],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_block(block.text, folder, env, timeout=60)
     assert run.returncode == 0, run
     assert "tg-" in run.stdout
     written = quotas.read_text(encoding="utf-8")
@@ -111,14 +116,7 @@ def test_replay_walkthrough(reader):
     (block,) = run_by("test_replay_walkthrough")
     folder, env = reader
     (folder / "addons").symlink_to(ROOT / "addons")
-    run = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", block.text],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = run_block(block.text, folder, env, timeout=120)
     assert run.returncode == 0, run
     replayed = [json.loads(line) for line in (folder / "replay.jsonl").read_text().splitlines()]
     assert replayed and all(line["replay"] for line in replayed)
