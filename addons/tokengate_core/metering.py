@@ -55,7 +55,7 @@ class Metering:
         flow.response.stream = meter if is_sse else meter.passing
 
     def _meter(self, note: Notes, admission: Admission, is_sse: bool) -> StreamRelay | BodyMeter:
-        dialect = self.gate.proxy(note["proxy"]).dialect
+        dialect = admission.dialect
         prompt, model = note.get("prompt_estimate", 0), note.get("model")
         if not is_sse:
             # A JSON body can be streamed too (stream_large_bodies): metered whole at the end.
@@ -96,8 +96,9 @@ class Metering:
         if body is None:
             # Streamed by another addon without a way for us to read it: charge the reservation.
             return Metered(admission.reservation.amounts, "estimated")
-        dialect = self.gate.proxy(note["proxy"]).dialect
-        return meter_json(dialect, body, note.get("prompt_estimate", 0), note.get("model"))
+        return meter_json(
+            admission.dialect, body, note.get("prompt_estimate", 0), note.get("model")
+        )
 
     def error(self, flow: http.HTTPFlow) -> None:
         admission = self.quota.holding(flow.id)

@@ -61,15 +61,13 @@ class Ask:
 @dataclass(frozen=True)
 class Admission:
     """An admitted request. Unmetered (`reservation` None) while the store is down and the
-    proxy fails open."""
+    proxy fails open. It keeps the dialect it was admitted in: its answer is read in that one,
+    even if a reload removes its proxy meanwhile."""
 
     reservation: Reservation | None
     decision: Decision | None
+    dialect: Dialect
     statuses: tuple[LimitStatus, ...] = ()  # the windows with this reservation held
-
-    @property
-    def degraded(self) -> bool:
-        return self.reservation is None
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,7 @@ class QuotaService:
                 decision, reservation = await self._queue(ask, buckets, decision)
         except StoreUnavailable:
             if ask.proxy.fail == "open":
-                return Admission(None, None)
+                return Admission(None, None, ask.dialect)
             return Refusal(answers.store_unavailable(ask.dialect, STORE_RETRY_AFTER), None)
         if reservation is None:
             now = self.gate.clock()
@@ -105,7 +103,7 @@ class QuotaService:
                 ask.dialect, decision, now, ask.proxy.name, ask.demand.prompt
             )
             return Refusal(answer, decision)
-        admission = Admission(reservation, decision, decision.statuses)
+        admission = Admission(reservation, decision, ask.dialect, decision.statuses)
         self._held[ask.id] = admission
         return admission
 

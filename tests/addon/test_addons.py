@@ -14,8 +14,8 @@ from tokengate_core.metering import Metering
 from tokengate_core.quota import buckets_for
 
 from tests.support.harness import reverse_flow, through
-from tests.support.processes import PROVIDER_KEY, credentials_in
-from tests.support.quotas import ALICE
+from tests.support.processes import PROVIDER_KEY, credentials_in, write_quotas
+from tests.support.quotas import ALICE, key_entries
 
 
 def test_bad_reload_keeps_last_good_config(gate_addons, tmp_path):
@@ -200,3 +200,32 @@ async def test_settles_once_and_error_releases(gate_addons):
     await gate.writes.caught_up()
     (status,) = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     assert (status.used, status.reserved) == (100, 0)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["json", "sse"])
+async def test_a_flow_whose_proxy_a_reload_removed_still_settles(gate_addons, tmp_path, streamed):
+    tctx, gate, addons = gate_addons
+    store, old = gate.store, gate.proxy("p")
+    flow = reverse_flow()
+    await through(addons, ("requestheaders", "request"), flow)
+    other = "  q:\n    context: /q\n    provider: mock\n    keys:\n" + key_entries(bob="tg-b")
+    tctx.configure(
+        addons[0],
+        tokengate_config=str(write_quotas(tmp_path / "q.yaml", "http://upstream.test:8000", other)),
+    )
+    assert gate.proxy("p") is None
+    usage = {"usage": {"prompt_tokens": 9, "completion_tokens": 11}}
+    if streamed:
+        flow.response = tutils.tresp(content=None)
+        flow.response.headers["content-type"] = "text/event-stream"
+        await through(addons, ("responseheaders",), flow)
+        for chunk in (f"data: {json.dumps({'choices': [], **usage})}\n\n".encode(), b""):
+            flow.response.stream(chunk)
+        await through(addons, ("response",), flow)
+    else:
+        flow.response = tutils.tresp(content=json.dumps(usage).encode())
+        await through(addons, ("responseheaders", "response"), flow)
+    assert notes.of(flow)["usage"]["total_tokens"] == 20
+    await gate.writes.caught_up()
+    (status,) = await store.status(buckets_for(old, "alice"))
+    assert (status.used, status.reserved) == (20, 0)
