@@ -60,13 +60,15 @@ class Reader:
     def terms(self, endpoint: str, body: dict[str, Any]) -> RequestTerms:
         return self.dialect.terms(endpoint, body, self.default_reserve)
 
-    def estimate(self, endpoint: str, body: dict[str, Any]) -> Read | Unreadable:
+    def estimate(
+        self, endpoint: str, body: dict[str, Any], terms: RequestTerms | None = None
+    ) -> Read | Unreadable:
         """A body nested too deeply to walk is as unreadable to the gate as bad JSON."""
         try:
             prompt = self.dialect.estimate_prompt(endpoint, body, self.exact_chars)
         except RecursionError:
             return TOO_DEEP
-        return Read(body, self.terms(endpoint, body), prompt)
+        return Read(body, terms or self.terms(endpoint, body), prompt)
 
     def parse_and_estimate(self, raw: bytes, endpoint: str) -> Read | Unreadable:
         """The body, its terms and its prompt estimate, or why the gate cannot read it."""
@@ -81,5 +83,6 @@ class Reader:
         body = json_object(raw)
         if isinstance(body, Unreadable):
             return body
-        await tokens.load_for(self.terms(endpoint, body).model)
-        return self.estimate(endpoint, body)
+        terms = self.terms(endpoint, body)
+        await tokens.load_for(terms.model)
+        return self.estimate(endpoint, body, terms)
