@@ -18,6 +18,7 @@ from mitmproxy import http
 from . import notes
 from .admission import note_decision
 from .audit import entry
+from .dialects import Dialect
 from .gate import Gate
 from .intake import Reader, Unreadable
 from .limiter import Demand, Usage, whole_number
@@ -141,7 +142,9 @@ class CaptureReplay:
         return status, "admitted"
 
 
-def captured_usage(dialect, response: http.Response, prompt: int, model: str | None) -> Metered:
+def captured_usage(
+    dialect: Dialect, response: http.Response, prompt: int, model: str | None
+) -> Metered:
     """Usage from a captured answer: JSON, or SSE saved with `store_streamed_bodies`."""
     body = response.get_content(strict=False) or b""
     if response.headers.get("content-type", "").startswith("text/event-stream"):
