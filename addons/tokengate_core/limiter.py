@@ -85,8 +85,14 @@ class Demand:
 
 @dataclass(frozen=True)
 class Usage:
+    """Tokens a request used. The sub-counts are parts of `prompt` and `completion` that
+    providers report and price apart; they are never added to them a second time."""
+
     prompt: int
     completion: int
+    cached_prompt: int = 0  # prompt tokens read from the provider's prompt cache
+    cache_write: int = 0  # prompt tokens written to the provider's prompt cache
+    reasoning: int = 0  # completion tokens spent on hidden reasoning
 
     @property
     def total(self) -> int:

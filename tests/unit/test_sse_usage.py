@@ -231,8 +231,51 @@ def test_final_event_without_blank_line_is_not_dispatched() -> None:
             {"usage": {"prompt_tokens": MAX_BELIEVABLE_TOKENS, "completion_tokens": 1}},
             Usage(MAX_BELIEVABLE_TOKENS, 1),
         ),
+        (  # cached and reasoning sub-counts are parts of prompt and completion
+            {
+                "usage": {
+                    "prompt_tokens": 100,
+                    "completion_tokens": 40,
+                    "prompt_tokens_details": {"cached_tokens": 64},
+                    "completion_tokens_details": {"reasoning_tokens": 30},
+                }
+            },
+            Usage(100, 40, cached_prompt=64, reasoning=30),
+        ),
+        (  # the Responses API names the same details input/output
+            {
+                "usage": {
+                    "input_tokens": 10,
+                    "output_tokens": 9,
+                    "input_tokens_details": {"cached_tokens": 4},
+                    "output_tokens_details": {"reasoning_tokens": 8},
+                }
+            },
+            Usage(10, 9, cached_prompt=4, reasoning=8),
+        ),
+        (  # a sub-count larger than its whole, or not a count, is not believed
+            {
+                "usage": {
+                    "prompt_tokens": 10,
+                    "completion_tokens": 5,
+                    "prompt_tokens_details": {"cached_tokens": 64},
+                    "completion_tokens_details": {"reasoning_tokens": "3"},
+                }
+            },
+            Usage(10, 5, cached_prompt=10),
+        ),
     ],
-    ids=["chat", "embeddings", "responses", "responses-event", "zeros", "at-maximum"],
+    ids=[
+        "chat",
+        "embeddings",
+        "responses",
+        "responses-event",
+        "zeros",
+        "at-maximum",
+        "details",
+        "responses-details",
+        "odd-details",
+    ],
 )
 def test_reported_usage(payload: dict, expected: Usage) -> None:
     assert reported_usage(payload) == expected

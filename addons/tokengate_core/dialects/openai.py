@@ -201,7 +201,21 @@ def reported_usage(payload: Any) -> Usage | None:
     completion = believable(usage.get("completion_tokens", usage.get("output_tokens", 0)))
     if prompt is None or completion is None:
         return None
-    return Usage(prompt, completion)
+    cached = _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens")
+    reasoning = _detail(
+        usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens"
+    )
+    return Usage(prompt, completion, min(cached, prompt), 0, min(reasoning, completion))
+
+
+def _detail(usage: dict, holders: tuple[str, ...], field: str) -> int:
+    """A sub-count from `usage`'s details object (chat or Responses API naming); 0 if absent
+    or not believable."""
+    for holder in holders:
+        details = usage.get(holder)
+        if isinstance(details, dict):
+            return believable(details.get(field)) or 0
+    return 0
 
 
 def generated_text(payload: Any) -> str:
