@@ -19,6 +19,7 @@ from mitmproxy import ctx, exceptions, http
 
 from . import answers, notes
 from .config import Config, Proxy
+from .estimates import MAX_RATIO
 from .gate import Gate
 from .intake import Reader, Unreadable
 from .keys import ConflictingKeys, format_timestamp
@@ -71,6 +72,21 @@ class AdmissionControl:
             "Reverse mode: path prefixes outside every proxy's context that are forwarded "
             "untouched even with a credential (elsewhere such a request gets 404).",
         )
+        policy = self.gate.estimates.policy
+        loader.add_option(
+            "tokengate_estimate_margin",
+            float,
+            policy.margin,
+            "Cold start: the prompt estimate of a model tiktoken does not know is reserved times "
+            "at least this, until the provider's counts for it are learned (docs/estimates.md).",
+        )
+        loader.add_option(
+            "tokengate_estimate_warmup",
+            int,
+            policy.warmup,
+            "Answers of a provider and model seen before the learned correction of the prompt "
+            "estimate replaces the cold start's margin.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "tokengate_queue_limit" in updated:
@@ -82,6 +98,17 @@ class AdmissionControl:
             if not all(prefix.startswith("/") for prefix in prefixes):
                 raise exceptions.OptionsError("tokengate_passthrough: each prefix starts with /")
             self.passthrough = tuple(prefix.rstrip("/") or "/" for prefix in prefixes)
+        if "tokengate_estimate_margin" in updated:
+            margin = ctx.options.tokengate_estimate_margin
+            if not 1 <= margin <= MAX_RATIO:
+                raise exceptions.OptionsError(
+                    f"tokengate_estimate_margin must be from 1 to {MAX_RATIO:g}, not {margin}"
+                )
+            self.gate.estimates.policy.margin = margin
+        if "tokengate_estimate_warmup" in updated:
+            if ctx.options.tokengate_estimate_warmup < 0:
+                raise exceptions.OptionsError("tokengate_estimate_warmup must be 0 or more")
+            self.gate.estimates.policy.warmup = ctx.options.tokengate_estimate_warmup
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         # A flow loaded from a file may carry the notes of the run that saved it; they must not
@@ -203,9 +230,8 @@ class AdmissionControl:
         note.update(model=terms.model, stream=terms.stream, prompt_estimate=read.prompt)
         if admitted is not None:  # admitted at requestheaders; now its estimate is known
             return None
-        refusal = await self._admit(
-            flow, proxy, note, Demand(read.prompt, terms.completion_reserve)
-        )
+        prompt = self.gate.estimates.prompt(proxy.provider.name, terms.model, read.prompt)
+        refusal = await self._admit(flow, proxy, note, Demand(prompt, terms.completion_reserve))
         admitted = self.quota.holding(flow.id)
         if refusal is None and admitted is not None:
             changed = proxy.dialect.adjust(endpoint, read.body, admitted.reservation.amounts)

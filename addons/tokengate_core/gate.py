@@ -1,5 +1,5 @@
 """What every TokenGate addon of one mitmdump process shares: the configuration in force, the
-usage store, the clock, and the options that bound request reading."""
+usage store, the learned estimates, the clock, and the options that bound request reading."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from . import tokens
 from .config import Config, Proxy
+from .estimates import Estimates
 from .stores import Store
 from .stores.memory import MemoryStore
 from .writebehind import WriteBehind
@@ -26,6 +27,10 @@ class Gate:
     stream_request_bodies: bool = False  # mitmproxy's stream_large_bodies is set
     writes: WriteBehind = field(default_factory=WriteBehind)  # settlements on their way
     replay_only: bool = False  # `mitmdump -nr`: no proxy server, so nothing goes upstream
+    estimates: Estimates = field(init=False)  # learned prompt counts, kept in `store`
+
+    def __post_init__(self) -> None:
+        self.estimates = Estimates(lambda: self.store)
 
     def proxy(self, name: str) -> Proxy | None:
         return self.config.proxies.get(name) if self.config else None

@@ -4,7 +4,8 @@ responseheaders: what the gate changed about the call goes on the answer's heade
 answer (SSE, or a JSON body mitmproxy streams) is followed event by event. response: usage
 from the JSON body or the stream, settled; the provider's own error costs nothing. error: a
 stream cut short is charged what streamed; a caller that hung up after the provider got the
-request keeps what was reserved; nothing else is charged.
+request keeps what was reserved; nothing else is charged. A prompt count the provider reported
+teaches the learned estimates (estimates.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from mitmproxy import http
 
 from . import answers, notes
+from .estimates import counted_whole
 from .gate import Gate
 from .limiter import LimitStatus
 from .notes import Notes
@@ -123,4 +125,11 @@ class Metering:
         statuses = self.quota.settle(flow.id, metered.usage if metered else None) or ()
         notes.note_windows(note, statuses)
         notes.note_usage(note, metered)
+        proxy = self.gate.proxy(note.get("proxy", ""))
+        if proxy is not None:
+            exact = counted_whole(flow.request, self.gate.exact_prompt_chars)
+            estimate = note.get("prompt_estimate", 0)
+            self.gate.estimates.answered(
+                proxy.provider.name, note.get("model"), estimate, metered, exact
+            )
         return statuses

@@ -1,12 +1,12 @@
 """QA replay: what the current quotas would have done with captured traffic (`mitmdump -nr`).
 
 A flow read from a file already has its answer, and the live addons leave it alone. This addon
-evaluates it instead with the live decision code (the same key check, request reading, quota
-service and charging rule) on the capture's own clock (`request.timestamp_start`) and a store of
-its own (replaying never spends live budget). Who called comes from the proxy and key *names*
-the gate noted when it saved the flow (the key itself is never saved). The decision goes to the
-ledger; the flow is not changed. Same capture and same quotas give the same ledger, byte for
-byte.
+evaluates it instead with the live decision code (the same key check, request reading, learned
+estimates, quota service and charging rule) on the capture's own clock
+(`request.timestamp_start`) and a store of its own (replaying never spends live budget). Who
+called comes from the proxy and key *names* the gate noted when it saved the flow (the key
+itself is never saved). The decision goes to the ledger; the flow is not changed. Same capture
+and same quotas give the same ledger, byte for byte.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from . import notes
 from .admission import note_decision
 from .audit import entry
 from .dialects import Dialect
+from .estimates import counted_whole
 from .gate import Gate
 from .intake import Reader, Unreadable
 from .limiter import Demand, Usage, whole_number
@@ -55,6 +56,7 @@ class CaptureReplay:
         self.quota = QuotaService(
             Gate(store=MemoryStore(self.clock), clock=self.clock), queue_limit=0
         )
+        self.quota.gate.estimates.policy = gate.estimates.policy  # learns on its own store
         self._saved: dict[str, dict[str, Any]] = {}
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -107,7 +109,9 @@ class CaptureReplay:
         proxy.dialect.as_requested(read.body, saved)
         terms = reader.terms(endpoint, read.body)
         note.update(model=terms.model, stream=terms.stream)
-        demand = Demand(read.prompt, terms.completion_reserve)
+        learned = self.quota.gate.estimates
+        prompt = learned.prompt(proxy.provider.name, terms.model, read.prompt)
+        demand = Demand(prompt, terms.completion_reserve)
         outcome = await self.quota.admit(Ask(flow.id, proxy, key.name, demand, proxy.dialect))
         if outcome is None:  # a proxy without limits
             return captured, "admitted"
@@ -137,6 +141,8 @@ class CaptureReplay:
             sent = caller_hung_up(message) and bool(flow.server_conn.timestamp_start)
             metered, status = charge(captured, answered, reserved, sent), captured
         notes.note_windows(note, self.quota.settle(flow.id, metered.usage if metered else None))
+        exact = counted_whole(flow.request, self.gate.exact_prompt_chars)
+        learned.answered(proxy.provider.name, terms.model, read.prompt, metered, exact)
         if metered is not None:
             notes.note_usage(note, metered)
         return status, "admitted"

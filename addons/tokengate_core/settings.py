@@ -196,6 +196,7 @@ class Settings:
             ctx.options.update(connection_strategy="lazy")
             log.info("tokengate: connection_strategy set to lazy")
         self.start_watching()
+        self.gate.estimates.start()
 
     def start_watching(self) -> None:
         if self._watcher is None:
@@ -229,6 +230,7 @@ class Settings:
             self._watcher.cancel()
             self._watcher = None
         await self.gate.writes.caught_up()  # settlements still on their way land first
+        await self.gate.estimates.sync()  # what was learned since the last sync, kept
         for store in (*self._retired, self.gate.store):
             await store.close()
         self._retired.clear()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -55,6 +55,13 @@ class Store(Protocol):
 
     async def status(self, buckets: tuple[Bucket, ...]) -> tuple[LimitStatus, ...]:
         """The windows as they stand now, without changing them."""
+
+    async def learned(self) -> dict[str, str]:
+        """Every learned estimate record (`estimates.Record` texts), by key."""
+
+    async def learn(self, updates: Mapping[str, Callable[[str | None], str]]) -> dict[str, str]:
+        """Replace each named record by its update of the stored one (None: none yet), in one
+        atomic step; then every record, as `learned`. An update may run more than once."""
 
     async def close(self) -> None: ...
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ..limiter import Bucket, Decision, Demand, LimitStatus, Usage
 from . import STALE_AFTER, Reservation
@@ -24,6 +24,7 @@ class MemoryStore:
         self.clock = clock
         self.stale_after = stale_after
         self._windows: dict[str, Window] = {}
+        self._learned: dict[str, str] = {}  # learned estimate records, by key
 
     def _window(self, bucket: Bucket, now: float) -> Window | None:
         """The bucket's window, pruned to `now`; None when it holds nothing."""
@@ -74,6 +75,14 @@ class MemoryStore:
     async def status(self, buckets: tuple[Bucket, ...]) -> tuple[LimitStatus, ...]:
         now = self.clock()
         return statuses(buckets, [self._window(b, now) for b in buckets], now)
+
+    async def learned(self) -> dict[str, str]:
+        return dict(self._learned)
+
+    async def learn(self, updates: Mapping[str, Callable[[str | None], str]]) -> dict[str, str]:
+        for key, update in updates.items():
+            self._learned[key] = update(self._learned.get(key))
+        return dict(self._learned)
 
     async def close(self) -> None:
         self._windows.clear()

@@ -17,12 +17,16 @@ hash-tagged with the bucket's `proxy:scope`: all the buckets of one request, whi
 scope, live in one slot, so the scripts could run on Redis Cluster unchanged (the client here
 is the single-node one; a Cluster client is not wired). Every key gets a TTL of its window plus
 `stale_after`, refreshed on each write, and is deleted when its window empties.
+
+Learned estimates (`estimates.py`) live in one more hash (`tokengate:{learned}`), one field per
+(provider, model), updated by compare-and-set (lua/learn.lua) so the rule stays in Python; it
+keeps LEARNED_TTL after its last update.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.resources import files
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,6 +39,8 @@ from ..limiter import SLOTS, Bucket, Decision, Demand, LimitStatus, Usage
 from . import STALE_AFTER, Reservation, StoreUnavailable
 
 TIMEOUT = 1.0  # seconds for connecting and for each reply: a store that is down answers fast
+LEARNED_TTL = 30 * 86400  # seconds the learned estimates outlive their last update
+LEARN_ATTEMPTS = 5  # compare-and-set rounds before an update waits for the next sync
 
 LUA = files(__package__) / "lua"
 SHARED = "window.lua"  # the window rules, run ahead of each script's own file
@@ -48,6 +54,7 @@ def script(name: str) -> str:
 # Read once, when the module is imported; each store registers them once with its client.
 RESERVE = script("reserve")
 SETTLE = script("settle")
+LEARN = (LUA / "learn.lua").read_text("utf-8")
 
 
 def redacted(url: str) -> str:
@@ -92,6 +99,8 @@ class RedisStore:
         )
         self._reserve = self.redis.register_script(RESERVE)
         self._settle = self.redis.register_script(SETTLE)
+        self._learn = self.redis.register_script(LEARN)
+        self.learned_key = f"{prefix}:{{learned}}"
         self._keys: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -163,6 +172,28 @@ class RedisStore:
 
     async def status(self, buckets: tuple[Bucket, ...]) -> tuple[LimitStatus, ...]:
         return await self._replace("status", buckets, "", Usage(0, 0))
+
+    async def learned(self) -> dict[str, str]:
+        return await self._guarded(self.redis.hgetall(self.learned_key))
+
+    async def learn(self, updates: Mapping[str, Callable[[str | None], str]]) -> dict[str, str]:
+        fields = list(updates)
+        for _ in range(LEARN_ATTEMPTS):
+            stored = await self._guarded(self.redis.hmget(self.learned_key, fields))
+            args: list = [LEARNED_TTL]
+            for field, old in zip(fields, stored, strict=True):
+                args += [field, old or "", updates[field](old)]
+            reply = await self._guarded(self._learn(keys=[self.learned_key], args=args))
+            if reply is not None:
+                return dict(zip(reply[0::2], reply[1::2], strict=True))
+        raise StoreUnavailable(f"redis store {self.where}: learned estimates kept changing")
+
+    async def _guarded(self, call):
+        """A command's reply; StoreUnavailable when Redis cannot be reached."""
+        try:
+            return await call
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(f"redis store {self.where}: {type(e).__name__}: {e}") from e
 
     async def close(self) -> None:
         """Close the connection pool; call once at shutdown."""

@@ -25,7 +25,7 @@ import asyncio
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,6 +58,10 @@ CREATE TABLE IF NOT EXISTS pending (
     stamp REAL NOT NULL,
     amount INTEGER NOT NULL,
     PRIMARY KEY (bucket, rid)  -- no second index: each write touches one page fewer
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS learned (  -- learned estimates (estimates.py), one row per key
+    key TEXT PRIMARY KEY,
+    record TEXT NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -382,6 +386,20 @@ class SqliteStore:
     ) -> tuple[LimitStatus, ...]:
         return statuses(buckets, self._windows(db, buckets, now), now)
 
+    @staticmethod
+    def _learned(db: sqlite3.Connection, now: float) -> dict[str, str]:
+        return dict(db.execute("SELECT key, record FROM learned"))
+
+    @staticmethod
+    def _learn(
+        db: sqlite3.Connection, now: float, updates: Mapping[str, Callable[[str | None], str]]
+    ) -> dict[str, str]:
+        for key, update in updates.items():
+            row = db.execute("SELECT record FROM learned WHERE key = ?", (key,)).fetchone()
+            record = update(row[0] if row else None)
+            db.execute("INSERT OR REPLACE INTO learned VALUES (?, ?)", (key, record))
+        return SqliteStore._learned(db, now)
+
     # -- the Store interface (event loop side) -----------------------------------------------
 
     async def _run(self, function: Callable, *args):
@@ -413,6 +431,12 @@ class SqliteStore:
 
     async def status(self, buckets: tuple[Bucket, ...]) -> tuple[LimitStatus, ...]:
         return await self._run(self._status, buckets)
+
+    async def learned(self) -> dict[str, str]:
+        return await self._run(self._learned)
+
+    async def learn(self, updates: Mapping[str, Callable[[str | None], str]]) -> dict[str, str]:
+        return await self._run(self._learn, updates)
 
     async def close(self) -> None:
         """Close the database; call once at shutdown (a second call does nothing)."""

@@ -4,10 +4,13 @@ Usage is computed with the gateway's own tokenizer (``tokengate_core.tokens``), 
 assert exact token accounting. Per request, header ``X-Mock-Mode`` makes it misbehave the way
 real providers do: errors and rate limits, missing usage, slow or cut streams, SSE events split at
 arbitrary byte offsets, broken JSON, connection resets, answers that never come or drip in byte
-by byte, usage figures that are negative, absurd or not numbers. ``GET /mock/stats`` tells what
-reached the provider (which keys, how many requests, how many tokens served, and per
-``X-Mock-Tag`` how many tokens actually left, cut answers included); ``POST /mock/reset`` zeroes
-it. ``--record FILE`` appends every request received (method, path, headers, body) as a JSON line.
+by byte, usage figures that are negative, absurd or not numbers. Header ``X-Mock-Prompt-Rule``
+(or ``--prompt-rule``) makes it count prompts as another model's tokenizer would: ``scale:1.1``
+(10 % above the gate's tokenizer), ``chars:3`` (a token per 3 characters of the prompt's text).
+``GET /mock/stats`` tells what reached the provider (which keys, how many requests, how many
+tokens served, and per ``X-Mock-Tag`` how many tokens actually left, cut answers included);
+``POST /mock/reset`` zeroes it. ``--record FILE`` appends every request received (method, path,
+headers, body) as a JSON line.
 ``GET /v1/models`` lists a few models, as OpenAI's API does, so ``client.models.list()`` works.
 
     tokengate-mock --port 0 --expect-key sk-provider
@@ -21,6 +24,7 @@ import copy
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -79,6 +83,10 @@ DRIP_DELAY = 0.0005  # seconds between the bytes of a "drip" answer
 # Before a reset, so the bytes already written reach the reader and are not lost with the RST.
 RESET_GRACE = 0.1
 ERROR_MODE = re.compile(r"error:([45]\d\d)")
+# How prompts are counted: "exact" (the gate's tokenizer), "scale:F" (that count times F, rounded
+# up), "chars:N" (a token per N characters of the prompt's text, rounded up).
+PROMPT_RULE = re.compile(r"exact|(scale|chars):([0-9]{1,3}(\.[0-9]{1,6})?)")
+PROMPT_FIELDS = ("messages", "prompt", "input", "instructions", "tools")
 DEFAULT_SLOW_DELAY = 2.0
 DEFAULT_MODEL = "mock-model"
 # What `GET /v1/models` lists (any model name is served; these are the ones it names).
@@ -139,10 +147,30 @@ def models_reply(path: str) -> tuple[int, dict] | None:
     return 404, {"error": error}
 
 
-def billed_prompt(endpoint: str, body: dict) -> int:
+def billed_prompt(endpoint: str, body: dict, rule: str = "exact") -> int:
     """The prompt tokens a provider bills: counted exactly however long (the gate bounds its own
-    estimate of a huge prompt; a provider does not)."""
-    return estimate_prompt(endpoint, body, exact_chars=sys.maxsize)
+    estimate of a huge prompt; a provider does not), or by another `rule` (PROMPT_RULE)."""
+    kind, _, figure = rule.partition(":")
+    if kind == "chars":
+        return max(1, math.ceil(len(prompt_text(body)) / float(figure)))
+    exact = estimate_prompt(endpoint, body, exact_chars=sys.maxsize)
+    return math.ceil(exact * float(figure) - 1e-9) if kind == "scale" else exact
+
+
+def prompt_text(value: Any, fields: tuple[str, ...] = PROMPT_FIELDS) -> str:
+    """Every string in the request's prompt fields (roles and names included), run together."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return "".join(prompt_text(v, ()) for k, v in value.items() if not fields or k in fields)
+    if isinstance(value, list):
+        return "".join(prompt_text(item, ()) for item in value)
+    return ""
+
+
+def is_prompt_rule(rule: str) -> bool:
+    match = PROMPT_RULE.fullmatch(rule)
+    return match is not None and (match[2] is None or float(match[2]) > 0)
 
 
 def is_mode(name: str) -> bool:
@@ -401,15 +429,19 @@ class Mode:
     name: str
     delay: float
     seed: int
+    prompt_rule: str = "exact"
 
     @classmethod
-    def from_headers(cls, headers: Message, default: str) -> Mode:
+    def from_headers(cls, headers: Message, default: str, default_rule: str = "exact") -> Mode:
         name = headers.get("X-Mock-Mode") or default
         if not is_mode(name):
             raise ValueError(f"Unknown X-Mock-Mode {name!r}")
+        rule = headers.get("X-Mock-Prompt-Rule") or default_rule
+        if not is_prompt_rule(rule):
+            raise ValueError(f"Unknown X-Mock-Prompt-Rule {rule!r} (exact, scale:F, chars:N)")
         try:
             delay = max(0.0, float(headers.get("X-Mock-Delay", DEFAULT_SLOW_DELAY)))
-            return cls(name, delay, int(headers.get("X-Mock-Seed", 0)))
+            return cls(name, delay, int(headers.get("X-Mock-Seed", 0)), rule)
         except ValueError:
             raise ValueError("X-Mock-Delay must be a number, X-Mock-Seed an integer") from None
 
@@ -546,7 +578,7 @@ class MockHandler(BaseHTTPRequestHandler):
             )
         else:
             try:
-                mode = Mode.from_headers(self.headers, self.server.mode)
+                mode = Mode.from_headers(self.headers, self.server.mode, self.server.prompt_rule)
             except ValueError as e:
                 self._send_error(400, str(e))
                 return
@@ -566,13 +598,14 @@ class MockHandler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
                 # The prompt was read (and would be billed) before the answer broke.
                 tag = self.headers.get("X-Mock-Tag", "-")
-                self.server.stats.add_delivered(tag, billed_prompt(endpoint, body))
+                billed = billed_prompt(endpoint, body, mode.prompt_rule)
+                self.server.stats.add_delivered(tag, billed)
             else:
                 self._answer(endpoint, body, mode)
 
     def _answer(self, endpoint: str, body: dict, mode: Mode) -> None:
         model = body.get("model") if isinstance(body.get("model"), str) else None
-        prompt = billed_prompt(endpoint, body)
+        prompt = billed_prompt(endpoint, body, mode.prompt_rule)
         report_usage = mode.name != "no-usage"
         tag = self.headers.get("X-Mock-Tag", "-")
         if endpoint == "embeddings":
@@ -782,6 +815,7 @@ class MockServer(ThreadingHTTPServer):
         *,
         expect_key: str | None,
         mode: str,
+        prompt_rule: str = "exact",
         completion_tokens: int,
         stream_delay: float,
         ssl_context: ssl.SSLContext | None,
@@ -795,6 +829,7 @@ class MockServer(ThreadingHTTPServer):
         self.host = host
         self.expect_key = expect_key
         self.mode = mode
+        self.prompt_rule = prompt_rule
         self.completion_tokens = completion_tokens
         self.stream_delay = stream_delay
         self.quiet = quiet
@@ -839,6 +874,7 @@ def serve(
     expect_key: str | None = None,
     *,
     mode: str = "normal",
+    prompt_rule: str = "exact",
     completion_tokens: int = 120,
     stream_delay: float = 0.01,
     tls_cert: str | None = None,
@@ -857,6 +893,7 @@ def serve(
         port,
         expect_key=expect_key,
         mode=mode,
+        prompt_rule=prompt_rule,
         completion_tokens=completion_tokens,
         stream_delay=stream_delay,
         ssl_context=ssl_context,
@@ -887,6 +924,12 @@ def _mode_arg(value: str) -> str:
     return value
 
 
+def _prompt_rule_arg(value: str) -> str:
+    if not is_prompt_rule(value):
+        raise argparse.ArgumentTypeError("exact, scale:F or chars:N (F, N positive numbers)")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tokengate-mock", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -907,6 +950,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mode", type=_mode_arg, default="normal", help="default for header X-Mock-Mode"
+    )
+    parser.add_argument(
+        "--prompt-rule",
+        type=_prompt_rule_arg,
+        default="exact",
+        help="default for header X-Mock-Prompt-Rule: exact, scale:F or chars:N",
     )
     parser.add_argument(
         "--stream-delay", type=float, default=0.01, help="seconds between stream chunks"
@@ -932,6 +981,7 @@ def main(argv: list[str] | None = None) -> int:
             args.port,
             args.expect_key,
             mode=args.mode,
+            prompt_rule=args.prompt_rule,
             completion_tokens=args.completion_tokens,
             stream_delay=args.stream_delay,
             tls_cert=args.tls_cert,
