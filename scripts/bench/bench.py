@@ -8,9 +8,11 @@ One session, everything on 127.0.0.1. Phases (`--phases`, all by default):
   nothing: the floor mitmproxy's addon dispatch puts under TokenGate) and TokenGate on the
   `memory`, `sqlite` and `redis` stores. Req/s, p50 and p99 latency, the proxy's CPU time per
   request (all its threads; for `direct`, the mock's), startup time and the proxy's peak RSS,
-  each also as a ratio to the plain mitmdump of the same round. CPU time per request leaves out
-  the time the proxy waited for a CPU, so it is a second view of the gate's cost when other work
-  shares the machine (it still varies with what shares the caches).
+  each also as a ratio to the plain mitmdump of the same round. `memory10`, run only when
+  named in `--targets`, is the memory store with ten token limits of different durations on
+  every request: what evaluating ten limits costs against `memory`'s one. CPU time per request
+  leaves out the time the proxy waited for a CPU, so it is a second view of the gate's cost when
+  other work shares the machine (it still varies with what shares the caches).
 - stream: streamed chat requests, time to first body byte, the same targets.
 - estimate: `dialects.openai.estimate_prompt` on 1k, 10k and 100k-token prompts, in this process.
 - keys: a gateway whose quotas file holds `--keys` keys, each key sending one request;
@@ -74,6 +76,10 @@ from scripts.bench.benchkit import (
 from scripts.bench.redis_server import RedisServer
 
 TARGETS = ("direct", "mitmdump", "noop", "memory", "sqlite", "redis")
+# Run only when named in --targets: the memory store with ten token limits of different
+# durations on every request, against the one limit of `memory`.
+TEN_LIMITS = "memory10"
+TEN_DURATIONS = ("1m", "2m", "5m", "10m", "15m", "30m", "1h", "2h", "6h", "1d")
 GATES = ("memory", "sqlite", "redis")
 # Redis keeps the keys' windows in redis-server, not in the gateway: its RSS would not show them.
 KEYS_TARGETS = ("mitmdump", "memory", "sqlite")
@@ -84,6 +90,7 @@ LABELS = {
     "mitmdump": "plain mitmdump",
     "noop": "mitmdump, no-op addons",
     "memory": "TokenGate, memory",
+    TEN_LIMITS: "TokenGate, memory, 10 limits",
     "sqlite": "TokenGate, SQLite",
     "redis": "TokenGate, Redis",
 }
@@ -137,15 +144,18 @@ class Target:
 
     @property
     def gated(self) -> bool:
-        return self.name in GATES
+        return self.name in (*GATES, TEN_LIMITS)
 
     def requests(self, body: dict, keys: Sequence[str] = ()) -> list[bytes]:
         """The request to send, once per caller key (`keys`; default the target's own)."""
         return [encode_request(self.port, self.path, key, body) for key in keys or [self.key]]
 
 
-def write_quotas(path: Path, mock_url: str, store: str, keys: dict[str, str]) -> Path:
-    """One proxy whose quota never refuses (the benchmark measures the path, not 429s)."""
+def write_quotas(
+    path: Path, mock_url: str, store: str, keys: dict[str, str], durations: Sequence[str] = ("1m",)
+) -> Path:
+    """One proxy whose limits (one per duration) never refuse (the benchmark measures the path,
+    not 429s)."""
     lines = [
         "providers:",
         "  mock:",
@@ -158,7 +168,7 @@ def write_quotas(path: Path, mock_url: str, store: str, keys: dict[str, str]) ->
         "    provider: mock",
         "    token_limits:",
         "      total_tokens:",
-        "        - {count: 1000000000000, duration: 1m}",
+        *(f"        - {{count: 1000000000000, duration: {each}}}" for each in durations),
         "    keys:",
         *(f'      {name}: {{sha256: "{digest}"}}' for name, digest in keys.items()),
         f"store: {store}",
@@ -211,6 +221,7 @@ def launched(
             key, path = session.provider_key, provider_path
         else:
             store = {"memory": "{kind: memory}", "sqlite": "{kind: sqlite, path: usage.sqlite3}"}
+            store[TEN_LIMITS] = store["memory"]
             if name == "redis":
                 redis = RedisServer().start()
                 stack.callback(redis.stop)
@@ -218,7 +229,8 @@ def launched(
             folder = session.folder / f"{run}-{name}"
             folder.mkdir()
             own = keys or {"bench": hash_key(session.caller_key)}
-            config = write_quotas(folder / "quotas.yaml", mock_url, store[name], own)
+            durations = TEN_DURATIONS if name == TEN_LIMITS else ("1m",)
+            config = write_quotas(folder / "quotas.yaml", mock_url, store[name], own, durations)
             process = started(stack, benchkit.gateway(mock_url, config, session.provider_key))
             key, path = session.caller_key, f"{CONTEXT}/chat/completions"
         port = int(benchkit.url_of(process, deadline).rsplit(":", 1)[1])
@@ -914,7 +926,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--rounds", type=int, default=3, help="rounds of fresh processes")
     parser.add_argument("--requests", type=int, default=400, help="requests per level")
     parser.add_argument("--concurrency", type=levels, default=[1, 8, 32], help="e.g. 1,8,32")
-    parser.add_argument("--targets", type=names(TARGETS), default=list(TARGETS))
+    parser.add_argument("--targets", type=names((*TARGETS, TEN_LIMITS)), default=list(TARGETS))
     parser.add_argument("--phases", type=names(PHASES), default=list(PHASES))
     parser.add_argument("--stream-requests", type=int, default=60, help="per target and round")
     parser.add_argument("--keys", type=int, default=10_000, help="keys in the keys phase")
