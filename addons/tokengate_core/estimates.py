@@ -163,6 +163,7 @@ class Estimates:
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._closed = False  # the gate is stopping: no more background syncs
 
     def record(self, provider: str, model: str | None) -> Record | None:
         return self._view.get(key_of(provider, model))
@@ -201,7 +202,7 @@ class Estimates:
 
     def _soon(self, delay: float) -> None:
         """Sync in the background within `delay` seconds, unless a sync is already due."""
-        if self._timer is not None or self._task is not None:
+        if self._timer is not None or self._task is not None or self._closed:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -225,6 +226,14 @@ class Estimates:
             self._fresh_until = time.monotonic() + REFRESH_SECONDS
             if self._pending:
                 self._soon(SYNC_SECONDS)
+
+    async def close(self) -> None:
+        """Stop syncing in the background, and send what is left (before the store closes)."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self.sync()
 
     async def sync(self) -> None:
         """Send the answers learned here to the store and read back every record, so the view

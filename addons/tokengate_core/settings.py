@@ -230,7 +230,7 @@ class Settings:
             self._watcher.cancel()
             self._watcher = None
         await self.gate.writes.caught_up()  # settlements still on their way land first
-        await self.gate.estimates.sync()  # what was learned since the last sync, kept
+        await self.gate.estimates.close()  # what was learned since the last sync, kept
         for store in (*self._retired, self.gate.store):
             await store.close()
         self._retired.clear()

@@ -10,6 +10,7 @@ import uuid
 import pytest
 import redis as redis_sync
 from redis.crc import key_slot
+from tokengate_core import estimates
 from tokengate_core.estimates import (
     DEFAULT_MARGIN,
     EMPTY,
@@ -242,3 +243,19 @@ async def test_redis_keeps_the_records_in_one_hash_slot_and_retries_a_lost_race(
     assert len(calls) == 2 and LEARN_ATTEMPTS > 1
     other.close()
     await store.close()
+
+
+async def test_answers_reach_the_store_in_the_background_until_closed(monkeypatch):
+    monkeypatch.setattr(estimates, "SYNC_SECONDS", 0.01)
+    store = MemoryStore()
+    learned = Estimates(lambda: store)
+    learned.answered("local", LOCAL, 100, reported(120))
+    await asyncio.sleep(0.1)  # no one calls sync: the gate's own task does
+    assert Record.parse((await store.learned())[key_of("local", LOCAL)]) == Record(1, 1.2)
+
+    learned.answered("local", LOCAL, 100, reported(130))
+    await learned.close()  # what is left is sent now
+    assert Record.parse((await store.learned())[key_of("local", LOCAL)]) == Record(2, 1.3)
+    learned.answered("local", LOCAL, 100, reported(140))
+    await asyncio.sleep(0.1)
+    assert Record.parse((await store.learned())[key_of("local", LOCAL)]) == Record(2, 1.3)
