@@ -49,7 +49,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from tokengate_core import tokens
-from tokengate_core.config import REQUESTS, Limit
+from tokengate_core.config import REQUESTS, Limit, parse_duration
 from tokengate_core.dialects.openai import estimate_prompt
 from tokengate_core.keys import hash_key
 from tokengate_core.limiter import Bucket, Demand, Usage
@@ -109,6 +109,11 @@ TARGET_RSS = 1.3
 STORE_BUCKETS = (
     Bucket("bench:caller:total_tokens-1m", Limit("total_tokens", 10**12, 60, "1m")),
     Bucket("bench:caller:requests-1m", Limit(REQUESTS, 10**12, 60, "1m")),
+)
+# With the memory10 target: the memory store with ten limits on every request.
+TEN_BUCKETS = tuple(
+    Bucket(f"bench:caller:{rank}", Limit("total_tokens", 10**12, parse_duration(label), label))
+    for rank, label in enumerate(TEN_DURATIONS)
 )
 STORE_DEMAND = Demand(20, 100)
 STORE_USAGE = Usage(20, 42)
@@ -518,7 +523,8 @@ async def store_round(
     """µs per reserve and per settle, by store and mode, for one round of fresh stores."""
     figures: dict[str, dict[str, dict]] = {}
     for kind in kinds:
-        if kind == "memory":
+        buckets = TEN_BUCKETS if kind == TEN_LIMITS else STORE_BUCKETS
+        if kind in ("memory", TEN_LIMITS):
             store: Store = MemoryStore()
         elif kind == "sqlite":
             store = SqliteStore(folder / f"round-{round_}.sqlite3")
@@ -527,9 +533,10 @@ async def store_round(
             store = RedisStore(redis_url, prefix=f"bench-{round_}")
         try:
             runs = itertools.count()
-            await store_calls(store, min(50, args.store_requests), 1, runs, deadline)  # warm-up
+            warm_up = min(50, args.store_requests)
+            await store_calls(store, buckets, warm_up, 1, runs, deadline)
             figures[kind] = {
-                mode: await store_calls(store, args.store_requests, batch, runs, deadline)
+                mode: await store_calls(store, buckets, args.store_requests, batch, runs, deadline)
                 for mode, batch in zip(STORE_MODES, (1, max(args.concurrency)), strict=True)
             }
         finally:
@@ -538,7 +545,12 @@ async def store_round(
 
 
 async def store_calls(
-    store: Store, requests: int, batch: int, runs: Iterator[int], deadline: float
+    store: Store,
+    buckets: tuple[Bucket, ...],
+    requests: int,
+    batch: int,
+    runs: Iterator[int],
+    deadline: float,
 ) -> dict[str, float]:
     """`requests` reserves then settles, `batch` gathered at a time: µs per call of each."""
     run = next(runs)
@@ -548,7 +560,7 @@ async def store_calls(
             raise OutOfTime
         ids = [f"{run}-{start + i}" for i in range(min(batch, requests - start))]
         began = time.perf_counter()
-        held = await together([store.reserve(i, STORE_BUCKETS, STORE_DEMAND) for i in ids])
+        held = await together([store.reserve(i, buckets, STORE_DEMAND) for i in ids])
         reserved = time.perf_counter()
         if any(reservation is None for _, reservation in held):
             raise RuntimeError("the store benchmark's limits refused a request")
@@ -574,7 +586,7 @@ def stores_phase(session: Session, args, budget: Budget) -> dict:
 
     Memory, the base of the ratios, always; the other stores when among `--targets`.
     """
-    kinds = [kind for kind in GATES if kind == "memory" or kind in args.targets]
+    kinds = [kind for kind in (*GATES, TEN_LIMITS) if kind == "memory" or kind in args.targets]
     rounds = []
     with budget.running(), contextlib.ExitStack() as stack:
         deadline = budget.deadline()
@@ -821,7 +833,8 @@ def markdown(report: dict) -> str:
         )
     if stores := report.get("stores"):
         out += section(
-            "One limit check in process (two limits: tokens and requests per minute), "
+            "One limit check in process (two limits: tokens and requests per minute; "
+            f"{TEN_LIMITS}: ten token limits, 1m to 1d), "
             f"{stores['requests']} requests per store and mode, concurrent: batches of "
             f"{stores['batch']} gathered; medians over {stores['rounds']} round(s); SQLite "
             f"{stores['sqlite']}, redis-server {stores['redis_server'] or '-'}, redis-py "
