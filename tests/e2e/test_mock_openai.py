@@ -451,3 +451,22 @@ def test_a_busy_port_is_named_with_how_to_choose_another(tmp_path):
         )
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert f"port {port} on 127.0.0.1 is busy" in run.stderr and "--port PORT" in run.stderr
+
+
+def test_prompt_rules_count_prompts_otherwise(http):
+    body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "x" * 90}]}
+    exact = estimate_prompt("chat/completions", body, 10**6)
+
+    def prompt_tokens(rule: str) -> int:
+        answer = http.post("/v1/chat/completions", json=body, headers={"X-Mock-Prompt-Rule": rule})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["usage"]["prompt_tokens"]
+
+    assert prompt_tokens("exact") == exact
+    assert prompt_tokens("scale:1.1") == -(-exact * 11 // 10)  # rounded up
+    assert prompt_tokens("scale:0.9") == -(-exact * 9 // 10)
+    assert prompt_tokens("chars:3") == (len("user") + 90 + 2) // 3  # 94 characters of text
+    refused = http.post("/v1/chat/completions", json=body, headers={"X-Mock-Prompt-Rule": "x:1"})
+    assert refused.status_code == 400 and "X-Mock-Prompt-Rule" in refused.text
+    with pytest.raises(SystemExit):
+        mock.parse_args(["--prompt-rule", "scale:0"])
