@@ -17,6 +17,7 @@ from tokengate_core.annotate import annotate
 from tokengate_core.audit import LedgerWriter, iso_time, ledger_path
 from tokengate_core.keys import format_timestamp, hash_key
 from tokengate_core.reporting import Reporting
+from tokengate_core.tools.mock import LOREM
 
 from tests.support.harness import nested_in_content, reverse_flow, through
 from tests.support.processes import wait_until, write_quotas
@@ -422,3 +423,23 @@ async def test_replay_of_a_stream_the_gate_asked_usage_of_agrees_with_live(
     (line,) = lines_of(path)
     assert line["usage_source"] == "reported"
     assert (line["prompt_tokens"], line["completion_tokens"]) == (9, 11)
+
+
+async def test_replay_corrects_prompt_estimates_with_what_it_learns_from_the_capture(
+    gate_addons, ledger
+):
+    """A provider that billed 10 % more than the estimate: replay reserves the cold margin at
+    first, then, once warm, what the capture's answers taught it, as live would."""
+    _, _, addons = gate_addons
+    addon, path = ledger
+    body = {"model": "llama-3.1-8b", "messages": [{"role": "user", "content": LOREM[:400]}]}
+    body["max_tokens"] = 6  # the estimate is 85 prompt tokens; the provider billed 94
+    saved = {"proxy": "p", "key": "alice", "endpoint": "chat/completions", "allowed": True}
+    usage = json.dumps({"usage": {"prompt_tokens": 94, "completion_tokens": 6}}).encode()
+    for _ in range(9):
+        flow = captured_flow(saved, usage=usage)
+        flow.request.content = json.dumps(body).encode()
+        await through(addons, ("requestheaders", "request", "response"), flow)
+    addon.done()
+    reserved = [line["reserved"] for line in lines_of(path)]
+    assert reserved == [107 + 6] * 8 + [94 + 6]  # 85 x 1.25, then 85 x 94/85
