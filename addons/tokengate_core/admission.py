@@ -77,8 +77,9 @@ class AdmissionControl:
             "tokengate_estimate_margin",
             float,
             policy.margin,
-            "Cold start: the prompt estimate of a model tiktoken does not know is reserved times "
-            "at least this, until the provider's counts for it are learned (docs/estimates.md).",
+            "Cold start: the prompt estimate of a model counted with the fallback encoding is "
+            "reserved times at least this, until the provider's counts for it are learned "
+            "(docs/estimates.md).",
         )
         loader.add_option(
             "tokengate_estimate_warmup",

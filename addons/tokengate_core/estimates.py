@@ -10,8 +10,9 @@ estimate of the answers it settled, and reserves `ceil(estimate * factor)`:
   so a high ratio keeps counting for the next few dozen answers, and a provider that changes
   its count is followed within about as many;
 - cold (fewer than `Policy.warmup` answers seen) the factor is at least `Policy.margin` for a
-  model tiktoken does not know (the estimate then uses a fallback encoding) and at least 1 for
-  one it knows (its own tokenizer); a higher ratio seen meanwhile counts at once;
+  model the gate counts with the fallback encoding (not in tiktoken's table, or an encoding not
+  shipped) and at least 1 for one counted with its own; a higher ratio seen meanwhile counts at
+  once;
 - ratios are clamped to [MIN_RATIO, MAX_RATIO]: past them the estimate is not a tokenizer's
   error but something else (a provider's hidden system prompt, a broken usage report); prompts
   under MIN_ESTIMATE tokens, whose ratios are mostly rounding, teach nothing.
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING
 import tiktoken.model
 from mitmproxy import http
 
+from . import tokens
 from .stores import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -51,7 +53,7 @@ MIN_RATIO, MAX_RATIO = 0.25, 4.0
 # the provider's rule, and it would inflate the reservations of long prompts. Not learned from.
 MIN_ESTIMATE = 32
 RELEASE = 1 / 32  # share of the gap to a lower ratio the bound gives up per answer
-DEFAULT_MARGIN = 1.25  # cold factor for a model tiktoken does not know
+DEFAULT_MARGIN = 1.25  # cold factor for a model counted with the fallback encoding
 DEFAULT_WARMUP = 8  # answers before the learned bound alone decides
 SYNC_SECONDS = 1.0  # an answer reaches the store within this long
 REFRESH_SECONDS = 5.0  # what other gateways learned is read at least this often (under traffic)
@@ -123,12 +125,13 @@ def key_of(provider: str, model: str | None) -> str:
 
 @lru_cache(maxsize=1024)
 def tokenizer_known(model: str | None) -> bool:
-    """tiktoken has this model in its table: the estimate uses the model's own encoding."""
+    """The estimate uses the model's own encoding: tiktoken knows the model, and the gate ships
+    its encoding (otherwise it counts with the fallback)."""
     try:
-        tiktoken.model.encoding_name_for_model(model or "")
+        name = tiktoken.model.encoding_name_for_model(model or "")
     except KeyError:
         return False
-    return True
+    return name in tokens.SHIPPED_ENCODINGS
 
 
 @dataclass

@@ -95,6 +95,7 @@ def test_cold_margin_then_the_learned_bound():
     policy = Policy(margin=1.25, warmup=3)
     assert policy.factor(None, LOCAL) == 1.25
     assert policy.factor(None, OPENAI) == 1.0  # its own tokenizer: no margin
+    assert policy.factor(None, "text-davinci-003") == 1.25  # its encoding is not shipped
     # Cold, a lower ratio does not yet lower the margin; a higher one counts at once.
     assert policy.factor(fold(None, [0.9, 0.9]), LOCAL) == 1.25
     assert policy.factor(fold(None, [1.6]), LOCAL) == 1.6
