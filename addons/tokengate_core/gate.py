@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from . import tokens
 from .config import Config, Proxy
+from .probes import Probes
 from .stores import Store
 from .stores.memory import MemoryStore
 from .writebehind import WriteBehind
@@ -26,6 +27,7 @@ class Gate:
     stream_request_bodies: bool = False  # mitmproxy's stream_large_bodies is set
     writes: WriteBehind = field(default_factory=WriteBehind)  # settlements on their way
     replay_only: bool = False  # `mitmdump -nr`: no proxy server, so nothing goes upstream
+    probes: Probes = field(default_factory=Probes)  # told of store calls and queue waits
 
     def proxy(self, name: str) -> Proxy | None:
         return self.config.proxies.get(name) if self.config else None
