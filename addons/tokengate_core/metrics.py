@@ -231,11 +231,12 @@ class Metrics:
         self.probes = RecordingProbes(self.instruments)
         self.max_keys = DEFAULT_MAX_KEYS
         self.server: Server | None = None
+        self._stopping: threading.Thread | None = None  # the server replaced last, stopping
         self._series: dict[tuple, Series] = {}
         self._own_keys: set[tuple[str, str]] = set()  # keys with series of their own
         self._models: set[str] = set()  # model names with series of their own
-        # (proxy, key or "*") -> (when, remaining by limit, count by limit) at its last answer
-        self._standing: dict[tuple[str, str], tuple[float, dict, dict]] = {}
+        # (proxy, key or "*") -> (when, what was left by limit name) at its last answer
+        self._standing: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
         self._gone: dict[tuple[str, str], float] = {}  # keys no longer valid, since when
         self._forwarded: dict[str, float] = {}  # flow id -> when its request left the hooks
         self._ledger = LedgerCount()
@@ -278,7 +279,8 @@ class Metrics:
         if old is not None and old.address == address:
             return
         self.server = None
-        stopping = old.stop_behind() if old else None
+        if old is not None:
+            self._stopping = old.stop_behind()
         if address is None:
             self.gate.probes = Probes()
             return
@@ -286,7 +288,8 @@ class Metrics:
             try:
                 server = Server.start(address, self.registry)
             except OSError as e:
-                if not (stopping and e.errno == errno.EADDRINUSE):
+                stopping = self._stopping
+                if not (stopping and stopping.is_alive() and e.errno == errno.EADDRINUSE):
                     raise
                 stopping.join(STOP_SECONDS)  # the old one holds this port: let it go first
                 server = Server.start(address, self.registry)
@@ -313,7 +316,10 @@ class Metrics:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception:  # a bug must not end the sweeping: later sweeps still count
+                log.exception("tokengate: sweeping the metrics of gone keys failed")
 
     async def done(self) -> None:
         if self._sweeper is not None:
@@ -331,16 +337,19 @@ class Metrics:
             self._forwarded[flow.id] = time.time()  # the last hook: it leaves for the provider
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if self.server is not None and (note := notes.of(flow)) is not None:
-            self.count(flow, note)
+        self._ended(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if self.server is not None and (note := notes.of(flow)) is not None:
-            self.count(flow, note)
+        self._ended(flow)
 
-    def count(self, flow: http.HTTPFlow, note: Notes) -> None:
-        """Once per flow (a stream its caller cuts may end in `error` after `response`)."""
-        forwarded = self._forwarded.pop(flow.id, None)
+    def _ended(self, flow: http.HTTPFlow) -> None:
+        forwarded = self._forwarded.pop(flow.id, None)  # also when metrics went off meanwhile
+        if self.server is not None and (note := notes.of(flow)) is not None:
+            self.count(flow, note, forwarded)
+
+    def count(self, flow: http.HTTPFlow, note: Notes, forwarded: float | None) -> None:
+        """Once per flow (a stream its caller cuts may end in `error` after `response`);
+        `forwarded`: when its request left for the provider."""
         if note.get("measured"):
             return
         note["measured"] = True
@@ -378,7 +387,7 @@ class Metrics:
                 began = flow.request.timestamp_end or forwarded
                 series.overhead.observe(forwarded - began + now - response.timestamp_end)
         if (remaining := note.get("remaining")) is not None:
-            self._standing[series.standing] = (self.gate.clock(), remaining, note["limits"])
+            self._standing[series.standing] = (self.gate.clock(), remaining)
 
     def _bind(self, index: tuple) -> Series:
         proxy_name, key, model, endpoint, status, answered, limit, usage_source = index
@@ -504,7 +513,7 @@ class Metrics:
                 limits.add_metric((proxy.name, limit.name), limit.count)
         now = self.gate.clock()
         rows = []
-        for (proxy, who), (when, left, _) in self._standing.copy().items():
+        for (proxy, who), (when, left) in self._standing.copy().items():
             figures = [
                 (name, limit.count if now - when >= limit.seconds else left[name], limit.count)
                 for name, limit in windows.get(proxy, {}).items()
