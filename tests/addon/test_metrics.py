@@ -14,6 +14,7 @@ import pytest
 from mitmproxy import ctx, exceptions
 from mitmproxy.test import tutils
 from prometheus_client.parser import text_string_to_metric_families
+from tokengate_core import metrics as metrics_module
 from tokengate_core import notes
 from tokengate_core.gate import Gate
 from tokengate_core.metrics import EXPIRY_SECONDS, OTHER, Metrics, parse_address
@@ -256,12 +257,15 @@ async def test_counters_survive_a_reload_and_a_revoked_key_expires(served, tmp_p
     assert value(samples, "gen_ai_client_token_usage_count", gen_ai_token_type="input") == 3
 
 
-async def test_keys_beyond_the_bound_share_one_series(served):
+async def test_keys_and_models_beyond_the_bounds_share_one_series(served, monkeypatch):
     tctx, _, addons, metrics = served
     tctx.configure(metrics, tokengate_metrics_keys=1)
+    monkeypatch.setattr(metrics_module, "MAX_MODELS", 1)
     await admitted_and_answered(addons, answered(HELLO_PROMPT, 10))
-    await admitted_and_answered(addons, answered(HELLO_PROMPT, 500), key=BOB)
+    await admitted_and_answered(addons, answered(HELLO_PROMPT, 500), key=BOB, model="gpt-x")
     samples = scrape(metrics)
+    assert value(samples, "tokengate_requests_total", model="gpt-4o-mini") == 1
+    assert value(samples, "tokengate_requests_total", model=OTHER) == 1
     assert value(samples, "tokengate_requests_total", key="alice") == 1
     assert value(samples, "tokengate_requests_total", key=OTHER) == 1
     assert not [s for s in samples if s[1].get("key") == "bob" and "requests" in s[0]]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.processes import ROOT, Gateway, wait_until, write_quotas
+from tests.support.processes import PROVIDER_KEY, ROOT, Gateway, wait_until, write_quotas
 from tests.support.quotas import ALICE, BOB, proxy_yaml
 
 CONTEXT = "/rate-limited-proxy"
@@ -25,6 +25,7 @@ NAMES = re.compile(r"\b(?:tokengate|gen_ai)_[a-z_]+\b")
 
 @dataclass
 class Scraped:
+    page: str
     families: list  # prometheus_client Metric objects, as parsed
     served: dict  # the mock's stats once the traffic was done
 
@@ -63,7 +64,7 @@ def scraped(mock, tmp_path_factory) -> Scraped:
         page = httpx.get(url, timeout=10).text
     finally:
         gateway.stop()
-    return Scraped(list(text_string_to_metric_families(page)), mock.stats())
+    return Scraped(page, list(text_string_to_metric_families(page)), mock.stats())
 
 
 def drive(gateway: Gateway) -> None:
@@ -130,6 +131,12 @@ def test_statuses_and_decisions_match_what_happened(scraped):
     for key in ("alice", "bob"):
         spent = scraped.value("tokengate_tokens_total", key=key)
         assert scraped.value("tokengate_quota_remaining", key=key) == 1000 - spent
+
+
+def test_the_page_names_keys_never_holds_them(scraped):
+    assert 'key="alice"' in scraped.page
+    for secret in (ALICE, BOB, PROVIDER_KEY):
+        assert secret not in scraped.page
 
 
 def promql_names(expression: str) -> set[str]:
