@@ -358,7 +358,7 @@ class Metrics:
         index = (
             note.get("proxy") or _only(note.get("candidates", ())),
             note.get("key", ""),
-            note.get("model"),
+            self._model_label(note.get("model")),  # bounded: the caller names the model
             note.get("endpoint"),
             response.status_code if response is not None else 0,
             note.get("answered_by_gate"),
@@ -390,10 +390,9 @@ class Metrics:
             self._standing[series.standing] = (self.gate.clock(), remaining)
 
     def _bind(self, index: tuple) -> Series:
-        proxy_name, key, model, endpoint, status, answered, limit, usage_source = index
+        proxy_name, key, model_label, endpoint, status, answered, limit, usage_source = index
         proxy = self.gate.proxy(proxy_name)
         key_label = self._key_label(proxy_name, key)
-        model_label = self._model_label(model)
         labels = (proxy_name, key_label, model_label)
         source = "gate" if answered else "provider" if status else "none"
         decision = decision_of(answered) if answered or status else "error"

@@ -266,6 +266,9 @@ async def test_keys_and_models_beyond_the_bounds_share_one_series(served, monkey
     samples = scrape(metrics)
     assert value(samples, "tokengate_requests_total", model="gpt-4o-mini") == 1
     assert value(samples, "tokengate_requests_total", model=OTHER) == 1
+    bound = len(metrics._series)
+    await admitted_and_answered(addons, answered(HELLO_PROMPT, 1), key=BOB, model="gpt-y")
+    assert len(metrics._series) == bound  # a caller's model names cannot grow the gate's memory
     assert value(samples, "tokengate_requests_total", key="alice") == 1
     assert value(samples, "tokengate_requests_total", key=OTHER) == 1
     assert not [s for s in samples if s[1].get("key") == "bob" and "requests" in s[0]]
