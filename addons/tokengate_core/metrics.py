@@ -5,7 +5,7 @@ registry of its own, on its own thread: a scrape never waits for the event loop,
 never waits for a scrape. The hooks read the typed flow notes once a flow ends; the quota
 service tells its store calls and queue waits through the gate's probes; what is a level rather
 than an event (reservations in flight, requests waiting, the store up, ledger lines lost, what
-each key has left) is read when Prometheus asks.
+each key has left) is read when Prometheus asks (`metrics_levels`).
 
 Per flow the work is one dict lookup (the series of that combination of labels, bound once)
 and a few increments. Keys with series of their own are bounded (`tokengate_metrics_keys`), so
@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import heapq
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
@@ -34,12 +32,11 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from . import notes
-from .audit import LedgerWriter, decision_of
+from .audit import decision_of
 from .gate import Gate
+from .metrics_levels import Levels
 from .notes import Notes
 from .probes import Probes
 from .quota import QuotaService
@@ -227,7 +224,8 @@ class Metrics:
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
         self.instruments = Instruments(self.registry)
-        self.registry.register(Levels(self))
+        self.levels = Levels(self)
+        self.registry.register(self.levels)
         self.probes = RecordingProbes(self.instruments)
         self.max_keys = DEFAULT_MAX_KEYS
         self.server: Server | None = None
@@ -236,10 +234,9 @@ class Metrics:
         self._own_keys: set[tuple[str, str]] = set()  # keys with series of their own
         self._models: set[str] = set()  # model names with series of their own
         # (proxy, key or "*") -> (when, what was left by limit name) at its last answer
-        self._standing: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
+        self.standing: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
         self._gone: dict[tuple[str, str], float] = {}  # keys no longer valid, since when
         self._forwarded: dict[str, float] = {}  # flow id -> when its request left the hooks
-        self._ledger = LedgerCount()
         self._sweeper: asyncio.Task | None = None
         self._running = False
 
@@ -387,7 +384,7 @@ class Metrics:
                 began = flow.request.timestamp_end or forwarded
                 series.overhead.observe(forwarded - began + now - response.timestamp_end)
         if (remaining := note.get("remaining")) is not None:
-            self._standing[series.standing] = (self.gate.clock(), remaining)
+            self.standing[series.standing] = (self.gate.clock(), remaining)
 
     def _bind(self, index: tuple) -> Series:
         proxy_name, key, model_label, endpoint, status, answered, limit, usage_source = index
@@ -465,7 +462,7 @@ class Metrics:
         expired, or their proxy removed by a reload)."""
         now = self.gate.clock()
         valid = self._valid_pairs(now)
-        pairs = {series.pair for series in self._series.values()} | set(self._standing)
+        pairs = {series.pair for series in self._series.values()} | set(self.standing)
         for pair in pairs:
             if pair in valid or (pair[0] in valid and pair[1] in ("", "*")):
                 self._gone.pop(pair, None)
@@ -485,107 +482,11 @@ class Metrics:
         for index in [index for index, series in self._series.items() if series.pair == pair]:
             for metric, labels in self._series.pop(index).removals:
                 metric.remove(*labels)
-        self._standing.pop(pair, None)
+        self.standing.pop(pair, None)
         self._own_keys.discard(pair)
         self._gone.pop(pair, None)
-
-    # --- levels, read at each scrape (on the server's thread) -----------------------------
-
-    def quota_families(self) -> Iterator[Metric]:
-        """Each limit's count, and what each key has left of it: for the `max_keys` keys with
-        the least left. A window whose duration has passed since the key's last answer is
-        whole again."""
-        config = self.gate.config
-        limits = GaugeMetricFamily(
-            "tokengate_quota_limit", "Each limit's count.", labels=("proxy", "limit")
-        )
-        remaining = GaugeMetricFamily(
-            "tokengate_quota_remaining",
-            "What a key (or a shared proxy, key '*') has left of each limit, as of its last "
-            "answer.",
-            labels=("proxy", "key", "limit"),
-        )
-        windows = {}
-        for proxy in config.proxies.values() if config else ():
-            windows[proxy.name] = {limit.name: limit for limit in proxy.limits}
-            for limit in proxy.limits:
-                limits.add_metric((proxy.name, limit.name), limit.count)
-        now = self.gate.clock()
-        rows = []
-        for (proxy, who), (when, left) in self._standing.copy().items():
-            figures = [
-                (name, limit.count if now - when >= limit.seconds else left[name], limit.count)
-                for name, limit in windows.get(proxy, {}).items()
-                if name in left
-            ]
-            if figures:
-                share = min(value / count if count else 0.0 for _, value, count in figures)
-                rows.append((share, proxy, who, figures))
-        for _, proxy, who, figures in heapq.nsmallest(self.max_keys, rows, key=lambda r: r[0]):
-            for name, value, _ in figures:
-                remaining.add_metric((proxy, who, name), value)
-        omitted = GaugeMetricFamily(
-            "tokengate_quota_keys_omitted",
-            "Keys whose remaining gauge is not exported (beyond tokengate_metrics_keys).",
-            value=max(0, len(rows) - self.max_keys),
-        )
-        return iter((limits, remaining, omitted))
-
-    def ledger_lost(self) -> int:
-        return self._ledger.total(self.reporting.writer)
 
 
 def _only(candidates: list[str]) -> str:
     """A refused caller's proxy when its route names one (an unknown key names none)."""
     return candidates[0] if len(candidates) == 1 else ""
-
-
-class LedgerCount:
-    """Ledger lines lost since start, across the writers an option change replaces."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # scrapes may run at once
-        self._writer: LedgerWriter | None = None
-        self._before = 0  # lost by the writers replaced
-
-    def total(self, writer: LedgerWriter | None) -> int:
-        with self._lock:
-            if writer is not self._writer:
-                if self._writer is not None:
-                    self._before += self._writer.lost
-                self._writer = writer
-            return self._before + (writer.lost if writer else 0)
-
-
-class Levels(Collector):
-    """What is a level rather than an event, read when Prometheus asks."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        metrics = self.metrics
-        yield GaugeMetricFamily(
-            "tokengate_reservations_in_flight",
-            "Reservations held by admitted requests not settled yet.",
-            value=metrics.quota.in_flight,
-        )
-        yield GaugeMetricFamily(
-            "tokengate_queue_waiting",
-            "Requests waiting for in-flight reservations now (queue_wait).",
-            value=metrics.quota.waiting,
-        )
-        up = GaugeMetricFamily(
-            "tokengate_store_up", "1 while the usage store answers, 0 while it is down.",
-            labels=("store",),
-        )  # fmt: skip
-        config = metrics.gate.config
-        if config is not None:
-            up.add_metric((config.store.kind,), int(metrics.quota.accounting.down_since is None))
-        yield up
-        yield CounterMetricFamily(
-            "tokengate_ledger_lines_dropped",
-            "Ledger lines lost (disk full or not keeping up).",
-            value=metrics.ledger_lost(),
-        )
-        yield from metrics.quota_families()
