@@ -26,6 +26,7 @@ NAMES = re.compile(r"\b(?:tokengate|gen_ai)_[a-z_]+\b")
 @dataclass
 class Scraped:
     page: str
+    log: str  # mitmdump's output, once it was stopped
     families: list  # prometheus_client Metric objects, as parsed
     served: dict  # the mock's stats once the traffic was done
 
@@ -64,7 +65,8 @@ def scraped(mock, tmp_path_factory) -> Scraped:
         page = httpx.get(url, timeout=10).text
     finally:
         gateway.stop()
-    return Scraped(page, list(text_string_to_metric_families(page)), mock.stats())
+    families = list(text_string_to_metric_families(page))
+    return Scraped(page, gateway.process.output, families, mock.stats())
 
 
 def drive(gateway: Gateway) -> None:
@@ -137,6 +139,10 @@ def test_the_page_names_keys_never_holds_them(scraped):
     assert 'key="alice"' in scraped.page
     for secret in (ALICE, BOB, PROVIDER_KEY):
         assert secret not in scraped.page
+
+
+def test_the_server_stops_with_mitmdump(scraped):
+    assert "Traceback" not in scraped.log, scraped.log
 
 
 def promql_names(expression: str) -> set[str]:
