@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 
 import httpx
@@ -322,3 +323,19 @@ def _gone(url: str, seconds: float = 3) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
+
+
+async def test_a_taken_address_is_refused_live_and_the_old_one_kept(served):
+    tctx, _, addons, metrics = served
+    metrics.running()
+    await admitted_and_answered(addons, answered(HELLO_PROMPT, 1))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(exceptions.OptionsError, match="cannot listen"):
+            tctx.configure(metrics, tokengate_metrics=f"127.0.0.1:{port}")
+    # mitmproxy put the old value back, and it is served again (port 0: any free one).
+    assert ctx.options.tokengate_metrics == LOOPBACK and metrics.server is not None
+    assert value(scrape(metrics), "tokengate_requests_total") == 1
+    await metrics.done()
