@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 
 from .gate import Gate
 from .limiter import Bucket, Decision, Demand, LimitStatus, Usage
@@ -48,7 +49,9 @@ class Accounting:
         store = self.gate.store
         try:
             await self._write_kept()
-            decision, reservation = await store.reserve(reservation_id, buckets, demand)
+            decision, reservation = await self._timed(
+                "reserve", store.reserve(reservation_id, buckets, demand)
+            )
         except StoreUnavailable as e:
             self._failed(e)
             if e.maybe_applied:
@@ -68,7 +71,7 @@ class Accounting:
         store = self._held.pop(reservation.id, self.gate.store)
         try:
             await self._write_kept()
-            statuses = await _write(store, reservation, usage)
+            statuses = await self._write(store, reservation, usage)
         except StoreUnavailable as e:
             self._failed(e)
             self._keep(store, reservation, usage)
@@ -76,6 +79,22 @@ class Accounting:
         self._recovered()
         self._wake()
         return statuses
+
+    async def _write(self, store: Store, reservation: Reservation, usage: Usage | None):
+        if usage is None:
+            return await self._timed("release", store.release(reservation))
+        return await self._timed("settle", store.settle(reservation, usage))
+
+    async def _timed[T](self, operation: str, call: Awaitable[T]) -> T:
+        """One store call, its time and whether the store answered told to the gate's probes."""
+        began = time.perf_counter()
+        answered = False
+        try:
+            result = await call
+            answered = True
+            return result
+        finally:
+            self.gate.probes.store_call(operation, time.perf_counter() - began, answered)
 
     def _keep(self, store: Store, reservation: Reservation, usage: Usage | None) -> None:
         if len(self._unwritten) < MAX_UNWRITTEN:
@@ -90,7 +109,7 @@ class Accounting:
             # Taken before the write, so a call running meanwhile takes the next one.
             kept = self._unwritten.popleft()
             try:
-                await _write(*kept)
+                await self._write(*kept)
             except BaseException:
                 self._unwritten.appendleft(kept)
                 raise
@@ -121,9 +140,3 @@ class Accounting:
         )
         self.down_since = None
         self._dropped = 0
-
-
-async def _write(store: Store, reservation: Reservation, usage: Usage | None):
-    if usage is None:
-        return await store.release(reservation)
-    return await store.settle(reservation, usage)

@@ -130,6 +130,7 @@ class LedgerWriter:
         self.keep = keep
         self._queue: queue.Queue[str | None] = queue.Queue(max_queued)
         self._dropped = 0  # lines lost since the last successful write
+        self.lost = 0  # lines lost since the writer started (the metrics count them)
         self._dropped_lock = threading.Lock()
         self._failing = False  # the last write failed (the writer thread's own state)
         self._handle: BinaryIO | None = None
@@ -168,6 +169,7 @@ class LedgerWriter:
     def _lose(self, lines: int) -> int:
         with self._dropped_lock:
             self._dropped += lines
+            self.lost += lines
             return self._dropped
 
     def _run(self) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from . import tokens
 from .config import Config, Proxy
 from .estimates import Estimates
+from .probes import Probes
 from .stores import Store
 from .stores.memory import MemoryStore
 from .writebehind import WriteBehind
@@ -27,6 +28,7 @@ class Gate:
     stream_request_bodies: bool = False  # mitmproxy's stream_large_bodies is set
     writes: WriteBehind = field(default_factory=WriteBehind)  # settlements on their way
     replay_only: bool = False  # `mitmdump -nr`: no proxy server, so nothing goes upstream
+    probes: Probes = field(default_factory=Probes)  # told of store calls and queue waits
     estimates: Estimates = field(init=False)  # learned prompt counts, kept in `store`
 
     def __post_init__(self) -> None:

@@ -54,6 +54,7 @@ class Notes(TypedDict, total=False):
     usage: Charged | None  # what the call was charged; None: nothing
     scrubbed: bool  # the provider's answer carried a provider key, replaced before it left
     audited: bool  # its ledger line is written
+    measured: bool  # counted in the metrics
 
 
 def of(flow: http.HTTPFlow) -> Notes | None:

@@ -1,6 +1,6 @@
 """The TokenGate addons in the order their hooks must run for each flow.
 
-Six addons, each one concern, grouped so that a flow pays for few dispatches:
+Seven addons, each one concern, grouped so that a flow pays for few dispatches:
 - Settings: options, quotas.yaml (live reload), the operator's commands.
 - CaptureReplay: flows read from a file (`-nr`); must see their saved notes before AdmissionControl
   drops them.
@@ -11,6 +11,8 @@ Six addons, each one concern, grouped so that a flow pays for few dispatches:
   Metering has set its stream hook, which it wraps).
 - Reporting: the ledger line and the flow's comment, once the flow ends (after Metering, and
   after CredentialSwap has noted a scrubbed answer).
+- Metrics: Prometheus metrics of each flow, from the notes once every other addon has written
+  them; its `request` hook, the last, marks when a request leaves for the provider.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .admission import AdmissionControl
 from .credentials import CredentialSwap
 from .gate import Gate
 from .metering import Metering
+from .metrics import Metrics
 from .quota import QuotaService
 from .replay import CaptureReplay
 from .reporting import Reporting
@@ -35,4 +38,5 @@ def build(gate: Gate) -> list:
         Metering(gate, quota),
         CredentialSwap(gate),
         reporting,
+        Metrics(gate, quota, reporting),
     ]

@@ -107,6 +107,11 @@ class QuotaService:
         self._held[ask.id] = admission
         return admission
 
+    @property
+    def in_flight(self) -> int:
+        """Reservations held by requests not settled yet."""
+        return len(self._held)
+
     def holding(self, flow_id: str) -> Admission | None:
         """The admission a flow holds until it settles."""
         return self._held.get(flow_id)
@@ -136,8 +141,10 @@ class QuotaService:
         if self.waiting >= self.queue_limit:
             return decision, None
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + ask.proxy.queue_wait
+        began = loop.time()
+        deadline = began + ask.proxy.queue_wait
         self.waiting += 1
+        admitted = False
         try:
             while held_back_by_reservations(decision, ask.demand) and ask.waiting():
                 left = deadline - loop.time()
@@ -148,10 +155,12 @@ class QuotaService:
                 if reservation is None:
                     decision = attempt  # the latest refusal, answered if the wait ends here
                 elif ask.waiting():
+                    admitted = True
                     return attempt, reservation
                 else:
                     await self.accounting.settle(reservation, None)  # gone while admitted
                     break
         finally:
             self.waiting -= 1
+            self.gate.probes.queue_wait(loop.time() - began, admitted)
         return decision, None

@@ -5,14 +5,17 @@ One session, everything on 127.0.0.1. Phases (`--phases`, all by default):
 - load: small non-streamed chat requests at each `--concurrency`, to every target in turn:
   `direct` (the mock itself), `mitmdump` (plain, reverse mode, no addon), `noop` (mitmdump with
   `scripts/bench/noop_addons.py`: as many addon objects as TokenGate, with the same hooks, doing
-  nothing: the floor mitmproxy's addon dispatch puts under TokenGate) and TokenGate on the
-  `memory`, `sqlite` and `redis` stores. Req/s, p50 and p99 latency, the proxy's CPU time per
-  request (all its threads; for `direct`, the mock's), startup time and the proxy's peak RSS,
-  each also as a ratio to the plain mitmdump of the same round. `memory10`, run only when
-  named in `--targets`, is the memory store with ten token limits of different durations on
-  every request: what evaluating ten limits costs against `memory`'s one. CPU time per request
-  leaves out the time the proxy waited for a CPU, so it is a second view of the gate's cost when
-  other work shares the machine (it still varies with what shares the caches).
+  nothing: the floor mitmproxy's addon dispatch puts under TokenGate), TokenGate on the
+  `memory`, `sqlite` and `redis` stores, and `metrics`: the memory store with
+  `tokengate_metrics` on (its page scraped once per level, as Prometheus would). Req/s, p50
+  and p99 latency, the proxy's CPU time per request (all its threads; for `direct`, the
+  mock's), startup time and the proxy's peak RSS, each also as a ratio to the plain mitmdump of
+  the same round. `metrics` also gets its CPU time per request as a ratio to `memory` of the
+  same round: what serving metrics costs. `memory10`, run only when named in `--targets`, is
+  the memory store with ten token limits of different durations on every request: what
+  evaluating ten limits costs against `memory`'s one. CPU time per request leaves out the time
+  the proxy waited for a CPU, so it is a second view of the gate's cost when other work shares
+  the machine (it still varies with what shares the caches).
 - stream: streamed chat requests, time to first body byte, the same targets.
 - estimate: `dialects.openai.estimate_prompt` on 1k, 10k and 100k-token prompts, in this process.
 - keys: a gateway whose quotas file holds `--keys` keys, each key sending one request;
@@ -27,7 +30,7 @@ are medians over `--rounds`, ratios medians of the per-round ratios. Every phase
 budget and every level a request count and a time cap; a run cut short says so.
 
     .venv/bin/python -m scripts.bench [--rounds 3] [--requests 400] [--concurrency 1,8,32]
-        [--targets direct,mitmdump,noop,memory,sqlite,redis] [--phases load,stream,...] [--quick]
+        [--targets direct,mitmdump,noop,memory,sqlite,redis,metrics] [--phases load,...] [--quick]
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import secrets
 import sqlite3
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -75,12 +80,14 @@ from scripts.bench.benchkit import (
 )
 from scripts.bench.redis_server import RedisServer
 
-TARGETS = ("direct", "mitmdump", "noop", "memory", "sqlite", "redis")
+TARGETS = ("direct", "mitmdump", "noop", "memory", "sqlite", "redis", "metrics")
 # Run only when named in --targets: the memory store with ten token limits of different
 # durations on every request, against the one limit of `memory`.
 TEN_LIMITS = "memory10"
 TEN_DURATIONS = ("1m", "2m", "5m", "10m", "15m", "30m", "1h", "2h", "6h", "1d")
 GATES = ("memory", "sqlite", "redis")
+METRICS = "metrics"  # the memory store with tokengate_metrics on
+METRICS_READY = re.compile(r"metrics at (\S+)")
 # Redis keeps the keys' windows in redis-server, not in the gateway: its RSS would not show them.
 KEYS_TARGETS = ("mitmdump", "memory", "sqlite")
 BASELINE = "mitmdump"
@@ -93,6 +100,7 @@ LABELS = {
     TEN_LIMITS: "TokenGate, memory, 10 limits",
     "sqlite": "TokenGate, SQLite",
     "redis": "TokenGate, Redis",
+    "metrics": "TokenGate, memory, metrics on",
 }
 NOOP_ADDONS = str(Path(__file__).with_name("noop_addons.py"))
 CONTEXT = "/bench"
@@ -105,6 +113,7 @@ ESTIMATE_TARGET_MS = 50.0
 TARGET_THROUGHPUT = {"memory": 0.9, "sqlite": 0.9, "redis": 0.8}
 TARGET_ADDED_P50_MS = 1.0
 TARGET_RSS = 1.3
+TARGET_METRICS_CPU = 1.05  # CPU per request with metrics on, vs the same gate without
 # The store phase: a typical proxy's two limits, with counts that never refuse.
 STORE_BUCKETS = (
     Bucket("bench:caller:total_tokens-1m", Limit("total_tokens", 10**12, 60, "1m")),
@@ -149,7 +158,7 @@ class Target:
 
     @property
     def gated(self) -> bool:
-        return self.name in (*GATES, TEN_LIMITS)
+        return self.name in (*GATES, TEN_LIMITS, METRICS)
 
     def requests(self, body: dict, keys: Sequence[str] = ()) -> list[bytes]:
         """The request to send, once per caller key (`keys`; default the target's own)."""
@@ -227,6 +236,7 @@ def launched(
         else:
             store = {"memory": "{kind: memory}", "sqlite": "{kind: sqlite, path: usage.sqlite3}"}
             store[TEN_LIMITS] = store["memory"]
+            store[METRICS] = store["memory"]
             if name == "redis":
                 redis = RedisServer().start()
                 stack.callback(redis.stop)
@@ -236,7 +246,9 @@ def launched(
             own = keys or {"bench": hash_key(session.caller_key)}
             durations = TEN_DURATIONS if name == TEN_LIMITS else ("1m",)
             config = write_quotas(folder / "quotas.yaml", mock_url, store[name], own, durations)
-            process = started(stack, benchkit.gateway(mock_url, config, session.provider_key))
+            extra = ("--set", "tokengate_metrics=127.0.0.1:0") if name == METRICS else ()
+            gateway = benchkit.gateway(mock_url, config, session.provider_key, *extra)
+            process = started(stack, gateway)
             key, path = session.caller_key, f"{CONTEXT}/chat/completions"
         port = int(benchkit.url_of(process, deadline).rsplit(":", 1)[1])
         assert process.startup is not None
@@ -329,6 +341,8 @@ def load_run(target: Target, args, budget: Budget) -> dict:
                 drive(target.port, requests, args.requests, concurrency, seconds, False, expect)
             )
             figures = levels[str(concurrency)] = summary_of(run)
+            if target.name == METRICS:
+                scrape(target)  # within the measured time, as Prometheus would
             ended = cpu_seconds(target.process.popen.pid)
             answered = figures["requests"]
             known = None not in (began, ended) and answered
@@ -340,6 +354,16 @@ def load_run(target: Target, args, budget: Budget) -> dict:
         "rss_mib": rss / 1024 if rss else None,
         "levels": levels,
     }
+
+
+def scrape(target: Target) -> None:
+    """Read the metrics page once (the gate logged where it serves it)."""
+    found = METRICS_READY.search(target.process.output)
+    if found is None:
+        raise RuntimeError(f"no metrics address in the gate's log:\n{target.process.output}")
+    with urllib.request.urlopen(found.group(1), timeout=10) as page:
+        if b"tokengate_requests_total" not in page.read():
+            raise RuntimeError("the metrics page counts no request")
 
 
 def stream_run(target: Target, args, budget: Budget) -> dict:
@@ -407,12 +431,16 @@ def add_load_ratios(load: dict[str, dict], concurrency: Sequence[int]) -> None:
         for figures in per_level.values():
             p50 = figures["p50_ms"]
             figures["added_p50_ms"] = p50 - base if None not in (p50, base) else None
+        if METRICS in per_level:
+            figures = per_level[METRICS]
+            without = per_level.get("memory", {}).get("cpu_ms")
+            figures["cpu_ms_vs_memory"] = ratio(figures["cpu_ms"], without)
 
 
 def summarize_load(rounds: list[dict[str, dict]], args, budget: Budget) -> dict:
     """Medians over rounds, per target and per concurrency level."""
     level_names = (*LOAD_FIGURES, *(f"{name}_ratio" for name in LOAD_FIGURES), "added_p50_ms")
-    level_names += ("client_cpu_s", "client_cpu_share")
+    level_names += ("client_cpu_s", "client_cpu_share", "cpu_ms_vs_memory")
     targets: dict[str, dict] = {}
     for name, seen in by_target(rounds).items():
         targets[name] = {
@@ -710,6 +738,13 @@ def verdicts(report: dict) -> list[dict]:
             check(
                 f"{store}: peak RSS vs mitmdump", targets[store]["rss_mib_ratio"], TARGET_RSS, True
             )
+    for level, figures in targets.get(METRICS, {}).get("levels", {}).items():
+        check(
+            f"metrics on: CPU/req vs memory at c={level}",
+            figures.get("cpu_ms_vs_memory"),
+            TARGET_METRICS_CPU,
+            True,
+        )
     largest = report.get("estimate", {}).get("sizes", {}).get(str(ESTIMATE_SIZES[-1]))
     if largest:
         check(

@@ -22,7 +22,7 @@ from scripts.bench.bench import markdown
 from tests.support.processes import run_benchmark
 from tests.support.redis_server import require_redis_server
 
-TARGETS = {"direct", "mitmdump", "noop", "memory", "sqlite", "redis"}
+TARGETS = {"direct", "mitmdump", "noop", "memory", "sqlite", "redis", "metrics"}
 
 
 def test_quick_run_measures_every_target_and_phase():
@@ -41,6 +41,7 @@ def test_quick_run_measures_every_target_and_phase():
                 assert figures[key] > 0, (name, level, key)
             assert figures["p50_ms"] <= figures["p99_ms"], (name, level)
             assert figures["cpu_ms"] >= 0, (name, level)  # /proc counts 10 ms ticks: may be 0
+    assert all("cpu_ms_vs_memory" in f for f in load["targets"]["metrics"]["levels"].values())
     baseline = load["targets"]["mitmdump"]
     assert baseline["rss_mib_ratio"] == baseline["levels"]["1"]["rps_ratio"] == 1
     assert baseline["levels"]["1"]["added_p50_ms"] == 0
