@@ -100,7 +100,8 @@ class LocalCluster:
         return [node for node in self.nodes if node.process is not None]
 
     def wait_ok(self, timeout: float = READY) -> None:
-        """Until every running node says `cluster_state:ok` and knows every node."""
+        """Until every running node says `cluster_state:ok` and knows every node, and every
+        replica is in sync with its master (a replica that never was cannot take over)."""
         deadline = time.monotonic() + timeout
         while True:
             infos = [self.info(node) for node in self.running()]
@@ -108,11 +109,20 @@ class LocalCluster:
                 info.get("cluster_state") == "ok"
                 and info.get("cluster_known_nodes") == str(len(self.nodes))
                 for info in infos
-            ):
+            ) and all(map(self.in_sync, self.running())):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the cluster is not ok after {timeout} s: {infos}")
             time.sleep(0.05)
+
+    def in_sync(self, node: RedisServer) -> bool:
+        """A master, or a replica whose link to its master is up."""
+        try:
+            with self.client(node) as client:
+                replication = client.info("replication")
+        except redis.RedisError:
+            return False
+        return replication["role"] == "master" or replication.get("master_link_status") == "up"
 
     def master_of(self, slot: int) -> RedisServer:
         """The running node that serves `slot` now, as the other nodes see it."""
