@@ -905,6 +905,26 @@ async def test_redis_cluster_seeds(redis_cluster, redis_server):
             await store.close()
 
 
+async def test_redis_cluster_client_failing_in_any_way_is_a_store_outage(
+    redis_cluster, monkeypatch
+):
+    """The cluster client, resetting its connections under a call in flight, has raised
+    asyncio's TypeError: it must reach the gate as StoreUnavailable (its `fail` policy), not
+    escape the hook and let the request through unmetered."""
+    store = RedisStore(redis_cluster.url, FakeClock(), cluster=True)
+
+    async def closed_under_it(*args, **kwargs):
+        raise TypeError("'NoneType' object is not callable")
+
+    monkeypatch.setattr(store.redis, "evalsha", closed_under_it)
+    try:
+        with pytest.raises(StoreUnavailable, match="TypeError") as raised:
+            await store.reserve("a", buckets(total(100)), Demand(1, 1))
+        assert raised.value.maybe_applied  # it may have been sent: released once back
+    finally:
+        await store.close()
+
+
 # --------------------------------------------------------------------------------------------
 # SQLite
 

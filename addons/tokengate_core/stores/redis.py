@@ -31,13 +31,7 @@ import redis.asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    RedisClusterException,
-    RedisError,
-    TryAgainError,
-)
+from redis.exceptions import AskError, ClusterDownError, RedisClusterException, TryAgainError
 
 from ..limiter import SLOTS, Bucket, Decision, Demand, LimitStatus, Usage
 from . import STALE_AFTER, Reservation, StoreUnavailable
@@ -139,11 +133,16 @@ class RedisStore:
                 # sends a call to any node, and many MOVED replies at once make it reset every
                 # connection, those of the calls still in flight too.
                 await self.redis.initialize()
-            return (await script(keys=keys, args=args)).split(" ")
-        except (RedisError, RedisClusterException, OSError) as e:
+            reply = await script(keys=keys, args=args)
+        except Exception as e:
+            # Not only RedisError: the cluster client raises RedisClusterException, and when it
+            # resets its connections (CLUSTERDOWN) a call still sending on one fails with
+            # whatever asyncio's closed transport raises (TypeError). A call that failed in any
+            # way is a store that cannot be used, never a request let through unmetered.
             message = f"redis store {self.where}: {type(e).__name__}: {e}"
             # Unless the connection was never made, the script may have run on the server.
             raise StoreUnavailable(message, maybe_applied=not _never_sent(e)) from e
+        return reply.split(" ")
 
     @staticmethod
     def _statuses(buckets: tuple[Bucket, ...], reply: list[str]) -> tuple[LimitStatus, ...]:
