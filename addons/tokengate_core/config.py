@@ -435,8 +435,8 @@ def _store(reader: _Reader, raw: Any) -> StoreSpec:
 def _cluster(reader: _Reader, raw: dict, where: Where) -> dict:
     """`cluster: true` and its extra seeds `cluster_nodes` ("host:port"), as StoreSpec fields.
 
-    The URL is the first seed and says how to reach every node (password, TLS); the others
-    are only tried when it does not answer, as redis-py's `startup_nodes` are.
+    The URL is a seed and says how to reach every node (password, TLS); `cluster_nodes` are
+    more seeds, as redis-py's `startup_nodes`: the slot map is read from any that answers.
     """
     cluster = raw.get("cluster", False)
     if not isinstance(cluster, bool):
