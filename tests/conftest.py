@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.redis_cluster import require_redis_cluster
+from tests.support.redis_cluster import LocalCluster, require_redis_cluster
 
 
 @pytest.fixture(scope="session")
 def redis_cluster_session():
     """Started on first use, stopped at the end of the session; tests empty it as they need."""
-    cluster = require_redis_cluster().start()
+    cluster = LocalCluster(*require_redis_cluster(), masters=3, replicas=1).start()
     yield cluster
     cluster.stop()
 
