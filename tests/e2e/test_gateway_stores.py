@@ -227,10 +227,10 @@ def test_cluster_master_failing_over_under_traffic(tmp_path, fresh_mock, redis_c
         with ThreadPoolExecutor(max_workers=4) as pool:
             running = [pool.submit(traffic, proxy) for proxy in ("strict", "lenient") * 2]
             try:
-                assert wait_until(lambda: metered_since(0) >= 3)
+                assert wait_until(lambda: metered_since(0) >= 3, 20)
                 victim.process.popen.kill()
                 victim.stop()
-                assert wait_until(lambda: "degraded" in headers_of(answered("lenient")), 20)
+                assert wait_until(lambda: "degraded" in accounting_of(answered("lenient")), 20)
                 assert wait_until(lambda: redis_cluster.master_of(slot) is not victim, 20)
                 promoted = time.monotonic()
                 assert wait_until(lambda: metered_since(promoted) >= 3, 20)
@@ -241,7 +241,7 @@ def test_cluster_master_failing_over_under_traffic(tmp_path, fresh_mock, redis_c
         strict, lenient = answered("strict"), answered("lenient")
         assert {a.status_code for a in strict} == {200, 503}
         assert {a.status_code for a in lenient} == {200}
-        assert "degraded" not in headers_of(strict)
+        assert "degraded" not in accounting_of(strict)
         for answer in strict:
             if answer.status_code == 503:
                 assert answer.json()["error"]["code"] == "quota_store_unavailable"
@@ -270,7 +270,7 @@ def metered(answer: httpx.Response) -> bool:
     return answer.status_code == 200 and "X-TokenGate-Accounting" not in answer.headers
 
 
-def headers_of(answers: list[httpx.Response]) -> set[str]:
+def accounting_of(answers: list[httpx.Response]) -> set[str]:
     """The `X-TokenGate-Accounting` values among `answers`."""
     return {a.headers.get("X-TokenGate-Accounting", "") for a in answers}
 
