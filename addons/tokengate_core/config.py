@@ -70,11 +70,13 @@ class StoreSpec:
     path: Path | None = None  # sqlite: the database file
     url: str | None = field(default=None, repr=False)  # redis: may carry a password
     reservation_timeout: float = DEFAULT_RESERVATION_TIMEOUT  # unsettled past this: spent
+    cluster: bool = False  # redis: the URL is a seed of a Redis Cluster
+    cluster_nodes: tuple[tuple[str, int], ...] = ()  # redis cluster: more seeds (host, port)
 
     @property
     def place(self) -> tuple:
         """Where the usage lives: a reload that keeps it keeps the store."""
-        return (self.kind, self.path, self.url)
+        return (self.kind, self.path, self.url, self.cluster, self.cluster_nodes)
 
 
 @dataclass(frozen=True)
@@ -375,14 +377,16 @@ def _store(reader: _Reader, raw: Any) -> StoreSpec:
     where: Where = ("store",)
     if raw is None:
         raw = {"kind": "sqlite"}
-    reader.mapping(raw, where, {"kind", "path", "url", "url_env", "reservation_timeout"}, {"kind"})
+    fields = {"kind", "path", "url", "url_env", "cluster", "cluster_nodes", "reservation_timeout"}
+    reader.mapping(raw, where, fields, {"kind"})
     kind = raw["kind"]
     if kind not in STORE_KINDS:
         raise reader.doc.error(
             (*where, "kind"), f"kind must be one of {', '.join(STORE_KINDS)}, not {kind!r}"
         )
-    allowed = {"sqlite": {"path"}, "redis": {"url", "url_env"}, "memory": set()}[kind]
-    for field_name in ("path", "url", "url_env"):
+    redis_fields = {"url", "url_env", "cluster", "cluster_nodes"}
+    allowed = {"sqlite": {"path"}, "redis": redis_fields, "memory": set()}[kind]
+    for field_name in ("path", *sorted(redis_fields)):
         if field_name in raw and field_name not in allowed:
             raise reader.doc.error((*where, field_name), f"{field_name} does not apply to {kind}")
     timeout = DEFAULT_RESERVATION_TIMEOUT
@@ -400,10 +404,11 @@ def _store(reader: _Reader, raw: Any) -> StoreSpec:
         return StoreSpec("sqlite", path=path, reservation_timeout=timeout)
     if ("url" in raw) == ("url_env" in raw):
         raise reader.doc.error(where, "a redis store needs exactly one of url, url_env")
+    cluster = _cluster(reader, raw, where)
     if "url_env" in raw:
         if not reader.check_credentials:
             reader.string(raw["url_env"], (*where, "url_env"))
-            return StoreSpec("redis", reservation_timeout=timeout)
+            return StoreSpec("redis", reservation_timeout=timeout, **cluster)
         url = reader.environment(raw["url_env"], (*where, "url_env"))
     else:
         url = reader.string(raw["url"], (*where, "url"))
@@ -420,7 +425,42 @@ def _store(reader: _Reader, raw: Any) -> StoreSpec:
         raise reader.doc.error(
             url_where, "the redis URL must start with redis://, rediss:// or unix://"
         )
-    return StoreSpec("redis", url=url, reservation_timeout=timeout)
+    if cluster["cluster"] and parts.scheme == "unix":
+        raise reader.doc.error(url_where, "a Redis Cluster is reached over redis:// or rediss://")
+    if cluster["cluster"] and parts.path not in ("", "/", "/0"):
+        raise reader.doc.error(url_where, "a Redis Cluster has only database 0 (end the URL /0)")
+    return StoreSpec("redis", url=url, reservation_timeout=timeout, **cluster)
+
+
+def _cluster(reader: _Reader, raw: dict, where: Where) -> dict:
+    """`cluster: true` and its extra seeds `cluster_nodes` ("host:port"), as StoreSpec fields.
+
+    The URL is a seed and says how to reach every node (password, TLS); `cluster_nodes` are
+    more seeds, as redis-py's `startup_nodes`: the slot map is read from any that answers.
+    """
+    cluster = raw.get("cluster", False)
+    if not isinstance(cluster, bool):
+        raise reader.doc.error((*where, "cluster"), "cluster must be true or false")
+    if "cluster_nodes" not in raw:
+        return {"cluster": cluster}
+    nodes_where = (*where, "cluster_nodes")
+    if not cluster:
+        raise reader.doc.error(nodes_where, "cluster_nodes needs cluster: true")
+    listed = raw["cluster_nodes"]
+    if not isinstance(listed, list) or not listed:
+        raise reader.doc.error(nodes_where, "cluster_nodes must be a list of host:port")
+    nodes = []
+    for i, node in enumerate(listed):
+        text = reader.string(node, (*nodes_where, i))
+        try:
+            parts = urlsplit(f"//{text}")
+            port = parts.port
+        except ValueError:
+            port = None
+        if not port or not parts.hostname or parts.netloc != text or "@" in text:
+            raise reader.doc.error((*nodes_where, i), f"{text!r} is not host:port")
+        nodes.append((parts.hostname, port))
+    return {"cluster": True, "cluster_nodes": tuple(nodes)}
 
 
 def load_config(path: Path | str, check_credentials: bool = True) -> Config:

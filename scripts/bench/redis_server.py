@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokengate_core.tools.children import Child
@@ -26,18 +27,22 @@ def free_port() -> int:
 
 class RedisServer:
     """One redis-server process without persistence; `password` makes it require AUTH, `tls`
-    (a PEM file with a self-signed certificate and its key) makes it speak TLS only."""
+    (a PEM file with a self-signed certificate and its key) makes it speak TLS only; `options`
+    are more command-line options (a cluster node's)."""
 
     def __init__(
         self,
         executable: str = "redis-server",
         password: str | None = None,
         tls: Path | None = None,
+        port: int | None = None,
+        options: Sequence[str] = (),
     ) -> None:
         self.executable = executable
         self.password = password
         self.tls = tls
-        self.port = free_port()
+        self.port = port or free_port()
+        self.options = list(options)
         self.process: Child | None = None
 
     @property
@@ -57,7 +62,7 @@ class RedisServer:
             argv += ["--port", str(self.port)]
         if self.password:
             argv += ["--requirepass", self.password]
-        self.process = process = Child(argv)
+        self.process = process = Child(argv + self.options)
         deadline = time.monotonic() + READY
         try:
             while not self.ping():

@@ -1,13 +1,21 @@
-"""End to end: usage that survives a restart (SQLite); one quota shared by two gateways (Redis)."""
+"""End to end: usage that survives a restart (SQLite); one quota shared by two gateways (Redis,
+Redis Cluster); a Redis outage and a cluster master failing over under each `fail` policy."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
+import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from redis.crc import key_slot
+from tokengate_core.config import load_config
+from tokengate_core.quota import buckets_for
+from tokengate_core.stores import open_store
 
 from tests.support.calls import HELLO, call
 from tests.support.processes import Gateway, wait_until, write_quotas
@@ -71,15 +79,24 @@ def _call_until_killed(gateway: Gateway, body: dict) -> None:
         call(gateway, ALICE, body=body, **{"X-Mock-Mode": "slow", "X-Mock-Delay": "5"})
 
 
-def redis_quotas(path, mock_url: str, redis_url: str, count: int) -> None:
-    """Two proxies on one Redis store: `strict` fails closed, `lenient` fails open."""
+def redis_quotas(path, mock_url: str, store: str, count: int, **key_names: str) -> None:
+    """Two proxies on one Redis store (`store`, its YAML entry): `strict` fails closed, `lenient`
+    fails open; each has one caller key, named as the proxy unless `key_names` says otherwise."""
     proxies = "".join(
         f"  {name}:\n    context: /{name}\n    provider: mock\n    fail: {fail}\n"
         f"    token_limits:\n      total_tokens:\n        - {{count: {count}, duration: 1m}}\n"
-        "    keys:\n" + key_entries(**{name: CALLERS[name]})
+        "    keys:\n" + key_entries(**{key_names.get(name, name): CALLERS[name]})
         for name, fail in (("strict", "closed"), ("lenient", "open"))
     )
-    write_quotas(path, mock_url, proxies + f"store: {{kind: redis, url: '{redis_url}'}}\n")
+    write_quotas(path, mock_url, proxies + store)
+
+
+def redis_store(url: str, cluster: bool = False, seeds: Sequence[str] = ()) -> str:
+    """The `store:` entry of a Redis server, or of a Redis Cluster through `url` and `seeds`."""
+    more = ", cluster: true" if cluster else ""
+    if seeds:
+        more += f", cluster_nodes: [{', '.join(seeds)}]"
+    return f"store: {{kind: redis, url: '{url}'{more}}}\n"
 
 
 CALLERS = {"strict": ALICE, "lenient": BOB}  # a secret belongs to one proxy only
@@ -102,10 +119,19 @@ def own_redis():
     server.stop()
 
 
-def test_two_gateways_on_one_redis_share_one_limit(tmp_path, fresh_mock, own_redis):
+@pytest.fixture(params=("redis", "redis-cluster"))
+def empty_redis(request) -> str:
+    """The `store:` entry of an empty Redis: a server of the test's own, or the session's
+    cluster."""
+    if request.param == "redis":
+        return redis_store(request.getfixturevalue("own_redis").url)
+    return redis_store(request.getfixturevalue("redis_cluster").url, cluster=True)
+
+
+def test_two_gateways_on_one_redis_share_one_limit(tmp_path, fresh_mock, empty_redis):
     budget = 500
     config = tmp_path / "quotas.yaml"
-    redis_quotas(config, fresh_mock.url, own_redis.url, budget)
+    redis_quotas(config, fresh_mock.url, empty_redis, budget)
     gateways = [start(config, fresh_mock), start(config, fresh_mock)]
     try:
         body = {**HELLO, "max_tokens": 20}
@@ -127,7 +153,7 @@ def test_two_gateways_on_one_redis_share_one_limit(tmp_path, fresh_mock, own_red
 
 def test_redis_outage_fail_closed_and_open_then_accounting_resumes(tmp_path, fresh_mock, own_redis):
     config = tmp_path / "quotas.yaml"
-    redis_quotas(config, fresh_mock.url, own_redis.url, 1000)
+    redis_quotas(config, fresh_mock.url, redis_store(own_redis.url), 1000)
     gateway = start(config, fresh_mock)
     try:
         for proxy in ("strict", "lenient"):
@@ -161,3 +187,108 @@ def test_redis_outage_fail_closed_and_open_then_accounting_resumes(tmp_path, fre
         )
     finally:
         gateway.stop()
+
+
+def test_cluster_master_failing_over_under_traffic(tmp_path, fresh_mock, redis_cluster):
+    """A master of the cluster killed while both proxies send requests, until its replica has
+    taken over: `strict` answers 503 meanwhile and `lenient` admits unmetered, nothing reaches
+    the provider unanswered, and afterwards every window holds exactly what the metered
+    requests cost, with no reservation left behind."""
+    slot = key_slot(b"strict:strict")
+    victim = redis_cluster.master_of(slot)
+    # Both callers' windows on the master that fails (a hash tag is `proxy:key`).
+    lenient_key = next(
+        name
+        for name in (f"lenient-{i}" for i in range(200))
+        if redis_cluster.master_of(key_slot(f"lenient:{name}".encode())) is victim
+    )
+    config = tmp_path / "quotas.yaml"
+    seeds = [f"127.0.0.1:{node.port}" for node in redis_cluster.nodes[1:]]  # the first may fail
+    store = redis_store(redis_cluster.url, cluster=True, seeds=seeds)
+    redis_quotas(config, fresh_mock.url, store, 10**6, lenient=lenient_key)
+    gateway = start(config, fresh_mock)
+    seen: list[tuple[str, float, httpx.Response]] = []
+    stop = threading.Event()
+
+    def traffic(proxy: str) -> None:
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            answer = post(gateway, proxy, {**HELLO, "max_tokens": 5})
+            seen.append((proxy, time.monotonic(), answer))
+
+    def answered(proxy: str, since: float = 0.0) -> list[httpx.Response]:
+        return [a for name, at, a in list(seen) if name == proxy and at > since]
+
+    def metered_since(since: float) -> int:
+        """The fewest metered answers either proxy got since `since`."""
+        return min(sum(map(metered, answered(proxy, since))) for proxy in CALLERS)
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            running = [pool.submit(traffic, proxy) for proxy in ("strict", "lenient") * 2]
+            try:
+                assert wait_until(lambda: metered_since(0) >= 3, 20)
+                victim.process.popen.kill()
+                victim.stop()
+                assert wait_until(lambda: "degraded" in accounting_of(answered("lenient")), 20)
+                assert wait_until(lambda: redis_cluster.master_of(slot) is not victim, 20)
+                promoted = time.monotonic()
+                assert wait_until(lambda: metered_since(promoted) >= 3, 20)
+            finally:
+                stop.set()
+            for done in running:
+                done.result()  # a call that raised fails the test here
+        strict, lenient = answered("strict"), answered("lenient")
+        assert {a.status_code for a in strict} == {200, 503}
+        assert {a.status_code for a in lenient} == {200}
+        assert "degraded" not in accounting_of(strict)
+        for answer in strict:
+            if answer.status_code == 503:
+                assert answer.json()["error"]["code"] == "quota_store_unavailable"
+        assert fresh_mock.stats()["authorized"] == sum(a.status_code == 200 for _, _, a in seen)
+        unpriced = [
+            dict(a.headers)
+            for _, _, a in seen
+            if metered(a) and "X-Tokens-Consumed" not in a.headers
+        ]
+        assert not unpriced, unpriced[:2]  # every metered answer says what it cost
+        charged = {p: sum(int(a.headers["X-Tokens-Consumed"]) for a in answered(p) if metered(a))
+                   for p in CALLERS}  # fmt: skip
+        # The settlements kept through the outage are written once the store is back, and the
+        # reserves whose replies were lost are released: nothing is still held.
+        books = {proxy: (tokens, 0) for proxy, tokens in charged.items()}
+        assert wait_until(lambda: windows(config) == books), (windows(config), books)
+    finally:
+        gateway.stop()
+        if victim.process is None:
+            victim.start()  # it rejoins as a replica of the node promoted in its place
+        redis_cluster.wait_ok()
+
+
+def metered(answer: httpx.Response) -> bool:
+    """Admitted and charged (not admitted unmetered while the store was down)."""
+    return answer.status_code == 200 and "X-TokenGate-Accounting" not in answer.headers
+
+
+def accounting_of(answers: list[httpx.Response]) -> set[str]:
+    """The `X-TokenGate-Accounting` values among `answers`."""
+    return {a.headers.get("X-TokenGate-Accounting", "") for a in answers}
+
+
+def windows(config) -> dict[str, tuple[int, int]]:
+    """(used, reserved) of each proxy's one window, read from the store the gateway uses."""
+    quotas = load_config(config, check_credentials=False)
+
+    async def read() -> dict[str, tuple[int, int]]:
+        store = open_store(quotas.store, time.time)
+        try:
+            found = {}
+            for proxy in quotas.proxies.values():
+                (key,) = (stored.name for stored in proxy.keys)
+                (status,) = await store.status(buckets_for(proxy, key))
+                found[proxy.name] = (status.used, status.reserved)
+            return found
+        finally:
+            await store.close()
+
+    return asyncio.run(read())

@@ -288,6 +288,41 @@ BROKEN = {
         VALID + "store:\n  kind: redis\n  url: redis://127.0.0.1\n  path: x.db  # HERE\n",
         "path does not apply to redis",
     ),
+    "cluster not a boolean": (
+        VALID + "store: {kind: redis, url: 'redis://h:7000', cluster: yes please}  # HERE\n",
+        "cluster must be true or false",
+    ),
+    "cluster on a sqlite store": (
+        VALID + "store:\n  kind: sqlite\n  cluster: true  # HERE\n",
+        "cluster does not apply to sqlite",
+    ),
+    "cluster_nodes without cluster": (
+        VALID + "store:\n  kind: redis\n  url: redis://h:7000\n  cluster_nodes: [h:7001]  # HERE\n",
+        "cluster_nodes needs cluster: true",
+    ),
+    "cluster_nodes not a list": (
+        VALID + "store:\n  kind: redis\n  url: redis://h:7000\n  cluster: true\n"
+        "  cluster_nodes: h:7001  # HERE\n",
+        "cluster_nodes must be a list of host:port",
+    ),
+    "cluster node without a port": (
+        VALID + "store:\n  kind: redis\n  url: redis://h:7000\n  cluster: true\n"
+        "  cluster_nodes:\n    - h:7001\n    - h2  # HERE\n",
+        "'h2' is not host:port",
+    ),
+    "cluster node as a URL": (
+        VALID + "store:\n  kind: redis\n  url: redis://h:7000\n  cluster: true\n"
+        "  cluster_nodes: ['redis://h:7001']  # HERE\n",
+        "'redis://h:7001' is not host:port",
+    ),
+    "cluster on a unix socket": (
+        VALID + "store: {kind: redis, url: 'unix:///run/redis.sock', cluster: true}  # HERE\n",
+        "a Redis Cluster is reached over redis:// or rediss://",
+    ),
+    "cluster with a database": (
+        VALID + "store: {kind: redis, url: 'redis://h:7000/2', cluster: true}  # HERE\n",
+        "a Redis Cluster has only database 0",
+    ),
     "bad reservation_timeout": (
         VALID + "store:\n  kind: memory\n  reservation_timeout: soon  # HERE\n",
         "bad duration",
@@ -537,6 +572,27 @@ def test_store_entries(setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         write(setup, VALID + "store: {kind: redis, url_env: TG_TEST_REDIS_URL}\n")
     )
     assert from_env.store.url == url
+    assert not from_env.store.cluster
+
+
+def test_redis_cluster_entries(setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    one = load_config(
+        write(setup, VALID + "store: {kind: redis, url: 'redis://10.0.0.1:7000', cluster: true}\n")
+    )
+    assert one.store == StoreSpec("redis", url="redis://10.0.0.1:7000", cluster=True)
+    seeds = "store:\n  kind: redis\n  cluster: true\n  url_env: TG_TEST_REDIS_URL\n"
+    seeds += "  cluster_nodes: ['10.0.0.2:7000', 'redis-3.internal:7001', '[fd00::4]:7000']\n"
+    monkeypatch.setenv("TG_TEST_REDIS_URL", "rediss://:s3cret@10.0.0.1:7000/0")
+    several = load_config(write(setup, VALID + seeds))
+    assert several.store.cluster_nodes == (
+        ("10.0.0.2", 7000),
+        ("redis-3.internal", 7001),
+        ("fd00::4", 7000),
+    )
+    assert several.store.place != one.store.place  # a reload onto other seeds opens a new store
+    monkeypatch.delenv("TG_TEST_REDIS_URL")
+    unread = load_config(write(setup, VALID + seeds), check_credentials=False)
+    assert unread.store.cluster and len(unread.store.cluster_nodes) == 3
 
 
 def test_redis_url_env_unset(setup: Path, monkeypatch: pytest.MonkeyPatch) -> None:

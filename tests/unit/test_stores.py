@@ -2,10 +2,11 @@
 
 Each scenario drives a store through a `Recorder`, which logs every decision, reservation,
 status and the headers (and 429) a caller would get, and checks figures worked out by hand.
-Every scenario runs against memory, SQLite (a file under tmp_path) and Redis (a real
-redis-server), and each log must equal the memory store's log for the same trace. A hypothesis
-test does the same with random traces. Store-specific tests follow: Redis (server clock, TTLs,
-hash slots, passwords, outages) and SQLite (restarts, WAL, two stores on one file, failures).
+Every scenario runs against memory, SQLite (a file under tmp_path), Redis (a real
+redis-server) and Redis Cluster (the session's local cluster of three masters), and each log
+must equal the memory store's log for the same trace. A hypothesis test does the same with random
+traces. Store-specific tests follow: Redis (server clock, TTLs, hash slots, passwords, outages,
+cluster seeds) and SQLite (restarts, WAL, two stores on one file, failures).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pytest
 import redis as redis_sync
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from tokengate_core import answers
 from tokengate_core.config import REQUESTS
@@ -44,11 +46,17 @@ from tokengate_core.stores.memory import MemoryStore
 from tokengate_core.stores.redis import RESERVE, SETTLE, RedisStore, redacted
 from tokengate_core.stores.sqlite import SqliteStore
 
+from scripts.bench.redis_server import free_port
 from tests.support.limits import T0, FakeClock, buckets, limit, total
 from tests.support.processes import self_signed
 from tests.support.redis_server import RedisServer, require_redis_server
 
-KINDS = ("memory", "sqlite", "redis")
+KINDS = ("memory", "sqlite", "redis", "redis-cluster")
+# The long runs (random traces, 10,000 requests) run the cluster's scripts on one node: the
+# cluster runs the same scripts, and what it adds (routing each call to its slot's master) the
+# scenarios exercise.
+LONG_RUN_KINDS = KINDS[:3]
+REDIS_FIXTURES = {"redis": "redis_server", "redis-cluster": "redis_cluster_session"}
 Opener = Callable[..., Store]
 
 PROMPT_50 = limit("prompt_tokens", 50, 60, "1m")
@@ -71,9 +79,22 @@ def opener(kind: str, folder: Path, redis_url: str | None) -> Opener:
             return MemoryStore(clock, stale_after)
         if kind == "sqlite":
             return SqliteStore(folder / f"usage-{next(files)}.sqlite", clock, stale_after)
-        return RedisStore(redis_url, clock, stale_after, prefix=f"t-{uuid.uuid4().hex[:12]}")
+        prefix = f"t-{uuid.uuid4().hex[:12]}"
+        return RedisStore(redis_url, clock, stale_after, prefix, cluster=kind == "redis-cluster")
 
     return open_store
+
+
+def redis_url(kind: str, request) -> str | None:
+    """The URL of the session's Redis server or cluster for `kind`; None for other stores."""
+    fixture = REDIS_FIXTURES.get(kind)
+    return request.getfixturevalue(fixture).url if fixture else None
+
+
+def redis_client(url: str, cluster: bool) -> redis_sync.Redis | redis_sync.RedisCluster:
+    """A synchronous client, to look at what a store wrote."""
+    client_class = redis_sync.RedisCluster if cluster else redis_sync.Redis
+    return client_class.from_url(url, decode_responses=True)
 
 
 @pytest.fixture(params=KINDS)
@@ -84,8 +105,7 @@ def kind(request) -> str:
 @pytest.fixture
 async def open_store(kind, tmp_path, request):
     """Stores of the parametrized kind, closed after the test."""
-    url = request.getfixturevalue("redis_server").url if kind == "redis" else None
-    make = opener(kind, tmp_path, url)
+    make = opener(kind, tmp_path, redis_url(kind, request))
     opened: list[Store] = []
 
     def open_and_track(clock, stale_after: float = STALE_AFTER) -> Store:
@@ -492,13 +512,11 @@ async def play(store: Store, clock: FakeClock, trace: list) -> list:
     return r.log
 
 
-@pytest.fixture(scope="module", params=("sqlite", "redis"))
+@pytest.fixture(scope="module", params=LONG_RUN_KINDS[1:])
 def compared(request) -> tuple[str, str | None]:
     """A store kind to hold against memory, and the Redis URL it needs: SQLite runs wherever
     the tests do; Redis only where redis-server is installed (a skip otherwise, a failure in CI)."""
-    if request.param == "redis":
-        return "redis", request.getfixturevalue("redis_server").url
-    return "sqlite", None
+    return request.param, redis_url(request.param, request)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -518,7 +536,7 @@ def test_random_traces_agree_across_stores(trace, tmp_path_factory, compared):
 # Bounded state: per bucket, at most SLOTS + 1 slots and the reservations in flight
 
 
-def records_held(store: Store, bucket: Bucket, redis_url: str | None) -> tuple[int, int]:
+def records_held(store: Store, bucket: Bucket, url: str | None) -> tuple[int, int]:
     """(slots, reservations in flight) the store holds for `bucket`, read from its own state."""
     if isinstance(store, MemoryStore):
         window = store._windows.get(bucket.key)
@@ -531,7 +549,7 @@ def records_held(store: Store, bucket: Bucket, redis_url: str | None) -> tuple[i
                 ).fetchone()[0]
                 for table in ("slots", "pending")
             )
-    client = redis_sync.Redis.from_url(redis_url, decode_responses=True)
+    client = redis_client(url, isinstance(store.redis, RedisCluster))
     try:
         fields = client.hkeys(store.key_of(bucket))
     finally:
@@ -539,10 +557,11 @@ def records_held(store: Store, bucket: Bucket, redis_url: str | None) -> tuple[i
     return sum(f.startswith("slot:") for f in fields), sum(f.startswith("rid:") for f in fields)
 
 
+@pytest.mark.parametrize("kind", LONG_RUN_KINDS)
 async def test_state_per_bucket_is_bounded_whatever_the_traffic(kind, open_store, request):
     """10,000 requests of one key over an hour, 8 in flight, under a 1-day and a 1-minute
     limit: without slots a store would hold every charge of the day (10,000 records)."""
-    redis_url = request.getfixturevalue("redis_server").url if kind == "redis" else None
+    url = redis_url(kind, request)
     clock = FakeClock()
     store = open_store(clock)
     day, minute = bs = buckets(total(10**9, 86_400), limit(REQUESTS, 10**6, 60))
@@ -555,8 +574,8 @@ async def test_state_per_bucket_is_bounded_whatever_the_traffic(kind, open_store
         if len(in_flight) > 8:
             await store.settle(in_flight.pop(0), Usage(3, 4))
     # The hour (T0 to T0 + 3600) touches 4 of the day's 22.5-minute slots.
-    assert records_held(store, day, redis_url) == (4, 8)
-    slots, pending = records_held(store, minute, redis_url)
+    assert records_held(store, day, url) == (4, 8)
+    slots, pending = records_held(store, minute, url)
     # Unmerged, the minute would hold 160 settled charges; the newest 8 (3 slots) are in flight.
     assert SLOTS - 4 <= slots <= SLOTS + 1 and pending == 8
     day_status, minute_status = await store.status(bs)
@@ -567,14 +586,14 @@ async def test_state_per_bucket_is_bounded_whatever_the_traffic(kind, open_store
     clock.advance(86_400)
     assert [s.used for s in await store.status(bs)] == [0, 0]
     # An empty window holds nothing: no window object, no rows, no Redis key.
-    assert records_held(store, day, redis_url) == records_held(store, minute, redis_url) == (0, 0)
+    assert records_held(store, day, url) == records_held(store, minute, url) == (0, 0)
     if isinstance(store, MemoryStore):
         assert not store._windows
     elif isinstance(store, SqliteStore):
         with sqlite3.connect(store.path) as db:
             assert db.execute("SELECT COUNT(*) FROM windows").fetchone()[0] == 0
     else:
-        assert redis_keys(request.getfixturevalue("redis_server"), store.prefix) == []
+        assert redis_keys(url, store.prefix) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,8 +630,9 @@ async def test_many_concurrent_requests_each_count_once(open_store):
 # Redis
 
 
-def redis_keys(server: RedisServer, prefix: str) -> list[str]:
-    client = redis_sync.Redis.from_url(server.url, decode_responses=True)
+def redis_keys(url: str, prefix: str, cluster: bool = False) -> list[str]:
+    """The store's keys (on every master of a cluster)."""
+    client = redis_client(url, cluster)
     try:
         return sorted(client.scan_iter(f"{prefix}:*"))
     finally:
@@ -646,7 +666,7 @@ async def test_redis_keys_have_ttls_and_one_slot_per_scope(redis_server):
             await store.settle(reservation, Usage(5, 6))
     finally:
         await store.close()
-    keys = redis_keys(redis_server, prefix)
+    keys = redis_keys(redis_server.url, prefix)
     assert len(keys) == 2 * 3  # two callers, three limits, one hash each
     client = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
     try:
@@ -838,6 +858,71 @@ async def test_redis_frozen_raises_without_stalling_the_loop_then_recovers():
         server.process.popen.send_signal(signal.SIGCONT)
         await store.close()
         server.stop()
+
+
+async def test_redis_cluster_keeps_a_request_in_one_slot_and_spreads_scopes(redis_cluster):
+    """Every call's keys share its scope's hash tag, so each runs on one master; the callers'
+    windows spread over the masters."""
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
+    store = RedisStore(redis_cluster.url, FakeClock(), prefix=prefix, cluster=True)
+    proxy = SimpleNamespace(name="p", scope="key", limits=(TOTAL_100, TOTAL_1000_1H, PROMPT_50))
+    callers = [f"caller-{i}" for i in range(12)]
+    try:
+        for caller in callers:
+            _, reservation = await store.reserve(caller, buckets_for(proxy, caller), Demand(5, 5))
+            await store.settle(reservation, Usage(5, 6))
+    finally:
+        await store.close()
+    keys = redis_keys(redis_cluster.url, prefix, cluster=True)
+    assert len(keys) == len(callers) * 3
+    masters = set()
+    for caller in callers:
+        slots = {key_slot(key.encode()) for key in keys if f"{{p:{caller}}}" in key}
+        assert len(slots) == 1
+        masters.add(redis_cluster.master_of(slots.pop()).port)
+    assert len(masters) > 1
+
+
+async def test_redis_cluster_seeds(redis_cluster, redis_server):
+    """Any seed that answers will do; none answering, or a node that is not in a cluster, is a
+    store outage (no script ran), not a crash."""
+    live = redis_cluster.nodes[1]
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    bs = buckets(total(100))
+    seeded = RedisStore(dead, FakeClock(), cluster=True, cluster_nodes=(("127.0.0.1", live.port),))
+    try:
+        decision, _ = await seeded.reserve("a", bs, Demand(1, 1))
+        assert decision.admitted
+    finally:
+        await seeded.close()
+    for url in (dead, redis_server.url):
+        store = RedisStore(url, FakeClock(), cluster=True)
+        try:
+            with pytest.raises(StoreUnavailable, match=r"\(cluster\)") as raised:
+                await store.reserve("b", bs, Demand(1, 1))
+            assert not raised.value.maybe_applied
+        finally:
+            await store.close()
+
+
+async def test_redis_cluster_client_failing_in_any_way_is_a_store_outage(
+    redis_cluster, monkeypatch
+):
+    """The cluster client, resetting its connections under a call in flight, has raised
+    asyncio's TypeError: it must reach the gate as StoreUnavailable (its `fail` policy), not
+    escape the hook and let the request through unmetered."""
+    store = RedisStore(redis_cluster.url, FakeClock(), cluster=True)
+
+    async def closed_under_it(*args, **kwargs):
+        raise TypeError("'NoneType' object is not callable")
+
+    monkeypatch.setattr(store.redis, "evalsha", closed_under_it)
+    try:
+        with pytest.raises(StoreUnavailable, match="TypeError") as raised:
+            await store.reserve("a", buckets(total(100)), Demand(1, 1))
+        assert raised.value.maybe_applied  # it may have been sent: released once back
+    finally:
+        await store.close()
 
 
 # --------------------------------------------------------------------------------------------

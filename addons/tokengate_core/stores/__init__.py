@@ -79,5 +79,11 @@ def open_store(spec: StoreSpec, clock: Callable[[], float]) -> Store:
     if spec.kind == "redis":
         from .redis import RedisStore
 
-        return RedisStore(spec.url, clock=None, stale_after=spec.reservation_timeout)
+        return RedisStore(
+            spec.url,
+            clock=None,
+            stale_after=spec.reservation_timeout,
+            cluster=spec.cluster,
+            cluster_nodes=spec.cluster_nodes,
+        )
     raise ValueError(f"unknown store kind {spec.kind!r}")

@@ -14,9 +14,10 @@ one), its settled charges merged into slots (`slot:<duration>:<slot>` -> "stamp 
 amount"). A call reads the heads; the other fields are read only when the lower bounds say
 something may have left the window or gone stale, and by a refused request. The key is
 hash-tagged with the bucket's `proxy:scope`: all the buckets of one request, which share that
-scope, live in one slot, so the scripts could run on Redis Cluster unchanged (the client here
-is the single-node one; a Cluster client is not wired). Every key gets a TTL of its window plus
-`stale_after`, refreshed on each write, and is deleted when its window empties.
+scope, live in one hash slot, and a script touches only the keys it is given, so the scripts
+run unchanged on Redis Cluster (`cluster=True`: redis-py's cluster client, which sends each
+call to the master of its slot). Every key gets a TTL of its window plus `stale_after`,
+refreshed on each write, and is deleted when its window empties.
 
 Learned estimates (`estimates.py`) live in one more hash (`tokengate:{learned}`), one field per
 (provider, model), updated by compare-and-set (lua/learn.lua) so the rule stays in Python; it
@@ -26,14 +27,16 @@ keeps LEARNED_TTL after its last update.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from importlib.resources import files
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AskError, ClusterDownError, RedisClusterException, TryAgainError
 
 from ..limiter import SLOTS, Bucket, Decision, Demand, LimitStatus, Usage
 from . import STALE_AFTER, Reservation, StoreUnavailable
@@ -72,7 +75,11 @@ def redacted(url: str) -> str:
 
 class RedisStore:
     """See the module docstring. `clock=None` decides on the server's clock (what a gate wants);
-    a clock given here (tests with a fake clock) is sent with every call instead."""
+    a clock given here (tests with a fake clock) is sent with every call instead.
+
+    `cluster`: `url` is one node of a Redis Cluster (its password and TLS serve every node) and
+    `cluster_nodes` (host, port) more seeds; the client learns the slots' masters from any seed
+    that answers, and again after a call fails."""
 
     def __init__(
         self,
@@ -81,22 +88,29 @@ class RedisStore:
         stale_after: float = STALE_AFTER,
         prefix: str = "tokengate",
         timeout: float = TIMEOUT,
+        cluster: bool = False,
+        cluster_nodes: tuple[tuple[str, int], ...] = (),
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError("the key prefix may not contain braces (they make the hash tag)")
-        self.where = redacted(url)
+        self.where = redacted(url) + (" (cluster)" if cluster else "")
         self.clock = clock
         self.stale_after = stale_after
         self.prefix = prefix
         # No retries: a reserve sent twice would hold twice, and a store that is down should
-        # say so at once; a pooled connection the server closed is replaced when taken.
-        self.redis = redis.asyncio.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-        )
+        # say so at once; a pooled connection the server closed is replaced when taken. The
+        # cluster client still follows MOVED and ASK (the node that answers them ran nothing).
+        options = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "decode_responses": True,
+        }
+        if cluster:
+            seeds = [ClusterNode(host, port) for host, port in cluster_nodes]
+            self.redis = RedisCluster.from_url(url, startup_nodes=seeds or None, **options)
+        else:
+            self.redis = redis.asyncio.from_url(url, **options)
         self._reserve = self.redis.register_script(RESERVE)
         self._settle = self.redis.register_script(SETTLE)
         self._learn = self.redis.register_script(LEARN)
@@ -123,12 +137,8 @@ class RedisStore:
     async def _call(self, script, buckets: tuple[Bucket, ...], args: list) -> list[str]:
         """The script's reply, split into its words."""
         keys = [self.key_of(bucket) for bucket in buckets]
-        try:
-            return (await script(keys=keys, args=args)).split(" ")
-        except (RedisError, OSError) as e:
-            message = f"redis store {self.where}: {type(e).__name__}: {e}"
-            # Unless the connection was never made, the script may have run on the server.
-            raise StoreUnavailable(message, maybe_applied=not _never_sent(e)) from e
+        reply = await self._guarded(lambda: script(keys=keys, args=args))
+        return reply.split(" ")
 
     @staticmethod
     def _statuses(buckets: tuple[Bucket, ...], reply: list[str]) -> tuple[LimitStatus, ...]:
@@ -174,26 +184,37 @@ class RedisStore:
         return await self._replace("status", buckets, "", Usage(0, 0))
 
     async def learned(self) -> dict[str, str]:
-        return await self._guarded(self.redis.hgetall(self.learned_key))
+        return await self._guarded(lambda: self.redis.hgetall(self.learned_key))
 
     async def learn(self, updates: Mapping[str, Callable[[str | None], str]]) -> dict[str, str]:
         fields = list(updates)
         for _ in range(LEARN_ATTEMPTS):
-            stored = await self._guarded(self.redis.hmget(self.learned_key, fields))
+            stored = await self._guarded(partial(self.redis.hmget, self.learned_key, fields))
             args: list = [LEARNED_TTL]
             for field, old in zip(fields, stored, strict=True):
                 args += [field, old or "", updates[field](old)]
-            reply = await self._guarded(self._learn(keys=[self.learned_key], args=args))
+            reply = await self._guarded(partial(self._learn, keys=[self.learned_key], args=args))
             if reply is not None:
                 return dict(zip(reply[0::2], reply[1::2], strict=True))
         raise StoreUnavailable(f"redis store {self.where}: learned estimates kept changing")
 
-    async def _guarded(self, call):
-        """A command's reply; StoreUnavailable when Redis cannot be reached."""
+    async def _guarded(self, command: Callable[[], Awaitable]):
+        """The reply of `command()`; StoreUnavailable when it failed in any way."""
         try:
-            return await call
-        except (RedisError, OSError) as e:
-            raise StoreUnavailable(f"redis store {self.where}: {type(e).__name__}: {e}") from e
+            if isinstance(self.redis, RedisCluster):
+                # The slots' masters first (a no-op once known): until it knows them the client
+                # sends a call to any node, and many MOVED replies at once make it reset every
+                # connection, those of the calls still in flight too.
+                await self.redis.initialize()
+            return await command()
+        except Exception as e:
+            # Not only RedisError: the cluster client raises RedisClusterException, and when it
+            # resets its connections (CLUSTERDOWN) a call still sending on one fails with
+            # whatever asyncio's closed transport raises (TypeError). A call that failed in any
+            # way is a store that cannot be used, never a request let through unmetered.
+            message = f"redis store {self.where}: {type(e).__name__}: {e}"
+            # Unless the connection was never made, the command may have run on the server.
+            raise StoreUnavailable(message, maybe_applied=not _never_sent(e)) from e
 
     async def close(self) -> None:
         """Close the connection pool; call once at shutdown."""
@@ -201,9 +222,13 @@ class RedisStore:
 
 
 def _never_sent(error: Exception) -> bool:
-    """True when the connection itself failed, so no script reached the server.
+    """True when no script ran: the connection itself failed, or the cluster refused the call.
 
     redis-py words every failed connect as "... connecting to ..." ("Error 111 connecting to
-    127.0.0.1:6379. Connection refused.", "Timeout connecting to server").
+    127.0.0.1:6379. Connection refused.", "Timeout connecting to server"). A cluster refuses
+    before running anything while it is down or its slot is moving (CLUSTERDOWN, MOVED/ASK past
+    the client's redirections, TRYAGAIN), and the client raises RedisClusterException when it
+    finds no node to send to.
     """
-    return "connecting to" in str(error)
+    refused = (ClusterDownError, AskError, TryAgainError, RedisClusterException)
+    return isinstance(error, refused) or "connecting to" in str(error)
