@@ -105,6 +105,7 @@ class AdmissionControl:
             upstream_path=found.upstream_path,
             endpoint=found.endpoint,
             allowed=found.allowed,
+            deployment=found.deployment,
         )
         refusal = self._caller(flow, found, note) or await self._headers(flow, note)
         if refusal is not None:
@@ -193,7 +194,12 @@ class AdmissionControl:
         if streamed is None and len(raw) > self.gate.max_body:  # chunked, no content-length
             return answers.too_large(proxy.dialect, self.gate.max_body)
         endpoint = note["endpoint"]
-        reader = Reader(proxy.dialect, self.gate.exact_prompt_chars, proxy.completion_reserve)
+        reader = Reader(
+            proxy.dialect,
+            self.gate.exact_prompt_chars,
+            proxy.completion_reserve,
+            note.get("deployment"),
+        )
         read = await reader.read(raw, endpoint)
         admitted = self.quota.holding(flow.id)
         if isinstance(read, Unreadable):

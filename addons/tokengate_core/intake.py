@@ -50,15 +50,17 @@ def json_object(raw: bytes) -> dict[str, Any] | Unreadable:
 
 @dataclass(frozen=True)
 class Reader:
-    """How one proxy reads a request: its dialect, the exact tokenizing budget, and the
-    completion reserve for a request that sets no max tokens."""
+    """How one proxy reads a request: its dialect, the exact tokenizing budget, the
+    completion reserve for a request that sets no max tokens, and the deployment its path
+    named (Azure)."""
 
     dialect: Dialect
     exact_chars: int
     default_reserve: int
+    deployment: str | None = None
 
     def terms(self, endpoint: str, body: dict[str, Any]) -> RequestTerms:
-        return self.dialect.terms(endpoint, body, self.default_reserve)
+        return self.dialect.terms(endpoint, body, self.default_reserve, self.deployment)
 
     def estimate(
         self, endpoint: str, body: dict[str, Any], terms: RequestTerms | None = None

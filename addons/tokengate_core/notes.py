@@ -32,6 +32,7 @@ class Notes(TypedDict, total=False):
     upstream_path: str | None  # reverse mode: path and query below the provider's base URL
     endpoint: str | None  # the metered endpoint, the gate's usage endpoint, or None
     allowed: bool  # metered or read-only; anything else is refused with 403
+    deployment: str | None  # the deployment the path names (Azure), or None
     # Who is calling (set once the key is found).
     proxy: str
     key: str  # the key's name, never the key

@@ -100,7 +100,12 @@ class CaptureReplay:
         if endpoint == USAGE_ENDPOINT:
             notes.note_windows(note, await self.quota.standing(proxy, key.name))
             return captured, "answered"
-        reader = Reader(proxy.dialect, self.gate.exact_prompt_chars, proxy.completion_reserve)
+        reader = Reader(
+            proxy.dialect,
+            self.gate.exact_prompt_chars,
+            proxy.completion_reserve,
+            saved.get("deployment"),
+        )
         read = await reader.read(flow.request.get_content(strict=False) or b"", endpoint)
         if isinstance(read, Unreadable):  # as live: refused before it leaves
             return 400, "invalid"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..limiter import Usage
 
@@ -16,6 +16,22 @@ class RequestTerms:
     model: str | None
     stream: bool
     completion_reserve: int  # tokens the completion(s) may use, to reserve before sending
+
+
+class Endpoint(NamedTuple):
+    """What a request path asks of the provider, as the dialect reads it."""
+
+    name: str | None  # the metered endpoint, or None
+    allowed: bool  # metered, or read-only (the model list); anything else is refused
+    deployment: str | None = None  # a deployment the path names (Azure), mapped to a model
+
+
+class InvalidSetting(ValueError):
+    """A provider's dialect setting in quotas.yaml is wrong: which one, and why."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(reason)
+        self.setting = setting
 
 
 class StreamEvents(Protocol):
@@ -48,12 +64,19 @@ class Dialect(Protocol):
     def provider_auth(self, api_key: str) -> dict[str, str]:
         """Headers that carry the provider's key upstream."""
 
-    def classify(self, method: str, segments: list[str]) -> tuple[str | None, bool]:
-        """(metered endpoint, allowed) for a path below the provider's base, given as decoded
-        segments; allowed but unmetered is a read-only endpoint such as the model list."""
+    def classify(self, method: str, segments: list[str]) -> Endpoint:
+        """What a path below the provider's base asks, given as decoded segments; allowed but
+        unmetered is a read-only endpoint such as the model list."""
 
-    def terms(self, endpoint: str, body: dict[str, Any], default_reserve: int) -> RequestTerms:
-        """Model, streaming and the completion reserve of a request body."""
+    def terms(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        default_reserve: int,
+        deployment: str | None = None,
+    ) -> RequestTerms:
+        """Model (for limits and prices), streaming and the completion reserve of a request,
+        from its body and the deployment its path named (see `classify`)."""
 
     def estimate_prompt(self, endpoint: str, body: dict[str, Any], exact_chars: int) -> int:
         """Prompt tokens the provider will bill, estimated before sending (an upper bound
@@ -75,3 +98,13 @@ class Dialect(Protocol):
 
     def error_body(self, message: str, type_: str, code: str | None) -> bytes:
         """An error answer in this API's own shape, so its SDKs raise their usual errors."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A dialect as quotas.yaml's `kind:` names it: the provider fields it reads beyond the
+    common ones, and how a provider's entry makes it (`make(**settings)`, which raises
+    InvalidSetting for a bad one)."""
+
+    make: Callable[..., Dialect]
+    settings: tuple[str, ...] = ()

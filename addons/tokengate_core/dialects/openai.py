@@ -11,7 +11,7 @@ from typing import Any
 from .. import keys, tokens
 from ..limiter import Usage, whole_number
 from ..tokens import PromptCounter
-from .base import RequestTerms
+from .base import Endpoint, RequestTerms
 
 # Endpoints whose answers report token usage (POST).
 METERED_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
@@ -304,16 +304,23 @@ class OpenAI:
     def provider_auth(self, api_key: str) -> dict[str, str]:
         return {"authorization": f"Bearer {api_key}"}
 
-    def classify(self, method: str, segments: list[str]) -> tuple[str | None, bool]:
+    def classify(self, method: str, segments: list[str]) -> Endpoint:
         if segments[:1] == ["v1"]:
             segments = segments[1:]
         name = "/".join(segments)
         if method == "POST" and name in METERED_ENDPOINTS:
-            return name, True
+            return Endpoint(name, True)
         read_only = bool(segments) and segments[0] in READ_ONLY_ENDPOINTS and len(segments) <= 2
-        return None, method == "GET" and read_only
+        return Endpoint(None, method == "GET" and read_only)
 
-    def terms(self, endpoint: str, body: dict[str, Any], default_reserve: int) -> RequestTerms:
+    def terms(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        default_reserve: int,
+        deployment: str | None = None,
+    ) -> RequestTerms:
+        """The model is the body's (OpenAI's paths name no deployment)."""
         return RequestTerms(
             model_of(body),
             body.get("stream") is True,
@@ -360,3 +367,6 @@ class OpenAI:
     def error_body(self, message: str, type_: str, code: str | None) -> bytes:
         payload = {"error": {"message": message, "type": type_, "param": None, "code": code}}
         return json.dumps(payload).encode()
+
+
+OPENAI = OpenAI()  # stateless: every provider of kind openai shares it
