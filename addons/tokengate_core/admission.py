@@ -207,6 +207,8 @@ class AdmissionControl:
             return None if admitted else answers.unreadable_body(proxy.dialect, read.reason)
         terms = read.terms
         note.update(model=terms.model, stream=terms.stream, prompt_estimate=read.prompt)
+        if terms.model_from_answer:
+            note["model_from_answer"] = True
         if admitted is not None:  # admitted at requestheaders; now its estimate is known
             return None
         refusal = await self._admit(

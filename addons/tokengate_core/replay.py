@@ -11,6 +11,7 @@ byte.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from mitmproxy import http
@@ -112,6 +113,8 @@ class CaptureReplay:
         proxy.dialect.as_requested(read.body, saved)
         terms = reader.terms(endpoint, read.body)
         note.update(model=terms.model, stream=terms.stream)
+        if terms.model_from_answer:
+            note["model_from_answer"] = True
         demand = Demand(read.prompt, terms.completion_reserve)
         outcome = await self.quota.admit(Ask(flow.id, proxy, key.name, demand, proxy.dialect))
         if outcome is None:  # a proxy without limits
@@ -172,11 +175,11 @@ def reported_live(metered: Metered, saved: dict[str, Any]) -> Metered:
     prompt, completion = live.get("prompt_tokens"), live.get("completion_tokens")
     if live.get("source") != "reported" or not (whole_number(prompt) and whole_number(completion)):
         return metered
-    return Metered(Usage(prompt, completion), "reported")
+    return Metered(Usage(prompt, completion), "reported", metered.model)
 
 
 def capped(metered: Metered, completion: int) -> Metered:
     """The usage of an answer whose max tokens would have been lowered to `completion`."""
     if metered.usage.completion <= completion:
         return metered
-    return Metered(Usage(metered.usage.prompt, completion), metered.source)
+    return replace(metered, usage=Usage(metered.usage.prompt, completion))

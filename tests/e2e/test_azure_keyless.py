@@ -4,7 +4,8 @@
 One gateway in reverse mode serves the module: its proxies `az` (Azure, roomy), `walk` (Azure,
 100 tokens a minute) and `llm` (a keyless OpenAI-compatible server: a second mock that requires
 no key). The mock answers deployment `gpt4o-prod` as model `gpt-4o-2024-08-06`; quotas.yaml says
-it serves `gpt-4o`, the model the gate limits and records.
+it serves `gpt-4o`, the model the gate limits and records. Deployment `other-dep`, which
+quotas.yaml does not name, is recorded as the model its answers name.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ CAROL = "tg-carol-secret-key"
 API_VERSION = "2024-10-21"
 DEPLOYMENT = "gpt4o-prod"
 SERVED_AS = "gpt-4o-2024-08-06"  # the model the mock's deployment answers with
+OTHER, OTHER_SERVED_AS = "other-dep", "gpt-4o-mini-2024-07-18"  # a deployment quotas.yaml omits
 HELLO = [{"role": "user", "content": "Hello!"}]
 
 
@@ -53,7 +55,9 @@ def azure(base: str, key: str = ALICE, **options) -> openai.AzureOpenAI:
 
 @pytest.fixture(scope="module")
 def mocks():
-    azure_mock = Mock.start("--deployment", f"{DEPLOYMENT}={SERVED_AS}")
+    azure_mock = Mock.start(
+        "--deployment", f"{DEPLOYMENT}={SERVED_AS}", "--deployment", f"{OTHER}={OTHER_SERVED_AS}"
+    )  # fmt: skip
     local_mock = Mock.start(key=None)
     yield azure_mock, local_mock
     azure_mock.process.stop()
@@ -100,6 +104,8 @@ def test_azure_openai_sdk_unmodified_books_exact(reverse, mocks):
     assert chunks and all(chunk.usage is None for chunk in chunks)
     embedding = client.embeddings.create(model=DEPLOYMENT, input=["a", "b"])
     assert embedding.usage.prompt_tokens > 0
+    other = list(client.chat.completions.create(model=OTHER, messages=HELLO, stream=True))
+    assert other[0].model == OTHER_SERVED_AS
     # The v1 API, with the plain OpenAI client (Bearer), the deployment in the body; streamed
     # Responses API as Codex CLI uses it.
     v1 = openai.OpenAI(base_url=f"{gateway.url}/az/openai/v1", api_key=ALICE, max_retries=0)
@@ -108,17 +114,18 @@ def test_azure_openai_sdk_unmodified_books_exact(reverse, mocks):
     assert response.usage.output_tokens == 12
 
     # Books exact: the ledger holds what the provider billed, recorded on the configured model.
-    assert wait_until(lambda: len(ledger_of(ledger_path, "az")) == 4)
+    assert wait_until(lambda: len(ledger_of(ledger_path, "az")) == 5)
     lines = ledger_of(ledger_path, "az")
     served = azure_mock.stats()["tokens_served"]["total"]
     assert sum(line["total_tokens"] for line in lines) == served
-    assert {line["model"] for line in lines} == {"gpt-4o"}
+    # The model quotas.yaml names for the deployment, else the one its answer names.
+    assert [line["model"] for line in lines] == ["gpt-4o"] * 3 + [OTHER_SERVED_AS, "gpt-4o"]
     assert {line["usage_source"] for line in lines} == {"reported"}
     text = ledger_path.read_text(encoding="utf-8")
     assert not [secret for secret in (ALICE, BOB, CAROL, PROVIDER_KEY) if secret in text]
     # Upstream, the provider's key in api-key, never a caller's key, never in Authorization.
     stats = azure_mock.stats()
-    assert stats["requests"] == 4 and stats["unauthorized"] == 0
+    assert stats["requests"] == 5 and stats["unauthorized"] == 0
     assert stats["auth_headers_seen"] == []
     assert azure_mock.last_request_headers()["api-key"] == PROVIDER_KEY
 

@@ -44,6 +44,8 @@ CALLS = [
     ("/oa/chat/completions", "Authorization", ALICE, CHAT, 429),
     ("/oa/chat/completions", None, None, CHAT, 401),
     (f"/az{DEPLOYMENT}/chat/completions{QUERY}", "api-key", BOB, STREAM, 200),
+    # not named in deployments: recorded as the model its answer names
+    (f"/az/openai/deployments/other-dep/chat/completions{QUERY}", "api-key", BOB, STREAM, 200),
     ("/az/openai/v1/responses", "Authorization", BOB, {**CHAT, "model": "gpt4o-prod",
      "input": "Hi", "max_output_tokens": 5, "stream": True}, 200),
     (f"/az{DEPLOYMENT}/chat/completions{QUERY}", "api-key", BOB, CHAT, 200),
@@ -53,7 +55,7 @@ CALLS = [
 
 
 def test_replay_of_openai_and_azure_flows_gives_the_live_ledger(tmp_path):
-    mock = Mock.start()
+    mock = Mock.start("--deployment", "other-dep=gpt-4o-mini-2024-07-18")
     try:
         quotas = tmp_path / "quotas.yaml"
         quotas.write_text(quotas_text(mock.url), encoding="utf-8")
@@ -79,7 +81,8 @@ def test_replay_of_openai_and_azure_flows_gives_the_live_ledger(tmp_path):
 
     live = ledger(tmp_path / ".state" / "ledger.jsonl")
     assert len(live) == len(CALLS)
-    assert {line["model"] for line in live if line["proxy"] == "az"} == {"gpt-4o"}
+    models = {line["model"] for line in live if line["proxy"] == "az"}
+    assert models == {"gpt-4o", "gpt-4o-mini-2024-07-18"}
     saved = flows.read_bytes()
     assert not [secret for secret in (PROVIDER_KEY, ALICE, BOB) if secret.encode() in saved]
 

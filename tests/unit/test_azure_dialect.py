@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from mitmproxy.http import Headers
+from tokengate_core import notes
 from tokengate_core.config import load_config
 from tokengate_core.dialects import DIALECTS, InvalidSetting
 from tokengate_core.dialects.azure import Azure
@@ -16,6 +17,7 @@ from tokengate_core.intake import Reader
 from tokengate_core.keys import ConflictingKeys
 from tokengate_core.limiter import Usage
 from tokengate_core.routing import classify
+from tokengate_core.usage import Metered, StreamMeter
 
 AZURE = Azure({"gpt4o-prod": "gpt-4o", "mini": "gpt-4o-mini"})
 CHAT = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 7, "stream": True}
@@ -83,20 +85,49 @@ def test_the_provider_key_goes_in_api_key_and_every_caller_header_is_stripped():
 
 
 @pytest.mark.parametrize(
-    ("deployment", "body", "model"),
+    ("deployment", "body", "model", "from_answer"),
     [
-        ("gpt4o-prod", CHAT, "gpt-4o"),  # named in deployments
-        ("other-dep", CHAT, "other-dep"),  # not named: the deployment itself
-        ("gpt4o-prod", {**CHAT, "model": "ignored"}, "gpt-4o"),  # the path decides
-        (None, {**CHAT, "model": "mini"}, "gpt-4o-mini"),  # v1: the body names a deployment
-        (None, {**CHAT, "model": "gpt-4.1"}, "gpt-4.1"),
-        (None, CHAT, None),
+        ("gpt4o-prod", CHAT, "gpt-4o", False),  # named in deployments
+        ("other-dep", CHAT, "other-dep", True),  # not named: its own name, then the answer's
+        ("gpt4o-prod", {**CHAT, "model": "ignored"}, "gpt-4o", False),  # the path decides
+        (None, {**CHAT, "model": "mini"}, "gpt-4o-mini", False),  # v1: the body names one
+        (None, {**CHAT, "model": "gpt-4.1"}, "gpt-4.1", True),
+        (None, CHAT, None, False),
     ],
 )
-def test_the_model_for_limits_and_prices(deployment, body, model):
+def test_the_model_for_limits_and_prices(deployment, body, model, from_answer):
     terms = AZURE.terms("chat/completions", body, 256, deployment)
-    assert terms.model == model
+    assert (terms.model, terms.model_from_answer) == (model, from_answer)
     assert (terms.stream, terms.completion_reserve) == (True, 7)  # as OpenAI reads the body
+    assert OPENAI.terms("chat/completions", body, 256, deployment).model_from_answer is False
+
+
+@pytest.mark.parametrize(
+    ("payload", "model"),
+    [
+        ({"model": "gpt-4o-2024-08-06", "choices": []}, "gpt-4o-2024-08-06"),  # JSON, chunks
+        ({"type": "response.created", "response": {"model": "gpt-4o"}}, "gpt-4o"),  # Responses
+        ({"model": ""}, None),
+        ({"model": 4}, None),
+        ({"choices": []}, None),
+        ("[DONE]", None),
+    ],
+)
+def test_the_model_an_answer_names(payload, model):
+    assert AZURE.model(payload) == AZURE.stream.model(payload) == model
+
+
+def test_an_unnamed_deployment_takes_the_answers_model_once_charged():
+    note = notes.Notes(model="other-dep", model_from_answer=True)
+    notes.note_usage(note, Metered(Usage(9, 2), "reported", "gpt-4o-2024-08-06"))
+    assert note["model"] == "gpt-4o-2024-08-06"
+    named = notes.Notes(model="gpt-4o")  # named in deployments (or OpenAI): it stays
+    notes.note_usage(named, Metered(Usage(9, 2), "reported", "gpt-4o-2024-08-06"))
+    assert named["model"] == "gpt-4o"
+    meter = StreamMeter(AZURE.stream, 9, None)
+    meter.feed(b'data: {"choices": []}\n\ndata: {"model": "m-1", "choices": []}\n\n')
+    meter.feed(b'data: {"model": "m-2", "choices": []}\n\n')
+    assert meter.result().model == "m-1"
 
 
 def test_the_reader_takes_the_deployment_its_path_named():

@@ -53,11 +53,6 @@ class Azure:
     def __post_init__(self) -> None:
         object.__setattr__(self, "deployments", _deployments(self.deployments))
 
-    def model(self, deployment: str | None) -> str | None:
-        """The model a deployment serves, for limits and prices: as `deployments` names it,
-        else the deployment's own name."""
-        return None if deployment is None else self.deployments.get(deployment, deployment)
-
     def caller_key(self, headers: Mapping[str, str]) -> str | None:
         return OPENAI.caller_key(headers)
 
@@ -82,9 +77,15 @@ class Azure:
         deployment: str | None = None,
     ) -> RequestTerms:
         """The model from the path's deployment, else from the body's `model` (on the v1 API,
-        a deployment name too)."""
+        a deployment name too): as `deployments` names it, else the model the answer names,
+        else the deployment's own name."""
         asked = OPENAI.terms(endpoint, body, default_reserve)
-        return replace(asked, model=self.model(deployment or asked.model))
+        named = deployment or asked.model
+        return replace(
+            asked,
+            model=self.deployments.get(named, named) if named else None,
+            model_from_answer=bool(named) and named not in self.deployments,
+        )
 
     def estimate_prompt(self, endpoint: str, body: dict[str, Any], exact_chars: int) -> int:
         return OPENAI.estimate_prompt(endpoint, body, exact_chars)
@@ -100,6 +101,9 @@ class Azure:
 
     def text(self, payload: Any) -> str:
         return OPENAI.text(payload)
+
+    def model(self, payload: Any) -> str | None:
+        return OPENAI.model(payload)
 
     def error_body(self, message: str, type_: str, code: str | None) -> bytes:
         return OPENAI.error_body(message, type_, code)

@@ -16,6 +16,9 @@ class RequestTerms:
     model: str | None
     stream: bool
     completion_reserve: int  # tokens the completion(s) may use, to reserve before sending
+    # The model the answer names, where it names one, replaces `model` once the call is over
+    # (an Azure deployment not named in `deployments`: its own name until then).
+    model_from_answer: bool = False
 
 
 class Endpoint(NamedTuple):
@@ -42,6 +45,9 @@ class StreamEvents(Protocol):
 
     def text(self, payload: Any) -> str:
         """Generated text the event carries (counted when the provider reports no usage)."""
+
+    def model(self, payload: Any) -> str | None:
+        """The model the event names, if it names one."""
 
     def ends(self, data: str, payload: Any) -> str | None:
         """'before' when the event ends the stream and the gate's trailer goes before it,
@@ -95,6 +101,9 @@ class Dialect(Protocol):
 
     def text(self, payload: Any) -> str:
         """Generated text of a complete JSON answer."""
+
+    def model(self, payload: Any) -> str | None:
+        """The model a complete JSON answer names, if it names one."""
 
     def error_body(self, message: str, type_: str, code: str | None) -> bytes:
         """An error answer in this API's own shape, so its SDKs raise their usual errors."""

@@ -250,6 +250,17 @@ def generated_text(payload: Any) -> str:
     return "".join(parts)
 
 
+def answered_model(payload: Any) -> str | None:
+    """The model an answer or a stream event names (the Responses API's events wrap it)."""
+    if not isinstance(payload, dict):
+        return None
+    model = payload.get("model")
+    if isinstance(model, str) and model:
+        return model
+    response = payload.get("response")
+    return answered_model(response) if isinstance(response, dict) else None
+
+
 def is_done(data: str) -> bool:
     return data.strip() == "[DONE]"
 
@@ -278,6 +289,9 @@ class OpenAIStream:
 
     def text(self, payload: Any) -> str:
         return generated_text(payload)
+
+    def model(self, payload: Any) -> str | None:
+        return answered_model(payload)
 
     def ends(self, data: str, payload: Any) -> str | None:
         if is_done(data):
@@ -363,6 +377,9 @@ class OpenAI:
 
     def text(self, payload: Any) -> str:
         return generated_text(payload)
+
+    def model(self, payload: Any) -> str | None:
+        return answered_model(payload)
 
     def error_body(self, message: str, type_: str, code: str | None) -> bytes:
         payload = {"error": {"message": message, "type": type_, "param": None, "code": code}}
