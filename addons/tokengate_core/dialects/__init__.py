@@ -10,10 +10,11 @@ body looks like. A new provider API is one module implementing `Dialect`, plus o
 
 from __future__ import annotations
 
+from .anthropic import Anthropic
 from .base import Dialect, RequestTerms, StreamEvents
 from .openai import OpenAI
 
 __all__ = ["DEFAULT", "DIALECTS", "Dialect", "RequestTerms", "StreamEvents"]
 
-DIALECTS: dict[str, Dialect] = {"openai": OpenAI()}
+DIALECTS: dict[str, Dialect] = {"openai": OpenAI(), "anthropic": Anthropic()}
 DEFAULT = "openai"

@@ -9,6 +9,7 @@ reached the provider (which keys, how many requests, how many tokens served, and
 ``X-Mock-Tag`` how many tokens actually left, cut answers included); ``POST /mock/reset`` zeroes
 it. ``--record FILE`` appends every request received (method, path, headers, body) as a JSON line.
 ``GET /v1/models`` lists a few models, as OpenAI's API does, so ``client.models.list()`` works.
+Anthropic's Messages API is served too (``mock_anthropic.py``).
 
     tokengate-mock --port 0 --expect-key sk-provider
 """
@@ -530,6 +531,11 @@ class MockHandler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (ValueError, RecursionError):  # nested too deeply: as unreadable as bad JSON
             body = None
+        from tokengate_core.tools import mock_anthropic  # it builds on this module
+
+        if mock_anthropic.serves(self._path, self.headers):
+            mock_anthropic.answer(self, raw, body)
+            return
         endpoint = endpoint_of(self._path)
         expected = self.server.expect_key
         authorized = expected is None or self.headers.get("Authorization") == f"Bearer {expected}"
