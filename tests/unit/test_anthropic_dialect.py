@@ -365,6 +365,4 @@ def test_providers_of_different_kinds_may_not_share_a_host(tmp_path, monkeypatch
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert raised.value.line == 10
-    assert "a host of provider 'anthropic', which speaks anthropic, not openai" in str(
-        raised.value
-    )
+    assert "a host of provider 'anthropic', which speaks anthropic, not openai" in str(raised.value)
