@@ -204,7 +204,11 @@ class AdmissionControl:
         admitted = self.quota.holding(flow.id)
         if isinstance(read, Unreadable):
             # Not sent yet: refuse it rather than guess its cost.
-            return None if admitted else answers.unreadable_body(proxy.dialect, read.reason)
+            if admitted:
+                return None
+            if read.parsed:
+                return answers.invalid_body(proxy.dialect, read.reason)
+            return answers.unreadable_body(proxy.dialect, read.reason)
         terms = read.terms
         note.update(model=terms.model, stream=terms.stream, prompt_estimate=read.prompt)
         if terms.model_from_answer:

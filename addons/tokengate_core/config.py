@@ -443,6 +443,7 @@ def load_config(path: Path | str, check_credentials: bool = True) -> Config:
         name: _provider(reader, name, raw)
         for name, raw in reader.entries(top["providers"], ("providers",)).items()
     }
+    _one_dialect_per_host(doc, providers)
     seen_keys: dict[str, tuple[str, str]] = {}
     proxies = {
         name: _proxy(reader, name, raw, providers, seen_keys)
@@ -461,6 +462,22 @@ def load_config(path: Path | str, check_credentials: bool = True) -> Config:
         contexts[proxy.context] = proxy.name
     store = _store(reader, top.get("store"))
     return Config(path=Path(path), providers=providers, proxies=proxies, store=store)
+
+
+def _one_dialect_per_host(doc: Document, providers: dict[str, Provider]) -> None:
+    """Regular mode reads a host's traffic in the dialect of its first proxy: providers that
+    share a host must speak the same API."""
+    speakers: dict[str, Provider] = {}
+    for provider in providers.values():
+        for index, host in enumerate(provider.hosts):
+            other = speakers.setdefault(host, provider)
+            if other.dialect.name != provider.dialect.name:
+                raise doc.error(
+                    ("providers", provider.name, "hosts", index),
+                    f"host {host} is also a host of provider {other.name!r}, which speaks "
+                    f"{other.dialect.name}, not {provider.dialect.name}: a host's traffic is "
+                    "read in one API",
+                )
 
 
 def _path_prefix(prefix: str, path: str) -> bool:

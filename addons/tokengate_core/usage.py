@@ -8,7 +8,7 @@ generated text itself and marks the figure `estimated`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import tokens
@@ -77,6 +77,7 @@ class StreamMeter:
         self.parser = SSEParser()
         self.reported: Usage | None = None
         self.answered: str | None = None  # the model the stream names
+        self.final = False  # the reported usage is the whole answer's (not only its prompt)
         self._text: list[str] = []
         self._result: Metered | None = None  # what result() computed, until more arrives
         self.bytes_seen = 0
@@ -101,6 +102,7 @@ class StreamMeter:
         usage = self.events.usage(payload, self.reported)
         if usage is not self.reported:
             self.reported = usage
+            self.final = self.events.final(payload)
             self._result = None
         if ends:
             self.done = True
@@ -118,10 +120,16 @@ class StreamMeter:
         return self._result
 
     def _compute(self) -> Metered:
-        if self.reported is not None:
-            return Metered(self.reported, "reported", self.answered)
+        reported = self.reported
+        if reported is not None and self.final:
+            return Metered(reported, "reported", self.answered)
         completion = tokens.count_text("".join(self._text), self.model)
-        return Metered(Usage(self.prompt_estimate, completion), "estimated", self.answered)
+        if reported is None:
+            return Metered(Usage(self.prompt_estimate, completion), "estimated", self.answered)
+        # Cut before the answer's usage came: the prompt as reported, what streamed counted.
+        return Metered(
+            replace(reported, completion=completion, reasoning=0), "estimated", self.answered
+        )
 
 
 class BoundedBuffer:

@@ -25,7 +25,9 @@ OTHER, OTHER_SERVED_AS = "other-dep", "gpt-4o-mini-2024-07-18"  # a deployment q
 HELLO = [{"role": "user", "content": "Hello!"}]
 
 
-def providers(azure_url: str, local_url: str, hosts: str = "") -> str:
+def providers(azure_url: str, local_url: str, hosts: str = "    hosts: [azure.test]\n") -> str:
+    """The Azure provider (reverse mode: on a host of its own, since the keyless server's mock
+    shares 127.0.0.1 and a host speaks one API) and the keyless one."""
     return (
         "providers:\n"
         "  azure:\n"

@@ -55,7 +55,7 @@ def quotas_text(mock_url: str) -> str:
     return (
         "providers:\n"
         f"  openai:\n    base_url: {mock_url}/v1\n    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n"
-        f"  azure:\n    kind: azure\n    base_url: {mock_url}\n"
+        f"  azure:\n    kind: azure\n    base_url: {mock_url}\n    hosts: [azure.test]\n"
         "    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n    deployments: {gpt4o-prod: gpt-4o}\n"
         "proxies:\n" + proxies
     )

@@ -11,6 +11,7 @@ its own (Azure's deployments) is made for each provider from its entry.
 
 from __future__ import annotations
 
+from .anthropic import ANTHROPIC
 from .azure import Azure
 from .base import Dialect, Endpoint, InvalidSetting, Kind, RequestTerms, StreamEvents
 from .openai import OPENAI
@@ -28,6 +29,7 @@ __all__ = [
 
 DIALECTS: dict[str, Kind] = {
     "openai": Kind(lambda: OPENAI),
+    "anthropic": Kind(lambda: ANTHROPIC),
     "azure": Kind(Azure, ("deployments",)),
 }
 DEFAULT = "openai"

@@ -11,11 +11,11 @@ key goes upstream in `api-key`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..limiter import Usage
+from ..limiter import LimitStatus, Usage
 from .base import Endpoint, InvalidSetting, RequestTerms
 from .openai import OPENAI
 
@@ -107,3 +107,6 @@ class Azure:
 
     def error_body(self, message: str, type_: str, code: str | None) -> bytes:
         return OPENAI.error_body(message, type_, code)
+
+    def ratelimit_headers(self, statuses: Sequence[LimitStatus], now: float) -> dict[str, str]:
+        return OPENAI.ratelimit_headers(statuses, now)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from ..limiter import Usage
+from ..limiter import LimitStatus, Usage
+
+
+class BodyRefused(ValueError):
+    """A readable body the API itself would refuse (a required field missing): the gate answers
+    400 with this message before it costs anything."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,10 @@ class StreamEvents(Protocol):
 
     def usage(self, payload: Any, so_far: Usage | None) -> Usage | None:
         """Usage known after this event (reported figures only), given what was known before."""
+
+    def final(self, payload: Any) -> bool:
+        """The usage this event reports is the whole answer's; before such an event, a stream
+        cut short is charged the reported prompt plus the tokenizer count of what streamed."""
 
     def text(self, payload: Any) -> str:
         """Generated text the event carries (counted when the provider reports no usage)."""
@@ -82,7 +91,8 @@ class Dialect(Protocol):
         deployment: str | None = None,
     ) -> RequestTerms:
         """Model (for limits and prices), streaming and the completion reserve of a request,
-        from its body and the deployment its path named (see `classify`)."""
+        from its body and the deployment its path named (see `classify`); raises BodyRefused
+        for a body the API would refuse."""
 
     def estimate_prompt(self, endpoint: str, body: dict[str, Any], exact_chars: int) -> int:
         """Prompt tokens the provider will bill, estimated before sending (an upper bound
@@ -107,6 +117,9 @@ class Dialect(Protocol):
 
     def error_body(self, message: str, type_: str, code: str | None) -> bytes:
         """An error answer in this API's own shape, so its SDKs raise their usual errors."""
+
+    def ratelimit_headers(self, statuses: Sequence[LimitStatus], now: float) -> dict[str, str]:
+        """The API's own rate-limit headers for the gate's limits, beside the gate's."""
 
 
 @dataclass(frozen=True)

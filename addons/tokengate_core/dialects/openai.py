@@ -5,11 +5,11 @@ embeddings and responses are metered; the model list is read-only; everything el
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .. import keys, tokens
-from ..limiter import Usage, whole_number
+from ..limiter import LimitStatus, Usage, whole_number
 from ..tokens import PromptCounter
 from .base import Endpoint, RequestTerms
 
@@ -287,6 +287,9 @@ class OpenAIStream:
     def usage(self, payload: Any, so_far: Usage | None) -> Usage | None:
         return reported_usage(payload) or so_far
 
+    def final(self, payload: Any) -> bool:
+        return True  # usage comes once, whole
+
     def text(self, payload: Any) -> str:
         return generated_text(payload)
 
@@ -384,6 +387,9 @@ class OpenAI:
     def error_body(self, message: str, type_: str, code: str | None) -> bytes:
         payload = {"error": {"message": message, "type": type_, "param": None, "code": code}}
         return json.dumps(payload).encode()
+
+    def ratelimit_headers(self, statuses: Sequence[LimitStatus], now: float) -> dict[str, str]:
+        return {}  # the gate's x-ratelimit-* headers are OpenAI's own
 
 
 OPENAI = OpenAI()  # stateless: every provider of kind openai shares it

@@ -11,7 +11,8 @@ it. ``--record FILE`` appends every request received (method, path, headers, bod
 ``GET /v1/models`` lists a few models, as OpenAI's API does, so ``client.models.list()`` works.
 Azure OpenAI's paths are served too (``/openai/deployments/{deployment}/...``,
 ``/openai/v1/...``; the key in ``api-key`` or as a Bearer token): a deployment answers with the
-model ``--deployment NAME=MODEL`` gives it, else with its own name.
+model ``--deployment NAME=MODEL`` gives it, else with its own name. Anthropic's Messages API is
+served too (``mock_anthropic.py``).
 
     tokengate-mock --port 0 --expect-key sk-provider
 """
@@ -542,6 +543,11 @@ class MockHandler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (ValueError, RecursionError):  # nested too deeply: as unreadable as bad JSON
             body = None
+        from tokengate_core.tools import mock_anthropic  # it builds on this module
+
+        if mock_anthropic.serves(self._path, self.headers):
+            mock_anthropic.answer(self, raw, body)
+            return
         endpoint, deployment = endpoint_of(self._path)
         expected = self.server.expect_key
         authorized = expected is None or (

@@ -1,0 +1,261 @@
+"""Anthropic's Messages API through a real mitmdump in front of the mock speaking Anthropic, with
+the official `anthropic` SDK: sync, async, `messages.stream`, tool use, count_tokens and the model
+list; books exact against what the mock billed; the walkthrough 200 -> 429 -> 401; the SDK's
+errors and waits; keys never upstream nor in saved flows; regular mode over HTTPS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import anthropic
+import httpx
+import pytest
+
+from tests.e2e.test_secrets import CALLER_KEYS, flow_fields, leaks
+from tests.support.processes import PROVIDER_KEY, Gateway, Mock, self_signed, wait_until
+from tests.support.quotas import ALICE, BOB, key_entries
+
+CAROL = "tg-carol-secret-key"
+DAVE = "tg-dave-secret-key"
+MODEL = "claude-sonnet-4-5"
+HELLO = [{"role": "user", "content": "Hello!"}]
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+
+
+def quotas_text(base_url: str, host: str) -> str:
+    def proxy(name: str, count: int, duration: str, keys: str) -> str:
+        return (
+            f"  {name}:\n    context: /{name}\n    provider: claude\n"
+            f"    token_limits:\n      total_tokens:\n        - {{count: {count}, "
+            f"duration: {duration}}}\n    keys:\n{keys}"
+        )
+
+    return (
+        "providers:\n  claude:\n    kind: anthropic\n"
+        f"    base_url: {base_url}\n    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n"
+        f"    hosts: [{host}]\nproxies:\n"
+        + proxy("claude", 1_000_000, "1m", key_entries(alice=ALICE, bob=BOB))
+        + proxy("tight", 100, "1m", key_entries(carol=CAROL))
+        + proxy("burst", 60, "2s", key_entries(dave=DAVE))
+    )
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("anthropic")
+    record = folder / "provider-received.jsonl"
+    mock = Mock.start("--record", str(record))
+    config = folder / "quotas.yaml"
+    config.write_text(quotas_text(mock.url, "127.0.0.1"), encoding="utf-8")
+    flows = folder / "saved.flows"
+    gateway = Gateway.start(config, f"reverse:{mock.url}", "-w", str(flows))
+    yield mock, gateway, record, flows
+    gateway.stop()
+    mock.process.stop()
+
+
+def client(gateway: Gateway, key: str, proxy: str = "claude", **options) -> anthropic.Anthropic:
+    options.setdefault("max_retries", 0)
+    return anthropic.Anthropic(base_url=f"{gateway.url}/{proxy}", api_key=key, **options)
+
+
+def standing(gateway: Gateway, proxy: str, key: str) -> dict:
+    answer = httpx.get(f"{gateway.url}/{proxy}/tokengate/usage", headers={"x-api-key": key})
+    (window,) = answer.json()["limits"]
+    return window
+
+
+def test_sdk_sync_async_stream_and_tools_keep_exact_books(served):
+    mock, gateway, _, _ = served
+    tag = {"X-Mock-Tag": "alice"}
+    sync = client(gateway, ALICE, default_headers=tag)
+    system = [{"type": "text", "text": "Be brief. " * 20, "cache_control": {"type": "ephemeral"}}]
+
+    first = sync.messages.create(model=MODEL, max_tokens=30, system=system, messages=HELLO)
+    assert first.content[0].text.startswith("Lorem ipsum")
+    assert first.stop_reason == "end_turn" or first.usage.output_tokens == 30
+    assert first.usage.cache_creation_input_tokens > 0
+    again = sync.messages.with_raw_response.create(
+        model=MODEL, max_tokens=30, system=system, messages=HELLO
+    )
+    cached = again.parse().usage
+    assert cached.cache_read_input_tokens == first.usage.cache_creation_input_tokens
+    prompt = cached.input_tokens + cached.cache_read_input_tokens
+    assert again.headers["x-tokens-consumed"] == str(prompt + cached.output_tokens)
+    assert int(again.headers["anthropic-ratelimit-tokens-remaining"]) < 1_000_000
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", again.headers["anthropic-ratelimit-tokens-reset"]
+    )
+
+    async def in_parallel():
+        async with anthropic.AsyncAnthropic(
+            base_url=f"{gateway.url}/claude", api_key=ALICE, max_retries=0, default_headers=tag
+        ) as async_client:
+            return await asyncio.gather(
+                *(
+                    async_client.messages.create(model=MODEL, max_tokens=12, messages=HELLO)
+                    for _ in range(3)
+                )
+            )
+
+    assert all(m.usage.output_tokens == 12 for m in asyncio.run(in_parallel()))
+
+    with sync.messages.stream(model=MODEL, max_tokens=40, messages=HELLO) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == final.content[0].text and final.usage.output_tokens == 40
+    assert final.usage.input_tokens > 0
+
+    tools = sync.messages.create(
+        model=MODEL,
+        max_tokens=20,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )
+    assert tools.content[0].type == "tool_use" and tools.content[0].name == "get_weather"
+    with sync.messages.stream(
+        model=MODEL,
+        max_tokens=20,
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [block.model_dump() for block in tools.content]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": tools.content[0].id, "content": "Sun"}
+                ],
+            },
+        ],
+        tools=[WEATHER],
+        tool_choice={"type": "any"},
+    ) as stream:
+        called = stream.get_final_message()
+    assert called.content[0].type == "tool_use" and "text" in called.content[0].input
+
+    counted = sync.messages.count_tokens(model=MODEL, messages=HELLO)  # unmetered
+    assert counted.input_tokens > 0
+    assert next(m.id for m in sync.models.list()) == "claude-sonnet-4-5"
+
+    window = standing(gateway, "claude", ALICE)
+    assert window["reserved"] == 0
+    assert window["used"] == mock.stats()["delivered_by_tag"]["alice"]
+
+
+def test_caller_key_forms_and_the_provider_key_upstream(served):
+    mock, gateway, _, _ = served
+    url = f"{gateway.url}/claude/v1/messages"
+    body = {"model": MODEL, "max_tokens": 5, "messages": HELLO}
+    version = {"anthropic-version": "2023-06-01", "anthropic-beta": "prompt-caching-2024-07-31"}
+    answer = httpx.post(url, json=body, headers={"x-api-key": BOB, **version})
+    assert answer.status_code == 200
+    upstream = mock.last_request_headers()
+    assert upstream["x-api-key"] == PROVIDER_KEY and "authorization" not in upstream
+    assert upstream["anthropic-beta"] == "prompt-caching-2024-07-31"
+    both = httpx.post(
+        url, json=body, headers={"x-api-key": BOB, "authorization": f"Bearer {ALICE}"}
+    )
+    assert both.status_code == 401
+    assert both.json()["error"]["type"] == "authentication_error"
+    assert "Different API keys" in both.json()["error"]["message"]
+    missing = httpx.post(url, json={"model": MODEL, "messages": HELLO}, headers={"x-api-key": BOB})
+    assert missing.status_code == 400
+    assert missing.json() == {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": "max_tokens: a whole number of at least 1 is required",
+        },
+    }
+    assert missing.headers["X-TokenGate-Source"] == "gateway"
+    with pytest.raises(anthropic.PermissionDeniedError, match="not available through this gateway"):
+        client(gateway, BOB).beta.files.list()
+
+
+def test_walkthrough_200_429_401_with_the_sdk(served):
+    _, gateway, _, _ = served
+    carol = client(gateway, CAROL, "tight")
+    ok = carol.messages.with_raw_response.create(model=MODEL, max_tokens=80, messages=HELLO)
+    assert ok.http_response.status_code == 200
+    assert ok.headers["anthropic-ratelimit-tokens-limit"] == "100"
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        carol.messages.create(model=MODEL, max_tokens=60, messages=HELLO)
+    error = refused.value
+    assert error.body["error"]["type"] == "rate_limit_error"
+    assert error.message.startswith("Error code: 429")
+    assert "Rate limit reached for proxy 'tight'" in error.body["error"]["message"]
+    assert 50 <= int(error.response.headers["retry-after"]) <= 60
+    headers = error.response.headers
+    assert (
+        headers["anthropic-ratelimit-tokens-remaining"] == headers["x-ratelimit-remaining-tokens"]
+    )
+    with pytest.raises(anthropic.AuthenticationError, match="Incorrect API key"):
+        client(gateway, "tg-wrong").messages.create(model=MODEL, max_tokens=5, messages=HELLO)
+
+
+def test_the_sdk_waits_as_retry_after_says_then_succeeds(served):
+    mock, gateway, _, _ = served
+    dave = client(gateway, DAVE, "burst", max_retries=1, default_headers={"X-Mock-Tag": "dave"})
+    dave.messages.create(model=MODEL, max_tokens=40, messages=HELLO)  # spends the 2 s window
+    started = time.monotonic()
+    answer = dave.messages.with_raw_response.create(model=MODEL, max_tokens=40, messages=HELLO)
+    waited = time.monotonic() - started
+    assert answer.http_response.status_code == 200 and answer.retries_taken == 1
+    assert 0.5 < waited < 5
+    assert mock.stats()["delivered_by_tag"]["dave"] == 2 * (answer.parse().usage.input_tokens + 40)
+
+
+def test_keys_never_upstream_nor_in_saved_flows(served):
+    _, gateway, record, flows = served
+    c = client(gateway, ALICE, default_headers={"X-Mock-Mode": "echo-key"})
+    with pytest.raises(anthropic.AuthenticationError) as echoed:
+        c.messages.create(model=MODEL, max_tokens=5, messages=HELLO)
+    assert PROVIDER_KEY not in echoed.value.message
+    with c.messages.stream(model=MODEL, max_tokens=5, messages=HELLO) as stream:
+        text = "".join(stream.text_stream)
+    assert text.startswith("You sent ") and PROVIDER_KEY not in text
+    assert wait_until(lambda: flows.exists() and flows.stat().st_size > 0)
+    provider_side = record.read_bytes()
+    assert PROVIDER_KEY.encode() in provider_side  # what is searched holds the provider's key
+    assert leaks(provider_side, (*CALLER_KEYS, CAROL, DAVE)) == []
+    saved = flows.read_bytes() + flow_fields(flows)
+    assert b"/claude/v1/messages" in saved
+    assert leaks(saved, (PROVIDER_KEY, *CALLER_KEYS, CAROL, DAVE)) == []
+
+
+def test_regular_mode_over_https(tmp_path, monkeypatch):
+    pem = self_signed(tmp_path)
+    mock = Mock.start("--tls-cert", str(pem))
+    url = mock.url.replace("127.0.0.1", "localhost")
+    config = tmp_path / "quotas.yaml"
+    config.write_text(quotas_text(url, "localhost"), encoding="utf-8")
+    confdir = tmp_path / "confdir"
+    gateway = Gateway.start(
+        config, "regular",
+        "--set", f"confdir={confdir}", "--set", f"ssl_verify_upstream_trusted_ca={pem}",
+    )  # fmt: skip
+    try:
+        for variable in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(variable, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", gateway.url)
+        monkeypatch.setenv("SSL_CERT_FILE", str(confdir / "mitmproxy-ca-cert.pem"))
+        carol = anthropic.Anthropic(base_url=url, api_key=CAROL, max_retries=0)
+        with carol.messages.stream(model=MODEL, max_tokens=80, messages=HELLO) as stream:
+            assert stream.get_final_message().usage.output_tokens == 80
+        with pytest.raises(anthropic.RateLimitError):
+            carol.messages.create(model=MODEL, max_tokens=50, messages=HELLO)
+        with pytest.raises(anthropic.AuthenticationError):
+            anthropic.Anthropic(base_url=url, api_key="tg-wrong", max_retries=0).models.list()
+        stats = mock.stats()
+        assert stats["requests"] == 1 and stats["authorized"] == 1
+        assert stats["last_request"]["headers"]["x-api-key"] == PROVIDER_KEY
+    finally:
+        gateway.stop()
+        mock.process.stop()
