@@ -1,6 +1,6 @@
-"""QA replay of a capture that holds OpenAI and Azure flows (JSON and streamed, admitted,
-refused by quota, without a key) gives the ledger the live run wrote, line for line; and the
-capture holds neither the provider's key nor a caller's."""
+"""QA replay of a capture that holds OpenAI, Azure and Anthropic flows (JSON and streamed,
+admitted, refused by quota, without a key) gives the ledger the live run wrote, line for line;
+and the capture holds neither the provider's key nor a caller's."""
 
 from __future__ import annotations
 
@@ -12,13 +12,20 @@ from tests.support.captures import ledger
 from tests.support.processes import MITMDUMP, PROVIDER_KEY, ROOT, Gateway, Mock
 from tests.support.quotas import ALICE, BOB, key_entries
 
+CAROL = "tg-carol-secret-key"
+
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
 STREAM = {**CHAT, "max_tokens": 5, "stream": True}
 DEPLOYMENT = "/openai/deployments/gpt4o-prod"
 QUERY = "?api-version=2024-10-21"
+MESSAGE = {"model": "claude-sonnet-4-5", "messages": CHAT["messages"], "max_tokens": 5}
 
 
-PROXIES = (("oa", "openai", "alice", ALICE), ("az", "azure", "bob", BOB))
+PROXIES = (
+    ("oa", "openai", "alice", ALICE),
+    ("az", "azure", "bob", BOB),
+    ("cl", "claude", "carol", CAROL),
+)
 
 
 def quotas_text(mock_url: str) -> str:
@@ -33,6 +40,8 @@ def quotas_text(mock_url: str) -> str:
         f"  openai:\n    base_url: {mock_url}/v1\n    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n"
         f"  azure:\n    kind: azure\n    base_url: {mock_url}\n    hosts: [azure.test]\n"
         "    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n    deployments: {gpt4o-prod: gpt-4o}\n"
+        f"  claude:\n    kind: anthropic\n    base_url: {mock_url}\n    hosts: [claude.test]\n"
+        "    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n"
         "proxies:\n" + proxies
     )
 
@@ -51,6 +60,10 @@ CALLS = [
     (f"/az{DEPLOYMENT}/chat/completions{QUERY}", "api-key", BOB, CHAT, 200),
     (f"/az{DEPLOYMENT}/chat/completions{QUERY}", "api-key", BOB, CHAT, 429),
     (f"/az{DEPLOYMENT}/embeddings{QUERY}", "api-key", "tg-not-a-key", {"input": "a"}, 401),
+    ("/cl/v1/messages", "x-api-key", CAROL, {**MESSAGE, "stream": True}, 200),
+    ("/cl/v1/messages", "x-api-key", CAROL, {**MESSAGE, "max_tokens": 500}, 200),  # lowered
+    ("/cl/v1/messages", "x-api-key", CAROL, MESSAGE, 429),
+    ("/cl/v1/messages", None, None, MESSAGE, 401),
 ]  # fmt: skip
 
 
@@ -72,6 +85,8 @@ def test_replay_of_openai_and_azure_flows_gives_the_live_ledger(tmp_path):
                     headers = {}
                     if header:
                         headers[header] = f"Bearer {key}" if header == "Authorization" else key
+                    if path.startswith("/cl/"):
+                        headers["anthropic-version"] = "2023-06-01"
                     answer = client.post(path, json=body, headers=headers)
                     assert answer.status_code == status, (path, answer.text)
         finally:
@@ -84,7 +99,8 @@ def test_replay_of_openai_and_azure_flows_gives_the_live_ledger(tmp_path):
     models = {line["model"] for line in live if line["proxy"] == "az"}
     assert models == {"gpt-4o", "gpt-4o-mini-2024-07-18"}
     saved = flows.read_bytes()
-    assert not [secret for secret in (PROVIDER_KEY, ALICE, BOB) if secret.encode() in saved]
+    assert not [secret for secret in (PROVIDER_KEY, ALICE, BOB, CAROL) if secret.encode() in saved]
+    assert {line["proxy"] for line in live} == {"oa", "az", "cl", None}
 
     replayed_path = tmp_path / "replay.jsonl"
     argv = [str(MITMDUMP), "-nr", str(flows), "-s", "addons/tokengate.py"]
