@@ -1,5 +1,6 @@
 """The Azure OpenAI dialect: its paths, where keys travel, and which model a call is for; and
-the providers section of quotas.yaml that makes it (deployments, keyless providers)."""
+the providers section of quotas.yaml that makes it (deployments, keyless providers); the
+mock's Azure paths."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tokengate_core.intake import Reader
 from tokengate_core.keys import ConflictingKeys
 from tokengate_core.limiter import Usage
 from tokengate_core.routing import classify
+from tokengate_core.tools import mock
 from tokengate_core.usage import Metered, StreamMeter
 
 AZURE = Azure({"gpt4o-prod": "gpt-4o", "mini": "gpt-4o-mini"})
@@ -187,3 +189,27 @@ def test_quotas_make_one_azure_dialect_per_provider_and_keyless_providers(
     assert providers["azure"].api_key == "sk-azure"
     assert providers["local"].dialect is OPENAI
     assert providers["local"].api_key is None  # keyless: nothing is set upstream
+
+
+@pytest.mark.parametrize(
+    ("path", "served"),
+    [
+        ("/openai/deployments/gpt4o-prod/chat/completions", ("chat/completions", "gpt4o-prod")),
+        ("/deployments/emb/embeddings", ("embeddings", "emb")),
+        ("/openai/v1/responses", ("responses", None)),
+        ("/openai/responses", ("responses", None)),
+        ("/v1/chat/completions", ("chat/completions", None)),
+        ("/openai/deployments/x/images/generations", (None, "x")),
+    ],
+)
+def test_the_mock_serves_azure_paths(path, served):
+    assert mock.endpoint_of(path) == served
+
+
+def test_the_mock_takes_deployment_models():
+    assert mock.parse_args(["--deployment", "a=gpt-4o", "--deployment", "b=m"]).deployments == {
+        "a": "gpt-4o",
+        "b": "m",
+    }
+    with pytest.raises(SystemExit):
+        mock.parse_args(["--deployment", "a"])
