@@ -185,7 +185,7 @@ def _provider(reader: _Reader, name: str, raw: Any) -> Provider:
     fields = {"kind", "base_url", "api_key_env", "api_key_file", "hosts", *settings}
     reader.mapping(raw, where, fields, {"base_url"})
     try:
-        dialect = DIALECTS[kind].make(**{name: raw[name] for name in settings if name in raw})
+        dialect = DIALECTS[kind].make(**{s: raw[s] for s in settings if s in raw})
     except InvalidSetting as e:
         raise reader.doc.error((*where, e.setting), str(e)) from e
     base_url = reader.string(raw["base_url"], (*where, "base_url"))

@@ -40,7 +40,7 @@ def _deployments(value: Any) -> dict[str, str]:
 class Azure:
     """One Azure provider's dialect: its deployments, each named for the model it serves."""
 
-    deployments: Mapping[str, str] = field(default_factory=dict)
+    deployments: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     name = "azure"
     served = (
