@@ -7,6 +7,8 @@ errors and waits; keys never upstream nor in saved flows; regular mode over HTTP
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import re
 import time
 
@@ -20,6 +22,9 @@ from tests.support.quotas import ALICE, BOB, key_entries
 
 CAROL = "tg-carol-secret-key"
 DAVE = "tg-dave-secret-key"
+ERIN = "tg-erin-secret-key"  # fuzzed calls whose answers report usage: books exact
+FRANK = "tg-frank-secret-key"  # fuzzed calls answered without believable usage: estimated
+FUZZ_CASES = 30  # per key
 MODEL = "claude-sonnet-4-5"
 HELLO = [{"role": "user", "content": "Hello!"}]
 WEATHER = {
@@ -44,6 +49,7 @@ def quotas_text(base_url: str, host: str) -> str:
         + proxy("claude", 1_000_000, "1m", key_entries(alice=ALICE, bob=BOB))
         + proxy("tight", 100, "1m", key_entries(carol=CAROL))
         + proxy("burst", 60, "2s", key_entries(dave=DAVE))
+        + proxy("fuzz", 100_000_000, "1d", key_entries(erin=ERIN, frank=FRANK))
     )
 
 
@@ -259,3 +265,68 @@ def test_regular_mode_over_https(tmp_path, monkeypatch):
     finally:
         gateway.stop()
         mock.process.stop()
+
+
+# Mock modes whose answers report usage (or are cut before any usage: nothing delivered), and
+# modes where the gate must estimate (its estimate is above what the mock bills).
+REPORTING_MODES = ["normal", "split", "drip", "cut", "reset-mid", "error:529", "error:429"]
+ESTIMATED_MODES = ["no-usage", "usage-negative", "usage-absurd", "usage-float", "usage-string"]
+
+
+def fuzzed_body(rng: random.Random) -> bytes:
+    """A Messages body with random blocks, sometimes odd or broken."""
+    texts = ["Hello!", "é中 " * rng.randint(1, 30), "", "\ud800", "x" * rng.randint(0, 3000)]
+    block = rng.choice(
+        [
+            {"type": "text", "text": rng.choice(texts)},
+            {"type": "tool_use", "id": "t", "name": "f", "input": {"a": rng.choice(texts)}},
+            {"type": "tool_result", "tool_use_id": "t", "content": rng.choice(texts)},
+            {"type": "document", "source": {"type": "text", "data": rng.choice(texts)}},
+            {"type": "image", "source": {"type": "base64", "data": "iVBORw0KGgo="}},
+            {"type": rng.choice(["?", 3, None])},
+        ]
+    )
+    body = {
+        "model": rng.choice([MODEL, "claude-x", 7]),
+        "max_tokens": rng.choice([1, 16, 64, 200, 0, -1, "9", None]),
+        "messages": [{"role": "user", "content": rng.choice([[block], rng.choice(texts)])}],
+        "stream": rng.choice([True, False, "yes"]),
+    }
+    if rng.random() < 0.3:
+        body["system"] = rng.choice([rng.choice(texts), [block], 5])
+    if rng.random() < 0.2:
+        body["tools"] = [WEATHER]
+        body["tool_choice"] = rng.choice([{"type": "any"}, {"type": "tool", "name": "x"}, "?"])
+    raw = json.dumps(body).encode()
+    return raw[: rng.randint(0, len(raw))] if rng.random() < 0.1 else raw
+
+
+def test_fuzzed_bodies_and_streams_leave_no_error_nor_reservation(served):
+    mock, gateway, _, _ = served
+    rng = random.Random(20261203)
+    statuses = []
+    for key, tag, modes in ((ERIN, "erin", REPORTING_MODES), (FRANK, "frank", ESTIMATED_MODES)):
+        for seed in range(FUZZ_CASES):
+            headers = {
+                "x-api-key": key,
+                "X-Mock-Mode": rng.choice(modes),
+                "X-Mock-Seed": str(seed),
+                "X-Mock-Tag": tag,
+                "content-type": "application/json",
+            }
+            request = ("POST", f"{gateway.url}/fuzz/v1/messages")
+            try:
+                with httpx.stream(*request, content=fuzzed_body(rng), headers=headers) as answer:
+                    statuses.append(answer.status_code)
+                    for _ in answer.iter_raw():
+                        pass
+            except httpx.HTTPError:
+                statuses.append(None)  # the provider cut the answer: the caller's is cut too
+    assert {200, 400} <= set(statuses)
+    delivered = mock.stats()["delivered_by_tag"]
+    for key in (ERIN, FRANK):
+        assert wait_until(lambda key=key: standing(gateway, "fuzz", key)["reserved"] == 0)
+    assert standing(gateway, "fuzz", ERIN)["used"] == delivered["erin"]
+    assert standing(gateway, "fuzz", FRANK)["used"] >= delivered["frank"] > 0
+    for bad in ("Traceback", "Addon error", "error in "):
+        assert bad not in gateway.process.output, gateway.process.output[-3000:]
