@@ -15,7 +15,9 @@ import time
 import anthropic
 import httpx
 import pytest
+from tokengate_core.tools.capture import Capture
 
+from tests.support.captures import ledger, replay
 from tests.support.leaks import flow_fields, leaks
 from tests.support.processes import PROVIDER_KEY, Gateway, Mock, self_signed, wait_until
 from tests.support.quotas import ALICE, BOB, key_entries
@@ -331,3 +333,34 @@ def test_fuzzed_bodies_and_streams_leave_no_error_nor_reservation(served):
     assert standing(gateway, "fuzz", FRANK)["used"] >= delivered["frank"] > 0
     for bad in ("Traceback", "Addon error", "error in "):
         assert bad not in gateway.process.output, gateway.process.output[-3000:]
+
+
+def test_qa_replay_of_anthropic_flows_gives_the_live_ledger(tmp_path):
+    mock = Mock.start()
+    config = tmp_path / "quotas.yaml"
+    config.write_text(quotas_text(mock.url, "127.0.0.1"), encoding="utf-8")
+    flows, live = tmp_path / "capture.flows", tmp_path / "live.jsonl"
+    gateway = Gateway.start(
+        config, f"reverse:{mock.url}", "-w", str(flows),
+        "--set", f"tokengate_ledger={live}", "--set", "store_streamed_bodies=true",
+    )  # fmt: skip
+    try:
+        alice, carol = client(gateway, ALICE), client(gateway, CAROL, "tight")
+        alice.messages.create(model=MODEL, max_tokens=30, messages=HELLO)
+        with alice.messages.stream(model=MODEL, max_tokens=25, messages=HELLO) as stream:
+            stream.until_done()
+        alice.messages.count_tokens(model=MODEL, messages=HELLO)
+        carol.messages.create(model=MODEL, max_tokens=80, messages=HELLO)
+        with pytest.raises(anthropic.RateLimitError):
+            carol.messages.create(model=MODEL, max_tokens=80, messages=HELLO)
+        with pytest.raises(anthropic.AuthenticationError):
+            client(gateway, "tg-wrong").messages.create(model=MODEL, max_tokens=5, messages=HELLO)
+    finally:
+        gateway.stop()
+        mock.process.stop()
+    replayed = tmp_path / "replayed.jsonl"
+    replay(Capture(tmp_path, [], PROVIDER_KEY, {}), replayed)  # its flows and quotas.yaml
+    lines = ledger(replayed)
+    assert all(line.pop("replay") is True for line in lines)
+    assert lines == ledger(live) and len(lines) == 6
+    assert [line["status"] for line in lines] == [200, 200, 200, 200, 429, 401]
