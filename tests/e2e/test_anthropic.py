@@ -7,19 +7,27 @@ errors and waits; keys never upstream nor in saved flows; regular mode over HTTP
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import re
 import time
 
 import anthropic
 import httpx
 import pytest
+from tokengate_core.tools.capture import Capture
 
-from tests.e2e.test_secrets import CALLER_KEYS, flow_fields, leaks
+from tests.support.captures import ledger, replay
+from tests.support.leaks import flow_fields, leaks
 from tests.support.processes import PROVIDER_KEY, Gateway, Mock, self_signed, wait_until
 from tests.support.quotas import ALICE, BOB, key_entries
 
 CAROL = "tg-carol-secret-key"
 DAVE = "tg-dave-secret-key"
+ERIN = "tg-erin-secret-key"  # fuzzed calls whose answers report usage: books exact
+FRANK = "tg-frank-secret-key"  # fuzzed calls answered without believable usage: estimated
+FUZZ_CASES = 30  # per key
+CALLER_KEYS = (ALICE, BOB, CAROL, DAVE, ERIN, FRANK)
 MODEL = "claude-sonnet-4-5"
 HELLO = [{"role": "user", "content": "Hello!"}]
 WEATHER = {
@@ -44,6 +52,7 @@ def quotas_text(base_url: str, host: str) -> str:
         + proxy("claude", 1_000_000, "1m", key_entries(alice=ALICE, bob=BOB))
         + proxy("tight", 100, "1m", key_entries(carol=CAROL))
         + proxy("burst", 60, "2s", key_entries(dave=DAVE))
+        + proxy("fuzz", 100_000_000, "1d", key_entries(erin=ERIN, frank=FRANK))
     )
 
 
@@ -224,10 +233,10 @@ def test_keys_never_upstream_nor_in_saved_flows(served):
     assert wait_until(lambda: flows.exists() and flows.stat().st_size > 0)
     provider_side = record.read_bytes()
     assert PROVIDER_KEY.encode() in provider_side  # what is searched holds the provider's key
-    assert leaks(provider_side, (*CALLER_KEYS, CAROL, DAVE)) == []
+    assert leaks(provider_side, CALLER_KEYS) == []
     saved = flows.read_bytes() + flow_fields(flows)
     assert b"/claude/v1/messages" in saved
-    assert leaks(saved, (PROVIDER_KEY, *CALLER_KEYS, CAROL, DAVE)) == []
+    assert leaks(saved, (PROVIDER_KEY, *CALLER_KEYS)) == []
 
 
 def test_regular_mode_over_https(tmp_path, monkeypatch):
@@ -259,3 +268,99 @@ def test_regular_mode_over_https(tmp_path, monkeypatch):
     finally:
         gateway.stop()
         mock.process.stop()
+
+
+# Mock modes whose answers report usage (or are cut before any usage: nothing delivered), and
+# modes where the gate must estimate (its estimate is above what the mock bills).
+REPORTING_MODES = ["normal", "split", "drip", "cut", "reset-mid", "error:529", "error:429"]
+ESTIMATED_MODES = ["no-usage", "usage-negative", "usage-absurd", "usage-float", "usage-string"]
+
+
+def fuzzed_body(rng: random.Random) -> bytes:
+    """A Messages body with random blocks, sometimes odd or broken."""
+    texts = ["Hello!", "é中 " * rng.randint(1, 30), "", "\ud800", "x" * rng.randint(0, 3000)]
+    block = rng.choice(
+        [
+            {"type": "text", "text": rng.choice(texts)},
+            {"type": "tool_use", "id": "t", "name": "f", "input": {"a": rng.choice(texts)}},
+            {"type": "tool_result", "tool_use_id": "t", "content": rng.choice(texts)},
+            {"type": "document", "source": {"type": "text", "data": rng.choice(texts)}},
+            {"type": "image", "source": {"type": "base64", "data": "iVBORw0KGgo="}},
+            {"type": rng.choice(["?", 3, None])},
+        ]
+    )
+    body = {
+        "model": rng.choice([MODEL, "claude-x", 7]),
+        "max_tokens": rng.choice([1, 16, 64, 200, 0, -1, "9", None]),
+        "messages": [{"role": "user", "content": rng.choice([[block], rng.choice(texts)])}],
+        "stream": rng.choice([True, False, "yes"]),
+    }
+    if rng.random() < 0.3:
+        body["system"] = rng.choice([rng.choice(texts), [block], 5])
+    if rng.random() < 0.2:
+        body["tools"] = [WEATHER]
+        body["tool_choice"] = rng.choice([{"type": "any"}, {"type": "tool", "name": "x"}, "?"])
+    raw = json.dumps(body).encode()
+    return raw[: rng.randint(0, len(raw))] if rng.random() < 0.1 else raw
+
+
+def test_fuzzed_bodies_and_streams_leave_no_error_nor_reservation(served):
+    mock, gateway, _, _ = served
+    rng = random.Random(20261203)
+    statuses = []
+    for key, tag, modes in ((ERIN, "erin", REPORTING_MODES), (FRANK, "frank", ESTIMATED_MODES)):
+        for seed in range(FUZZ_CASES):
+            headers = {
+                "x-api-key": key,
+                "X-Mock-Mode": rng.choice(modes),
+                "X-Mock-Seed": str(seed),
+                "X-Mock-Tag": tag,
+                "content-type": "application/json",
+            }
+            request = ("POST", f"{gateway.url}/fuzz/v1/messages")
+            try:
+                with httpx.stream(*request, content=fuzzed_body(rng), headers=headers) as answer:
+                    statuses.append(answer.status_code)
+                    for _ in answer.iter_raw():
+                        pass
+            except httpx.HTTPError:
+                statuses.append(None)  # the provider cut the answer: the caller's is cut too
+    assert {200, 400} <= set(statuses)
+    delivered = mock.stats()["delivered_by_tag"]
+    for key in (ERIN, FRANK):
+        assert wait_until(lambda key=key: standing(gateway, "fuzz", key)["reserved"] == 0)
+    assert standing(gateway, "fuzz", ERIN)["used"] == delivered["erin"]
+    assert standing(gateway, "fuzz", FRANK)["used"] >= delivered["frank"] > 0
+    for bad in ("Traceback", "Addon error", "error in "):
+        assert bad not in gateway.process.output, gateway.process.output[-3000:]
+
+
+def test_qa_replay_of_anthropic_flows_gives_the_live_ledger(tmp_path):
+    mock = Mock.start()
+    config = tmp_path / "quotas.yaml"
+    config.write_text(quotas_text(mock.url, "127.0.0.1"), encoding="utf-8")
+    flows, live = tmp_path / "capture.flows", tmp_path / "live.jsonl"
+    gateway = Gateway.start(
+        config, f"reverse:{mock.url}", "-w", str(flows),
+        "--set", f"tokengate_ledger={live}", "--set", "store_streamed_bodies=true",
+    )  # fmt: skip
+    try:
+        alice, carol = client(gateway, ALICE), client(gateway, CAROL, "tight")
+        alice.messages.create(model=MODEL, max_tokens=30, messages=HELLO)
+        with alice.messages.stream(model=MODEL, max_tokens=25, messages=HELLO) as stream:
+            stream.until_done()
+        alice.messages.count_tokens(model=MODEL, messages=HELLO)
+        carol.messages.create(model=MODEL, max_tokens=80, messages=HELLO)
+        with pytest.raises(anthropic.RateLimitError):
+            carol.messages.create(model=MODEL, max_tokens=80, messages=HELLO)
+        with pytest.raises(anthropic.AuthenticationError):
+            client(gateway, "tg-wrong").messages.create(model=MODEL, max_tokens=5, messages=HELLO)
+    finally:
+        gateway.stop()
+        mock.process.stop()
+    replayed = tmp_path / "replayed.jsonl"
+    replay(Capture(tmp_path, [], PROVIDER_KEY, {}), replayed)  # its flows and quotas.yaml
+    lines = ledger(replayed)
+    assert all(line.pop("replay") is True for line in lines)
+    assert lines == ledger(live) and len(lines) == 6
+    assert [line["status"] for line in lines] == [200, 200, 200, 200, 429, 401]

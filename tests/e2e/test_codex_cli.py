@@ -1,14 +1,11 @@
-"""OpenAI's Codex CLI behind the gate, as docs/providers.md shows it: `codex exec` streams the
-Responses API through a real mitmdump to the mock, in front of OpenAI and of Azure, and the gate
-charges what the mock billed.
-
-Codex CLI is installed with npm, once, into a cache folder (TOKENGATE_CODEX_CACHE, default
-~/.cache/tokengate/codex-VERSION); without npm the test is skipped.
+"""OpenAI's Codex CLI behind the gate, as docs/providers.md shows it: installed with npm (into
+the folder the tests keep between runs; skipped without npm), `codex exec` streams the Responses
+API through a real mitmdump to the mock, in front of OpenAI and of Azure, and the gate charges
+what the mock billed.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -19,30 +16,27 @@ from tokengate_core.keys import hash_key
 
 from tests.support.captures import ledger
 from tests.support.docblocks import ROOT, blocks_for, commands, reader_env, tool_folder, with_ports
+from tests.support.npm import npm_environment, with_npm
 from tests.support.processes import PROVIDER_KEY, Gateway, Mock, wait_until
 
 HERE = Path(__file__).resolve().relative_to(ROOT).as_posix()
-CODEX_VERSION = "0.171.0"
-CACHE = Path(
-    os.environ.get("TOKENGATE_CODEX_CACHE")
-    or Path.home() / ".cache" / "tokengate" / f"codex-{CODEX_VERSION}"
-)
 KEYS = {"team": "tg-codex-team-key-0123456789", "azure": "tg-codex-azure-key-0123456789"}
 
 
 @pytest.fixture(scope="module")
-def codex() -> Path:
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed: Codex CLI is installed with npm (node.js)")
-    binary = CACHE / "node_modules" / ".bin" / "codex"
-    if not binary.exists():
-        argv = [npm, "install", "--prefix", str(CACHE), "--no-audit", "--no-fund"]
-        run = subprocess.run(
-            [*argv, f"@openai/codex@{CODEX_VERSION}"], capture_output=True, text=True, timeout=600
-        )
-        assert run.returncode == 0, f"npm could not install Codex CLI:\n{run.stderr}"
-    return binary
+def npm_env() -> dict[str, str]:
+    return npm_environment("Codex CLI")
+
+
+def run_script(script: str, folder: Path, env: dict[str, str], timeout: float):
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def quotas_text(mock_url: str) -> str:
@@ -68,13 +62,15 @@ def tokens_used(output: str) -> int:
     return int(found[1].replace(",", ""))
 
 
-def test_codex_exec_through_the_gate(codex, tmp_path):
-    openai_block, azure_block = blocks_for(f"{HERE}::test_codex_exec_through_the_gate")
+def test_codex_exec_through_the_gate(npm_env, tmp_path):
+    install, openai_block, azure_block = blocks_for(f"{HERE}::test_codex_exec_through_the_gate")
     folder, home = tmp_path / "work", tmp_path / "home"
     folder.mkdir()
     home.mkdir()
-    env = reader_env(tool_folder(tmp_path / "bin"), home)
-    env["PATH"] = os.pathsep.join([str(codex.parent), env["PATH"]])
+    env = with_npm(reader_env(tool_folder(tmp_path / "bin"), home), npm_env)
+    if shutil.which("codex", path=npm_env["PATH"]) is None:  # installed once, then kept
+        installed = run_script(install.text, folder, env, timeout=600)
+        assert installed.returncode == 0, installed
     mock = Mock.start()
     try:
         quotas = tmp_path / "quotas.yaml"
@@ -88,14 +84,7 @@ def test_codex_exec_through_the_gate(codex, tmp_path):
                 ("azure", with_ports(azure_config(azure_block.text, openai_block), ports)),
             ):
                 mock.reset()
-                run = subprocess.run(
-                    ["bash", "-euo", "pipefail", "-c", script],
-                    cwd=folder,
-                    env={**env, "TOKENGATE_KEY": KEYS[proxy]},
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
+                run = run_script(script, folder, {**env, "TOKENGATE_KEY": KEYS[proxy]}, 120)
                 output = run.stdout + run.stderr
                 assert run.returncode == 0, output
                 assert "Lorem ipsum" in run.stdout  # the mock's answer, streamed to Codex

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,15 @@ from tests.support.docblocks import (
     tool_folder,
     with_ports,
 )
+from tests.support.npm import npm_environment, with_npm
+from tests.support.processes import Gateway, Mock, self_signed
+from tests.support.quotas import key_entries
 
 HERE = Path(__file__).resolve().relative_to(ROOT).as_posix()
 LISTENING = r"listening at \S*:(\d+)"
+# Claude Code calls home for telemetry and updates; the walkthrough needs none of it.
+QUIET_CLAUDE = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
+CLAUDE_CODE_KEY = "tg-claude-code-walkthrough-key"
 
 
 def run_block(script: str, folder, env, timeout: float) -> subprocess.CompletedProcess:
@@ -121,3 +128,67 @@ def test_replay_walkthrough(reader):
     replayed = [json.loads(line) for line in (folder / "replay.jsonl").read_text().splitlines()]
     assert replayed and all(line["replay"] for line in replayed)
     assert re.search(r"^qa +alice +gpt-4o-mini +2 ", run.stdout, re.MULTILINE), run.stdout
+
+
+@pytest.fixture(scope="module")
+def npm_env():
+    """npm installing globally into the cache folder (Claude Code: ~250 MB), quietly."""
+    return {**npm_environment("Claude Code"), **QUIET_CLAUDE}
+
+
+def test_claude_code_walkthrough(reader, terminals, npm_env):
+    install, provider, gateway, calls, claude = run_by("test_claude_code_walkthrough")
+    folder, env = reader
+    env = with_npm(env, npm_env)
+    installed = run_block(install.text, folder, env, timeout=600)
+    assert installed.returncode == 0, installed
+    (folder / "addons").symlink_to(ROOT / "addons")
+    ports = {4010: free_port(), 8080: free_port()}
+    for block in (provider, gateway):
+        terminals.append(Terminal(with_ports(block.text, ports), folder, env))
+        terminals[-1].wait_for(LISTENING)
+    run_console(calls, folder, env, ports)
+    run_console(claude, folder, env, ports)
+    ledger = (folder / ".state" / "ledger.jsonl").read_text(encoding="utf-8")
+    assert '"proxy":"claude-code","key":"laptop"' in ledger
+    assert '"endpoint":"messages","stream":true,"status":200' in ledger
+
+
+def test_claude_code_regular_mode(reader, npm_env, tmp_path):
+    """The regular-mode commands, with the mock over HTTPS standing for api.anthropic.com (the
+    test points ANTHROPIC_BASE_URL at it; Claude Code goes there through HTTPS_PROXY)."""
+    (block,) = run_by("test_claude_code_regular_mode")
+    folder, env = reader
+    if shutil.which("claude", path=npm_env["PATH"]) is None:
+        installed = run_block(
+            "npm install -g @anthropic-ai/claude-code", folder, with_npm(env, npm_env), 600
+        )
+        assert installed.returncode == 0, installed
+    pem = self_signed(tmp_path)
+    mock = Mock.start("--tls-cert", str(pem))
+    url = mock.url.replace("127.0.0.1", "localhost")
+    config = tmp_path / "quotas.yaml"
+    config.write_text(
+        "providers:\n  anthropic:\n    kind: anthropic\n"
+        f"    base_url: {url}\n    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n"
+        "    hosts: [localhost]\nproxies:\n  claude-code:\n    context: /claude-code\n"
+        "    provider: anthropic\n    token_limits:\n      total_tokens:\n"
+        "        - {count: 1000000, duration: 1h}\n    keys:\n"
+        + key_entries(laptop=CLAUDE_CODE_KEY),
+        encoding="utf-8",
+    )
+    gate = Gateway.start(
+        config, "regular",
+        "--set", f"confdir={Path(env['HOME']) / '.mitmproxy'}",
+        "--set", f"ssl_verify_upstream_trusted_ca={pem}",
+    )  # fmt: skip
+    try:
+        (folder / "claude-code.key").write_text(CLAUDE_CODE_KEY + "\n", encoding="utf-8")
+        env = {**with_npm(env, npm_env), "ANTHROPIC_BASE_URL": url}
+        run_console(block, folder, env, {8080: gate.port})
+        stats = mock.stats()
+        assert stats["by_endpoint"].get("messages", 0) >= 1 and stats["unauthorized"] == 0
+        assert "Streaming response" in gate.process.output  # the stream went through the gate
+    finally:
+        gate.stop()
+        mock.process.stop()

@@ -33,8 +33,8 @@ READ_ONLY_ENDPOINTS = ("models",)
 PROMPT_FIELDS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 # Claude's tokenizer writes up to about a third more tokens than tiktoken's o200k_base for the
-# same English or code (more for some scripts); the estimate is tiktoken's count times this, so
-# it stays above what Anthropic bills. The gate's learned correction refines it from the bills.
+# same English or code; the estimate is tiktoken's count times this, meant to stay above what
+# Anthropic bills (the static part of the estimate: it is not learned from the bills).
 PROMPT_MARGIN = 1.4
 # Framing Anthropic adds around the conversation (roles, turn markers), per message and once.
 TOKENS_PER_MESSAGE = 5
@@ -229,7 +229,7 @@ class AnthropicStream:
             message = payload.get("message")
             found = usage_of(message.get("usage")) if isinstance(message, dict) else None
             return found or so_far
-        if payload.get("type") == "message_delta" and so_far is not None:
+        if payload.get("type") == "message_delta":
             return usage_of(payload.get("usage"), so_far) or so_far
         return so_far
 

@@ -2,9 +2,9 @@
 cache figures, tool use, `max_tokens` honoured), `POST /v1/messages/count_tokens`, and the model
 list in Anthropic's shape for callers that send `anthropic-version`.
 
-The provider key is expected in `x-api-key`, as Anthropic expects it. The X-Mock-* modes of the
-OpenAI mock apply (errors, missing or broken usage, cut, split, slow, drip, reset, hang, key
-echo), with errors, its own 429 included, in Anthropic's shape and headers.
+The provider key is expected in `x-api-key` (or as a Bearer token), as Anthropic takes it. The
+X-Mock-* modes of the OpenAI mock apply (errors, missing or broken usage, cut, split, slow, drip,
+reset, hang, key echo), with errors, its own 429 included, in Anthropic's shape and headers.
 
 Its prompt count is its own rule, not the gate's estimate (a gate never sees the provider's
 tokenizer): every text (system, message blocks, tool definitions as JSON) counted in cl100k_base,
@@ -252,6 +252,11 @@ class Answering:
         self.body = body
         self.tag = handler.headers.get("X-Mock-Tag", "-")
 
+    def key_received(self) -> str:
+        """The key in `x-api-key`, or else as a Bearer token (the Python SDK's form)."""
+        headers = self.handler.headers
+        return headers.get("x-api-key") or headers.get("Authorization", "").removeprefix("Bearer ")
+
     def error(self, status: int, message: str, *extra: tuple[str, str]) -> None:
         if status == 429:
             extra = (*RATE_LIMIT_HEADERS, *extra)
@@ -261,7 +266,7 @@ class Answering:
         handler = self.handler
         name = endpoint_of(handler._path)
         expected = self.server.expect_key
-        authorized = expected is None or handler.headers.get("x-api-key") == expected
+        authorized = expected is None or self.key_received() == expected
         endpoint = name if name in (MESSAGES, COUNT_TOKENS) else None
         self.server.stats.record(handler._path, endpoint, handler.headers, self.body, authorized)
         self.server.write_record(handler.command, handler.path, handler.headers, self.raw)
@@ -336,7 +341,7 @@ class Answering:
     def echo_key(self, mode: Mode) -> None:
         """The key received, echoed: in header `x-echo-key` and a 401's message, or (a stream)
         in an event written in small pieces."""
-        received = self.handler.headers.get("x-api-key", "")
+        received = self.key_received()
         echo = ("x-echo-key", received)
         if not (isinstance(self.body, dict) and self.body.get("stream") is True):
             self.error(401, f"invalid x-api-key: {received}", echo)
