@@ -21,6 +21,7 @@ from tests.support.captures import ledger, replay
 from tests.support.leaks import flow_fields, leaks
 from tests.support.processes import PROVIDER_KEY, Gateway, Mock, self_signed, wait_until
 from tests.support.quotas import ALICE, BOB, key_entries
+from tests.support.redirect import to_the_mock
 
 CAROL = "tg-carol-secret-key"
 DAVE = "tg-dave-secret-key"
@@ -239,25 +240,11 @@ def test_keys_never_upstream_nor_in_saved_flows(served):
     assert leaks(saved, (PROVIDER_KEY, *CALLER_KEYS)) == []
 
 
-# Regular mode's upstream connection to api.anthropic.com goes to the mock instead (the gate
-# still sees, routes and governs the host api.anthropic.com).
-TO_THE_MOCK = """
-class ToTheMock:
-    def server_connect(self, data):
-        if data.server.address and data.server.address[0] == "api.anthropic.com":
-            data.server.address = ("127.0.0.1", {port})
-
-
-addons = [ToTheMock()]
-"""
-
-
 def test_regular_mode_with_api_anthropic_com_in_hosts(tmp_path, monkeypatch):
     mock = Mock.start("--tls-cert", str(self_signed(tmp_path)))
     config = tmp_path / "quotas.yaml"
     config.write_text(quotas_text("https://api.anthropic.com", "api.anthropic.com"), "utf-8")
-    redirect = tmp_path / "to_the_mock.py"
-    redirect.write_text(TO_THE_MOCK.format(port=mock.url.rsplit(":", 1)[1]), encoding="utf-8")
+    redirect = to_the_mock(tmp_path, "api.anthropic.com", mock.url)
     confdir = tmp_path / "confdir"
     gateway = Gateway.start(
         config, "regular", "-s", str(redirect),
