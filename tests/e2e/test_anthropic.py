@@ -21,6 +21,7 @@ from tests.support.captures import ledger, replay
 from tests.support.leaks import flow_fields, leaks
 from tests.support.processes import PROVIDER_KEY, Gateway, Mock, self_signed, wait_until
 from tests.support.quotas import ALICE, BOB, key_entries
+from tests.support.redirect import to_the_mock
 
 CAROL = "tg-carol-secret-key"
 DAVE = "tg-dave-secret-key"
@@ -239,32 +240,33 @@ def test_keys_never_upstream_nor_in_saved_flows(served):
     assert leaks(saved, (PROVIDER_KEY, *CALLER_KEYS)) == []
 
 
-def test_regular_mode_over_https(tmp_path, monkeypatch):
-    pem = self_signed(tmp_path)
-    mock = Mock.start("--tls-cert", str(pem))
-    url = mock.url.replace("127.0.0.1", "localhost")
+def test_regular_mode_with_api_anthropic_com_in_hosts(tmp_path, monkeypatch):
+    mock = Mock.start("--tls-cert", str(self_signed(tmp_path)))
     config = tmp_path / "quotas.yaml"
-    config.write_text(quotas_text(url, "localhost"), encoding="utf-8")
+    config.write_text(quotas_text("https://api.anthropic.com", "api.anthropic.com"), "utf-8")
+    redirect = to_the_mock(tmp_path, "api.anthropic.com", mock.url)
     confdir = tmp_path / "confdir"
     gateway = Gateway.start(
-        config, "regular",
-        "--set", f"confdir={confdir}", "--set", f"ssl_verify_upstream_trusted_ca={pem}",
+        config, "regular", "-s", str(redirect),
+        "--set", f"confdir={confdir}", "--set", "ssl_insecure=true",  # the mock's own cert
     )  # fmt: skip
     try:
-        for variable in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        for variable in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "ANTHROPIC_BASE_URL"):
             monkeypatch.delenv(variable, raising=False)
         monkeypatch.setenv("HTTPS_PROXY", gateway.url)
         monkeypatch.setenv("SSL_CERT_FILE", str(confdir / "mitmproxy-ca-cert.pem"))
-        carol = anthropic.Anthropic(base_url=url, api_key=CAROL, max_retries=0)
+        carol = anthropic.Anthropic(api_key=CAROL, max_retries=0)  # Anthropic's own URL
+        assert str(carol.base_url).startswith("https://api.anthropic.com")
         with carol.messages.stream(model=MODEL, max_tokens=80, messages=HELLO) as stream:
             assert stream.get_final_message().usage.output_tokens == 80
         with pytest.raises(anthropic.RateLimitError):
             carol.messages.create(model=MODEL, max_tokens=50, messages=HELLO)
         with pytest.raises(anthropic.AuthenticationError):
-            anthropic.Anthropic(base_url=url, api_key="tg-wrong", max_retries=0).models.list()
+            anthropic.Anthropic(api_key="tg-wrong", max_retries=0).models.list()
         stats = mock.stats()
         assert stats["requests"] == 1 and stats["authorized"] == 1
         assert stats["last_request"]["headers"]["x-api-key"] == PROVIDER_KEY
+        assert stats["last_request"]["headers"]["Host"] == "api.anthropic.com"
     finally:
         gateway.stop()
         mock.process.stop()

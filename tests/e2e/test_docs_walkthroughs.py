@@ -26,6 +26,7 @@ from tests.support.docblocks import (
 from tests.support.npm import npm_environment, with_npm
 from tests.support.processes import Gateway, Mock, self_signed
 from tests.support.quotas import key_entries
+from tests.support.redirect import to_the_mock
 
 HERE = Path(__file__).resolve().relative_to(ROOT).as_posix()
 LISTENING = r"listening at \S*:(\d+)"
@@ -155,8 +156,8 @@ def test_claude_code_walkthrough(reader, terminals, npm_env):
 
 
 def test_claude_code_regular_mode(reader, npm_env, tmp_path):
-    """The regular-mode commands, with the mock over HTTPS standing for api.anthropic.com (the
-    test points ANTHROPIC_BASE_URL at it; Claude Code goes there through HTTPS_PROXY)."""
+    """The regular-mode commands: Claude Code on Anthropic's own URL through HTTPS_PROXY, the
+    gate's upstream connection to api.anthropic.com sent to the mock."""
     (block,) = run_by("test_claude_code_regular_mode")
     folder, env = reader
     if shutil.which("claude", path=npm_env["PATH"]) is None:
@@ -164,31 +165,29 @@ def test_claude_code_regular_mode(reader, npm_env, tmp_path):
             "npm install -g @anthropic-ai/claude-code", folder, with_npm(env, npm_env), 600
         )
         assert installed.returncode == 0, installed
-    pem = self_signed(tmp_path)
-    mock = Mock.start("--tls-cert", str(pem))
-    url = mock.url.replace("127.0.0.1", "localhost")
+    mock = Mock.start("--tls-cert", str(self_signed(tmp_path)))
     config = tmp_path / "quotas.yaml"
     config.write_text(
         "providers:\n  anthropic:\n    kind: anthropic\n"
-        f"    base_url: {url}\n    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n"
-        "    hosts: [localhost]\nproxies:\n  claude-code:\n    context: /claude-code\n"
+        "    base_url: https://api.anthropic.com\n    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n"
+        "    hosts: [api.anthropic.com]\nproxies:\n  claude-code:\n    context: /claude-code\n"
         "    provider: anthropic\n    token_limits:\n      total_tokens:\n"
         "        - {count: 1000000, duration: 1h}\n    keys:\n"
         + key_entries(laptop=CLAUDE_CODE_KEY),
         encoding="utf-8",
     )
     gate = Gateway.start(
-        config, "regular",
+        config, "regular", "-s", str(to_the_mock(tmp_path, "api.anthropic.com", mock.url)),
         "--set", f"confdir={Path(env['HOME']) / '.mitmproxy'}",
-        "--set", f"ssl_verify_upstream_trusted_ca={pem}",
+        "--set", "ssl_insecure=true",  # the mock's own certificate, not api.anthropic.com's
     )  # fmt: skip
     try:
         (folder / "claude-code.key").write_text(CLAUDE_CODE_KEY + "\n", encoding="utf-8")
-        env = {**with_npm(env, npm_env), "ANTHROPIC_BASE_URL": url}
+        env = {k: v for k, v in with_npm(env, npm_env).items() if k != "ANTHROPIC_BASE_URL"}
         run_console(block, folder, env, {8080: gate.port})
         stats = mock.stats()
         assert stats["by_endpoint"].get("messages", 0) >= 1 and stats["unauthorized"] == 0
-        assert "Streaming response" in gate.process.output  # the stream went through the gate
+        assert stats["last_request"]["headers"]["Host"] == "api.anthropic.com"
     finally:
         gate.stop()
         mock.process.stop()

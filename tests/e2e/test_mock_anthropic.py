@@ -31,12 +31,14 @@ def test_its_own_prompt_rule_cache_and_max_tokens(sdk, fresh_mock):
     assert first.usage.cache_creation_input_tokens == cached
     assert first.usage.input_tokens == 7 + 4 + math.ceil((cl100k + 2) * 1.25) - cached
     assert (first.usage.output_tokens, first.stop_reason) == (7, "max_tokens")
-    second = sdk.messages.create(model=MODEL, max_tokens=500, system=system, messages=hello)
+    later = [*hello, {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Go on"}]
+    second = sdk.messages.create(model=MODEL, max_tokens=500, system=system, messages=later)
     assert second.usage.cache_read_input_tokens == cached
     assert second.usage.cache_creation_input_tokens == 0
     assert (second.usage.output_tokens, second.stop_reason) == (120, "end_turn")
     counted = sdk.messages.count_tokens(model=MODEL, system=system, messages=hello)
     assert counted.input_tokens == first.usage.input_tokens + cached
+    assert second.usage.input_tokens > first.usage.input_tokens  # the later turns, uncached
     assert fresh_mock.stats()["tokens_served"]["completion"] == 127
 
 

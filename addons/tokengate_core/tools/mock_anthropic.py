@@ -84,12 +84,16 @@ def serves(path: str, headers: Any) -> bool:
     return name.split("/")[0] == "models" and "anthropic-version" in headers
 
 
+def _listed(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
 def _blocks(body: dict) -> Iterator[tuple[Any, bool]]:
     """(content, marked for caching) for each prompt block in cache order: tools, system,
     messages."""
-    for tool in body.get("tools") or ():
+    for tool in _listed(body.get("tools")):
         yield _dumps(tool), isinstance(tool, dict) and "cache_control" in tool
-    for holder in (body.get("system"), *(m for m in body.get("messages") or ())):
+    for holder in (body.get("system"), *_listed(body.get("messages"))):
         content = holder.get("content") if isinstance(holder, dict) else holder
         if isinstance(content, list):
             for block in content:
@@ -108,8 +112,7 @@ def _count(value: Any) -> float:
 
 def billed_prompt(body: dict) -> tuple[int, int]:
     """(prompt tokens, of which the cached prefix) by the mock's own rule (module docstring)."""
-    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
-    fixed = TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE * len(messages)
+    fixed = TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE * len(_listed(body.get("messages")))
     total, cached = 0.0, 0.0
     for content, marked in _blocks(body):
         total += _count(content)
@@ -119,10 +122,14 @@ def billed_prompt(body: dict) -> tuple[int, int]:
 
 
 def _cache_split(body: dict, cached: int) -> tuple[int, int]:
-    """(cache writes, cache reads) of this request's cached prefix."""
+    """(cache writes, cache reads) of this request's cached prefix: read when an earlier
+    request wrote the same prefix (up to its last `cache_control` block), written otherwise."""
     if not cached:
         return 0, 0
-    digest = hashlib.sha256(_dumps([b for b, marked in _blocks(body)]).encode()).hexdigest()
+    blocks = list(_blocks(body))
+    last = max(index for index, (_, marked) in enumerate(blocks) if marked)
+    prefix = _dumps([content for content, _ in blocks[: last + 1]])
+    digest = hashlib.sha256(prefix.encode()).hexdigest()
     with _cache_lock:
         seen = digest in _cache
         _cache.add(digest)
