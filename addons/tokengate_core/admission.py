@@ -133,6 +133,7 @@ class AdmissionControl:
             upstream_path=found.upstream_path,
             endpoint=found.endpoint,
             allowed=found.allowed,
+            deployment=found.deployment,
         )
         refusal = self._caller(flow, found, note) or await self._headers(flow, note)
         if refusal is not None:
@@ -221,14 +222,25 @@ class AdmissionControl:
         if streamed is None and len(raw) > self.gate.max_body:  # chunked, no content-length
             return answers.too_large(proxy.dialect, self.gate.max_body)
         endpoint = note["endpoint"]
-        reader = Reader(proxy.dialect, self.gate.exact_prompt_chars, proxy.completion_reserve)
+        reader = Reader(
+            proxy.dialect,
+            self.gate.exact_prompt_chars,
+            proxy.completion_reserve,
+            note.get("deployment"),
+        )
         read = await reader.read(raw, endpoint)
         admitted = self.quota.holding(flow.id)
         if isinstance(read, Unreadable):
             # Not sent yet: refuse it rather than guess its cost.
-            return None if admitted else answers.unreadable_body(proxy.dialect, read.reason)
+            if admitted:
+                return None
+            if read.parsed:
+                return answers.invalid_body(proxy.dialect, read.reason)
+            return answers.unreadable_body(proxy.dialect, read.reason)
         terms = read.terms
         note.update(model=terms.model, stream=terms.stream, prompt_estimate=read.prompt)
+        if terms.model_from_answer:
+            note["model_from_answer"] = True
         if admitted is not None:  # admitted at requestheaders; now its estimate is known
             return None
         prompt = self.gate.estimates.prompt(proxy.provider.name, terms.model, read.prompt)

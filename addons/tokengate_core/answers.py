@@ -48,9 +48,13 @@ def _state_item(status: LimitStatus, now: float) -> str:
 
 
 def ratelimit_headers(
-    statuses: Sequence[LimitStatus], now: float, headline: LimitStatus | None = None
+    statuses: Sequence[LimitStatus],
+    now: float,
+    headline: LimitStatus | None = None,
+    dialect: Dialect | None = None,
 ) -> dict[str, str]:
-    """Headers describing every window; `headline` (default: the most restrictive) leads."""
+    """Headers describing every window; `headline` (default: the most restrictive) leads; the
+    caller's `dialect` adds its API's own rate-limit headers."""
     headline = headline or most_restrictive(statuses)
     if headline is None:
         return {}
@@ -69,6 +73,8 @@ def ratelimit_headers(
             headers[f"x-ratelimit-limit-{kind}"] = str(chosen.limit.count)
             headers[f"x-ratelimit-remaining-{kind}"] = str(chosen.remaining)
             headers[f"x-ratelimit-reset-{kind}"] = go_duration(chosen.reset_at - now)
+    if dialect is not None:
+        headers.update(dialect.ratelimit_headers(statuses, now))
     return headers
 
 
@@ -162,6 +168,11 @@ def unreadable_body(dialect: Dialect, reason: str) -> http.Response:
     )
 
 
+def invalid_body(dialect: Dialect, reason: str) -> http.Response:
+    """400 for a body its API would refuse (a required field missing): it never leaves."""
+    return invalid_request(dialect, 400, reason, None)
+
+
 def too_large(dialect: Dialect, limit: int) -> http.Response:
     return invalid_request(
         dialect,
@@ -180,7 +191,7 @@ def rate_limited(
     limit = blocking.limit
     unit = "requests" if limit.dimension == REQUESTS else limit.dimension.replace("_", " ")
     used = blocking.used + blocking.reserved
-    headers = ratelimit_headers(decision.statuses, now, headline=blocking)
+    headers = ratelimit_headers(decision.statuses, now, headline=blocking, dialect=dialect)
     headers["X-RateLimit-Quota"] = limit.name
     if decision.retry_at is None:
         message = (

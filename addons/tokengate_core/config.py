@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .dialects import DEFAULT as DEFAULT_DIALECT
-from .dialects import DIALECTS, Dialect
+from .dialects import DIALECTS, OPENAI, Dialect, InvalidSetting
 from .keys import KeyRing, StoredKey, parse_timestamp
 from .limiter import REQUESTS, TOKEN_DIMENSIONS, Limit
 from .yamlsource import Document, Where, load_document
@@ -35,9 +35,9 @@ _HOST = re.compile(r"^[A-Za-z0-9.:\[\]-]+$")
 class Provider:
     name: str
     base_url: str
-    api_key: str = field(repr=False)
+    api_key: str | None = field(repr=False)  # None: keyless (nothing is set upstream)
     hosts: tuple[str, ...]
-    dialect: Dialect = DIALECTS[DEFAULT_DIALECT]  # the API it speaks (`kind:`)
+    dialect: Dialect = OPENAI  # the API it speaks (`kind:`)
 
     @property
     def base_path(self) -> str:
@@ -178,23 +178,29 @@ class _Reader:
 def _provider(reader: _Reader, name: str, raw: Any) -> Provider:
     where: Where = ("providers", name)
     reader.name(name, where)
-    reader.mapping(
-        raw, where, {"kind", "base_url", "api_key_env", "api_key_file", "hosts"}, {"base_url"}
-    )
-    kind = raw.get("kind", DEFAULT_DIALECT)
-    if kind not in DIALECTS:
+    kind = raw.get("kind", DEFAULT_DIALECT) if isinstance(raw, dict) else DEFAULT_DIALECT
+    if not isinstance(kind, str) or kind not in DIALECTS:
         raise reader.doc.error(
             (*where, "kind"), f"kind must be one of {', '.join(DIALECTS)}, not {kind!r}"
         )
+    settings = DIALECTS[kind].settings
+    fields = {"kind", "base_url", "api_key_env", "api_key_file", "hosts", *settings}
+    reader.mapping(raw, where, fields, {"base_url"})
+    try:
+        dialect = DIALECTS[kind].make(**{s: raw[s] for s in settings if s in raw})
+    except InvalidSetting as e:
+        raise reader.doc.error((*where, e.setting), str(e)) from e
     base_url = reader.string(raw["base_url"], (*where, "base_url"))
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise reader.doc.error((*where, "base_url"), f"base_url {base_url!r} is not an http(s) URL")
-    if ("api_key_env" in raw) == ("api_key_file" in raw):
+    if "api_key_env" in raw and "api_key_file" in raw:
         raise reader.doc.error(
-            where, f"provider {name!r} needs exactly one of api_key_env, api_key_file"
+            where, f"provider {name!r} takes one of api_key_env, api_key_file (none: keyless)"
         )
-    if not reader.check_credentials:
+    if "api_key_env" not in raw and "api_key_file" not in raw:
+        api_key = None  # a keyless server (a local model): nothing is set upstream
+    elif not reader.check_credentials:
         api_key = ""
     elif "api_key_env" in raw:
         api_key = reader.environment(raw["api_key_env"], (*where, "api_key_env"))
@@ -224,7 +230,7 @@ def _provider(reader: _Reader, name: str, raw: Any) -> Provider:
         base_url=base_url.rstrip("/"),
         api_key=api_key,
         hosts=tuple(hosts),
-        dialect=DIALECTS[kind],
+        dialect=dialect,
     )
 
 
@@ -477,6 +483,7 @@ def load_config(path: Path | str, check_credentials: bool = True) -> Config:
         name: _provider(reader, name, raw)
         for name, raw in reader.entries(top["providers"], ("providers",)).items()
     }
+    _one_dialect_per_host(doc, providers)
     seen_keys: dict[str, tuple[str, str]] = {}
     proxies = {
         name: _proxy(reader, name, raw, providers, seen_keys)
@@ -495,6 +502,22 @@ def load_config(path: Path | str, check_credentials: bool = True) -> Config:
         contexts[proxy.context] = proxy.name
     store = _store(reader, top.get("store"))
     return Config(path=Path(path), providers=providers, proxies=proxies, store=store)
+
+
+def _one_dialect_per_host(doc: Document, providers: dict[str, Provider]) -> None:
+    """Regular mode reads a host's traffic in the dialect of its first proxy: providers that
+    share a host must speak the same API."""
+    speakers: dict[str, Provider] = {}
+    for provider in providers.values():
+        for index, host in enumerate(provider.hosts):
+            other = speakers.setdefault(host, provider)
+            if other.dialect.name != provider.dialect.name:
+                raise doc.error(
+                    ("providers", provider.name, "hosts", index),
+                    f"host {host} is also a host of provider {other.name!r}, which speaks "
+                    f"{other.dialect.name}, not {provider.dialect.name}: a host's traffic is "
+                    "read in one API",
+                )
 
 
 def _path_prefix(prefix: str, path: str) -> bool:

@@ -104,8 +104,11 @@ class CredentialSwap:
         callers = Destination.of(flow.request)
         if note["upstream_path"] is not None:
             provider_destination(proxy.provider.base_url, note["upstream_path"]).apply(flow.request)
-        flow.request.headers.update(proxy.dialect.provider_auth(proxy.provider.api_key))
-        redacted = proxy.dialect.provider_auth(REDACTED_KEY)
+        api_key = proxy.provider.api_key
+        # A keyless provider (a local server) gets no credential at all: the caller's is gone.
+        redacted = proxy.dialect.provider_auth(REDACTED_KEY) if api_key else {}
+        if api_key:
+            flow.request.headers.update(proxy.dialect.provider_auth(api_key))
         self._carrying_key[flow.id] = (flow, callers, redacted)
         self._answering[flow.id] = self._secrets_in_force()
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import tokens
 from .dialects import Dialect, RequestTerms
+from .dialects.base import BodyRefused
 
 # Bodies longer than this are parsed and tokenized off the event loop, so other flows keep
 # moving (tiktoken releases the GIL while it encodes).
@@ -30,6 +31,7 @@ class Unreadable:
     """Why the gate cannot read a body (it is refused with 400 rather than guessed at)."""
 
     reason: str
+    parsed: bool = False  # the JSON was read; the API itself would refuse the body (`reason`)
 
 
 NOT_JSON = Unreadable("it is not valid JSON (in UTF-8)")
@@ -50,25 +52,32 @@ def json_object(raw: bytes) -> dict[str, Any] | Unreadable:
 
 @dataclass(frozen=True)
 class Reader:
-    """How one proxy reads a request: its dialect, the exact tokenizing budget, and the
-    completion reserve for a request that sets no max tokens."""
+    """How one proxy reads a request: its dialect, the exact tokenizing budget, the
+    completion reserve for a request that sets no max tokens, and the deployment its path
+    named (Azure)."""
 
     dialect: Dialect
     exact_chars: int
     default_reserve: int
+    deployment: str | None = None
 
     def terms(self, endpoint: str, body: dict[str, Any]) -> RequestTerms:
-        return self.dialect.terms(endpoint, body, self.default_reserve)
+        """Raises BodyRefused for a body the API would refuse."""
+        return self.dialect.terms(endpoint, body, self.default_reserve, self.deployment)
 
     def estimate(
         self, endpoint: str, body: dict[str, Any], terms: RequestTerms | None = None
     ) -> Read | Unreadable:
-        """A body nested too deeply to walk is as unreadable to the gate as bad JSON."""
+        """A body nested too deeply to walk is as unreadable to the gate as bad JSON; one its
+        API would refuse is refused as it would be."""
         try:
+            terms = terms or self.terms(endpoint, body)
             prompt = self.dialect.estimate_prompt(endpoint, body, self.exact_chars)
         except RecursionError:
             return TOO_DEEP
-        return Read(body, terms or self.terms(endpoint, body), prompt)
+        except BodyRefused as e:
+            return Unreadable(str(e), parsed=True)
+        return Read(body, terms, prompt)
 
     def parse_and_estimate(self, raw: bytes, endpoint: str) -> Read | Unreadable:
         """The body, its terms and its prompt estimate, or why the gate cannot read it."""
@@ -83,6 +92,9 @@ class Reader:
         body = json_object(raw)
         if isinstance(body, Unreadable):
             return body
-        terms = self.terms(endpoint, body)
+        try:
+            terms = self.terms(endpoint, body)
+        except BodyRefused as e:
+            return Unreadable(str(e), parsed=True)
         await tokens.load_for(terms.model)
         return self.estimate(endpoint, body, terms)

@@ -52,7 +52,8 @@ class Metering:
             return  # buffered: settled in `response`, with headers from the real usage
         # Headers leave before usage is known: they show the budget with this reservation.
         now = self.gate.clock()
-        answers.put_headers(flow.response, answers.ratelimit_headers(admission.statuses, now))
+        headers = answers.ratelimit_headers(admission.statuses, now, dialect=admission.dialect)
+        answers.put_headers(flow.response, headers)
         meter = self._meters[flow.id] = self._meter(note, admission, is_sse)
         flow.response.stream = meter if is_sse else meter.passing
 
@@ -81,7 +82,9 @@ class Metering:
             flow, note, charge(status, metered, admission.reservation.amounts, False)
         )
         if meter is None and metered is not None:
-            headers = answers.ratelimit_headers(statuses, self.gate.clock())
+            headers = answers.ratelimit_headers(
+                statuses, self.gate.clock(), dialect=admission.dialect
+            )
             headers["X-Tokens-Consumed"] = str(metered.usage.total)
             answers.put_headers(flow.response, headers)
 

@@ -32,12 +32,14 @@ class Notes(TypedDict, total=False):
     upstream_path: str | None  # reverse mode: path and query below the provider's base URL
     endpoint: str | None  # the metered endpoint, the gate's usage endpoint, or None
     allowed: bool  # metered or read-only; anything else is refused with 403
+    deployment: str | None  # the deployment the path names (Azure), or None
     # Who is calling (set once the key is found).
     proxy: str
     key: str  # the key's name, never the key
     key_fp: str  # the first 16 hex digits of the key's stored SHA-256: which entry it was
     # The request.
-    model: str | None
+    model: str | None  # for limits, the ledger and prices
+    model_from_answer: bool  # the answer's model replaces `model` (an unnamed Azure deployment)
     stream: bool
     prompt_estimate: int
     max_tokens_requested: int  # the caller's own max tokens, where the gate lowered them
@@ -99,10 +101,13 @@ def note_windows(notes: Notes, statuses: Iterable[LimitStatus] | None) -> None:
 
 
 def note_usage(notes: Notes, metered: Metered | None) -> None:
-    """What the call was charged (None: nothing)."""
+    """What the call was charged (None: nothing); the model the answer named, where that is
+    the call's model (`model_from_answer`)."""
     if metered is None:
         notes["usage"] = None
         return
+    if metered.model and notes.get("model_from_answer"):
+        notes["model"] = metered.model
     notes["usage"] = {
         "prompt_tokens": metered.usage.prompt,
         "completion_tokens": metered.usage.completion,

@@ -11,6 +11,7 @@ and same quotas give the same ledger, byte for byte.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from mitmproxy import http
@@ -102,13 +103,20 @@ class CaptureReplay:
         if endpoint == USAGE_ENDPOINT:
             notes.note_windows(note, await self.quota.standing(proxy, key.name))
             return captured, "answered"
-        reader = Reader(proxy.dialect, self.gate.exact_prompt_chars, proxy.completion_reserve)
+        reader = Reader(
+            proxy.dialect,
+            self.gate.exact_prompt_chars,
+            proxy.completion_reserve,
+            saved.get("deployment"),
+        )
         read = await reader.read(flow.request.get_content(strict=False) or b"", endpoint)
         if isinstance(read, Unreadable):  # as live: refused before it leaves
             return 400, "invalid"
         proxy.dialect.as_requested(read.body, saved)
         terms = reader.terms(endpoint, read.body)
         note.update(model=terms.model, stream=terms.stream)
+        if terms.model_from_answer:
+            note["model_from_answer"] = True
         learned = self.quota.gate.estimates
         prompt = learned.prompt(proxy.provider.name, terms.model, read.prompt)
         demand = Demand(prompt, terms.completion_reserve)
@@ -173,11 +181,11 @@ def reported_live(metered: Metered, saved: dict[str, Any]) -> Metered:
     prompt, completion = live.get("prompt_tokens"), live.get("completion_tokens")
     if live.get("source") != "reported" or not (whole_number(prompt) and whole_number(completion)):
         return metered
-    return Metered(Usage(prompt, completion), "reported")
+    return Metered(Usage(prompt, completion), "reported", metered.model)
 
 
 def capped(metered: Metered, completion: int) -> Metered:
     """The usage of an answer whose max tokens would have been lowered to `completion`."""
     if metered.usage.completion <= completion:
         return metered
-    return Metered(Usage(metered.usage.prompt, completion), metered.source)
+    return replace(metered, usage=Usage(metered.usage.prompt, completion))

@@ -15,7 +15,7 @@ from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from .config import Config, Proxy
-from .dialects import Dialect
+from .dialects import Dialect, Endpoint
 
 # A caller's own standing (GET): answered by the gate itself, never forwarded.
 USAGE_ENDPOINT = "tokengate/usage"
@@ -27,15 +27,16 @@ class Route:
     upstream_path: str | None  # reverse mode: path and query to append to the provider's base URL
     endpoint: str | None  # the dialect's metered endpoint, or USAGE_ENDPOINT
     allowed: bool  # metered, or a read-only endpoint; anything else is refused by the gate
+    deployment: str | None = None  # a deployment the path names (Azure)
 
 
-def classify(method: str, path: str, dialect: Dialect) -> tuple[str | None, bool]:
-    """(metered endpoint, allowed) for a path below the provider's base."""
+def classify(method: str, path: str, dialect: Dialect) -> Endpoint:
+    """What a path below the provider's base asks of it."""
     segments = [unquote(part) for part in path.split("?", 1)[0].split("/") if part]
     if any(part in (".", "..") or "/" in part for part in segments):
-        return None, False  # the provider would resolve it to a path we did not check
+        return Endpoint(None, False)  # the provider would resolve it to a path we did not check
     if method == "GET" and "/".join(segments).removeprefix("v1/") == USAGE_ENDPOINT:
-        return USAGE_ENDPOINT, True
+        return Endpoint(USAGE_ENDPOINT, True)
     return dialect.classify(method, segments)
 
 

@@ -46,8 +46,8 @@ def masked(length: int) -> bytes:
 class Secrets:
     """The provider keys of one configuration: where each is found, and what replaces it."""
 
-    def __init__(self, keys: dict[str, str]) -> None:
-        """`keys`: provider name -> api_key (empty for a keyless provider: nothing to hide)."""
+    def __init__(self, keys: dict[str, str | None]) -> None:
+        """`keys`: provider name -> api_key (None for a keyless provider: nothing to hide)."""
         owners: dict[bytes, str] = {}
         for provider, key in keys.items():
             for form in forms(key) if key else ():

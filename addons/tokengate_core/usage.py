@@ -8,7 +8,7 @@ generated text itself and marks the figure `estimated`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import tokens
@@ -21,6 +21,7 @@ from .sse import Event, SSEParser
 class Metered:
     usage: Usage
     source: str  # "reported" or "estimated"
+    model: str | None = None  # the model the answer named, if it named one
 
 
 def json_payload(data: str | bytes) -> Any:
@@ -34,11 +35,11 @@ def json_payload(data: str | bytes) -> Any:
 def meter_json(dialect: Dialect, body: bytes, prompt_estimate: int, model: str | None) -> Metered:
     """Usage of a complete (non-streamed) JSON response."""
     payload = json_payload(body)
-    reported = dialect.usage(payload)
+    reported, answered = dialect.usage(payload), dialect.model(payload)
     if reported is not None:
-        return Metered(reported, "reported")
+        return Metered(reported, "reported", answered)
     completion = tokens.count_text(dialect.text(payload), model)
-    return Metered(Usage(prompt_estimate, completion), "estimated")
+    return Metered(Usage(prompt_estimate, completion), "estimated", answered)
 
 
 def charge(
@@ -75,6 +76,8 @@ class StreamMeter:
         self.model = model
         self.parser = SSEParser()
         self.reported: Usage | None = None
+        self.answered: str | None = None  # the model the stream names
+        self.final = False  # the reported usage is the whole answer's (not only its prompt)
         self._text: list[str] = []
         self._result: Metered | None = None  # what result() computed, until more arrives
         self.bytes_seen = 0
@@ -93,9 +96,13 @@ class StreamMeter:
         return followed
 
     def _event(self, payload: Any, ends: str | None) -> None:
+        if self.answered is None and (answered := self.events.model(payload)):
+            self.answered = answered
+            self._result = None
         usage = self.events.usage(payload, self.reported)
         if usage is not self.reported:
             self.reported = usage
+            self.final = self.events.final(payload)
             self._result = None
         if ends:
             self.done = True
@@ -113,10 +120,16 @@ class StreamMeter:
         return self._result
 
     def _compute(self) -> Metered:
-        if self.reported is not None:
-            return Metered(self.reported, "reported")
+        reported = self.reported
+        if reported is not None and self.final:
+            return Metered(reported, "reported", self.answered)
         completion = tokens.count_text("".join(self._text), self.model)
-        return Metered(Usage(self.prompt_estimate, completion), "estimated")
+        if reported is None:
+            return Metered(Usage(self.prompt_estimate, completion), "estimated", self.answered)
+        # Cut before the answer's usage came: the prompt as reported, what streamed counted.
+        return Metered(
+            replace(reported, completion=completion, reasoning=0), "estimated", self.answered
+        )
 
 
 class BoundedBuffer:

@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -31,6 +30,7 @@ from tokengate_core.gate import Gate
 from tokengate_core.metering import Metering
 from tokengate_core.quota import buckets_for
 
+from tests.support.fuzzing import Harness, json_scalar, json_value, odd_numbers, short_text
 from tests.support.harness import ODD_PATHS, gate_in_harness, reverse_flow, through
 from tests.support.processes import PROVIDER_KEY, credentials_in, write_quotas
 from tests.support.quotas import ALICE, BOB, key_entries
@@ -51,24 +51,6 @@ PROXIES = (
 )
 GATE_STATUSES = {400, 401, 403, 404, 413, 429, 503}
 KEY_OF_CONTEXT = {"/p": ("p", "alice", ALICE), "/small": ("small", "bob", BOB)}
-
-
-@dataclass(repr=False)  # a failing case prints its arguments: not the gate's whole config
-class Harness:
-    loop: asyncio.AbstractEventLoop
-    gate: Gate
-    addons: list
-    admission: AdmissionControl
-    metering: Metering
-    swap: CredentialSwap
-    now: list[float]
-    cases: int = 0
-    # Forwarded flows that came with each credential header: the check that the header is gone
-    # from what leaves means something only where it was there.
-    forwarded_with: Counter = field(default_factory=Counter)
-
-    def run(self, coro):
-        return self.loop.run_until_complete(coro)
 
 
 @pytest.fixture
@@ -105,16 +87,6 @@ def harness_free(tmp_path, monkeypatch):
 
 # --- requests ---------------------------------------------------------------------------------
 
-odd_numbers = st.one_of(
-    st.none(),
-    st.integers(-5, 200),
-    st.integers(-(10**20), 10**20),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.booleans(),
-    st.text(max_size=5),
-    st.lists(st.integers(), max_size=2),
-)
-short_text = st.text(max_size=40)
 content = st.one_of(
     short_text,
     st.none(),
@@ -141,12 +113,6 @@ message = st.one_of(
     short_text,
     st.none(),
     st.lists(short_text, max_size=2),
-)
-json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), short_text)
-json_value = st.recursive(
-    json_scalar,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(short_text, inner, max_size=3),
-    max_leaves=10,
 )
 plain_message = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system"]), "content": short_text}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,16 @@ from tests.support.docblocks import (
     tool_folder,
     with_ports,
 )
+from tests.support.npm import npm_environment, with_npm
+from tests.support.processes import Gateway, Mock, self_signed
+from tests.support.quotas import key_entries
+from tests.support.redirect import to_the_mock
 
 HERE = Path(__file__).resolve().relative_to(ROOT).as_posix()
 LISTENING = r"listening at \S*:(\d+)"
+# Claude Code calls home for telemetry and updates; the walkthrough needs none of it.
+QUIET_CLAUDE = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
+CLAUDE_CODE_KEY = "tg-claude-code-walkthrough-key"
 
 
 def run_block(script: str, folder, env, timeout: float) -> subprocess.CompletedProcess:
@@ -121,3 +129,65 @@ def test_replay_walkthrough(reader):
     replayed = [json.loads(line) for line in (folder / "replay.jsonl").read_text().splitlines()]
     assert replayed and all(line["replay"] for line in replayed)
     assert re.search(r"^qa +alice +gpt-4o-mini +2 ", run.stdout, re.MULTILINE), run.stdout
+
+
+@pytest.fixture(scope="module")
+def npm_env():
+    """npm installing globally into the cache folder (Claude Code: ~250 MB), quietly."""
+    return {**npm_environment("Claude Code"), **QUIET_CLAUDE}
+
+
+def test_claude_code_walkthrough(reader, terminals, npm_env):
+    install, provider, gateway, calls, claude = run_by("test_claude_code_walkthrough")
+    folder, env = reader
+    env = with_npm(env, npm_env)
+    installed = run_block(install.text, folder, env, timeout=600)
+    assert installed.returncode == 0, installed
+    (folder / "addons").symlink_to(ROOT / "addons")
+    ports = {4010: free_port(), 8080: free_port()}
+    for block in (provider, gateway):
+        terminals.append(Terminal(with_ports(block.text, ports), folder, env))
+        terminals[-1].wait_for(LISTENING)
+    run_console(calls, folder, env, ports)
+    run_console(claude, folder, env, ports)
+    ledger = (folder / ".state" / "ledger.jsonl").read_text(encoding="utf-8")
+    assert '"proxy":"claude-code","key":"laptop"' in ledger
+    assert '"endpoint":"messages","stream":true,"status":200' in ledger
+
+
+def test_claude_code_regular_mode(reader, npm_env, tmp_path):
+    """The regular-mode commands: Claude Code on Anthropic's own URL through HTTPS_PROXY, the
+    gate's upstream connection to api.anthropic.com sent to the mock."""
+    (block,) = run_by("test_claude_code_regular_mode")
+    folder, env = reader
+    if shutil.which("claude", path=npm_env["PATH"]) is None:
+        installed = run_block(
+            "npm install -g @anthropic-ai/claude-code", folder, with_npm(env, npm_env), 600
+        )
+        assert installed.returncode == 0, installed
+    mock = Mock.start("--tls-cert", str(self_signed(tmp_path)))
+    config = tmp_path / "quotas.yaml"
+    config.write_text(
+        "providers:\n  anthropic:\n    kind: anthropic\n"
+        "    base_url: https://api.anthropic.com\n    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n"
+        "    hosts: [api.anthropic.com]\nproxies:\n  claude-code:\n    context: /claude-code\n"
+        "    provider: anthropic\n    token_limits:\n      total_tokens:\n"
+        "        - {count: 1000000, duration: 1h}\n    keys:\n"
+        + key_entries(laptop=CLAUDE_CODE_KEY),
+        encoding="utf-8",
+    )
+    gate = Gateway.start(
+        config, "regular", "-s", str(to_the_mock(tmp_path, "api.anthropic.com", mock.url)),
+        "--set", f"confdir={Path(env['HOME']) / '.mitmproxy'}",
+        "--set", "ssl_insecure=true",  # the mock's own certificate, not api.anthropic.com's
+    )  # fmt: skip
+    try:
+        (folder / "claude-code.key").write_text(CLAUDE_CODE_KEY + "\n", encoding="utf-8")
+        env = {k: v for k, v in with_npm(env, npm_env).items() if k != "ANTHROPIC_BASE_URL"}
+        run_console(block, folder, env, {8080: gate.port})
+        stats = mock.stats()
+        assert stats["by_endpoint"].get("messages", 0) >= 1 and stats["unauthorized"] == 0
+        assert stats["last_request"]["headers"]["Host"] == "api.anthropic.com"
+    finally:
+        gate.stop()
+        mock.process.stop()

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import base64
 import hmac
-from pathlib import Path
-from urllib.parse import quote
 
 import httpx
 import openai
 import pytest
-from mitmproxy import io
 from tokengate_core import keys
 from tokengate_core.commands import status_report
 from tokengate_core.keys import KeyRing, StoredKey, hash_key
 
 from tests.support.harness import gate_in_harness
+from tests.support.leaks import flow_fields, leaks
 from tests.support.processes import PROVIDER_KEY, Gateway, Mock, write_quotas
 from tests.support.quotas import ALICE, BOB, key_entries
 
@@ -39,25 +37,7 @@ PROXIES = (
 HELLO = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
 
 
-def forms(secret: str) -> list[bytes]:
-    """The ways a secret could be written down: as is, base64 (alone or as a Bearer header),
-    URL-encoded."""
-    raw = secret.encode()
-    return [
-        raw,
-        base64.b64encode(raw),
-        base64.b64encode(b"Bearer " + raw),
-        base64.urlsafe_b64encode(raw),
-        quote(secret, safe="").encode(),
-        quote(f"Bearer {secret}", safe="").encode(),
-    ]
-
-
 CALLER_KEYS = (ALICE, BOB, GUESS)
-
-
-def leaks(data: bytes, secrets: tuple[str, ...]) -> list[str]:
-    return [secret for secret in secrets for form in forms(secret) if form in data]
 
 
 def drive(gateway: Gateway) -> list[bytes]:
@@ -108,23 +88,6 @@ def drive(gateway: Gateway) -> list[bytes]:
     while call(BOB, {**HELLO, "max_tokens": 100}).status_code != 429:
         assert len(received) < 40  # the 400-token budget runs out within a few calls
     return received
-
-
-def flow_fields(path: Path) -> bytes:
-    """Everything a saved flow holds, decoded: URL, headers, bodies (decompressed), metadata,
-    comment, error."""
-    parts: list[str] = []
-    with path.open("rb") as file:
-        for flow in io.FlowReader(file).stream():
-            request, response = flow.request, flow.response
-            parts += [request.url, str(request.headers.fields), str(flow.metadata), flow.comment]
-            parts.append((request.get_content(strict=False) or b"").decode("latin-1"))
-            if response is not None:
-                parts.append(str(response.headers.fields))
-                parts.append((response.get_content(strict=False) or b"").decode("latin-1"))
-            if flow.error:
-                parts.append(flow.error.msg)
-    return "\n".join(parts).encode("utf-8", "surrogateescape")
 
 
 def test_no_secret_in_any_artefact_of_a_full_run(tmp_path):

@@ -35,12 +35,18 @@ ODD_PATHS = [
 
 @contextlib.contextmanager
 def gate_in_harness(
-    folder: Path, monkeypatch: pytest.MonkeyPatch, proxies: str, gate: Gate | None = None
+    folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    proxies: str,
+    gate: Gate | None = None,
+    kind: str = "openai",
 ) -> Iterator[tuple[taddons.context, Gate, list]]:
     """`gate` (a fresh one by default) with every addon, configured from `proxies` (the
-    `proxies:` entries of a quotas.yaml, provider `mock` at a made-up address)."""
+    `proxies:` entries of a quotas.yaml, provider `mock` of `kind` at a made-up address)."""
     monkeypatch.setenv("TOKENGATE_TEST_PROVIDER_KEY", PROVIDER_KEY)
-    quotas = write_quotas(folder / "quotas.yaml", "http://upstream.test:8000", proxies)
+    quotas = write_quotas(
+        folder / "quotas.yaml", "http://upstream.test:8000", proxies, f"    kind: {kind}\n"
+    )
     gate = gate or Gate()
     addons = pipeline.build(gate)
     with taddons.context(*addons) as tctx:

@@ -48,8 +48,9 @@ class Mock:
     url: str  # http(s)://127.0.0.1:PORT
 
     @classmethod
-    def start(cls, *args: str) -> Mock:
-        argv = [*MOCK, "--expect-key", PROVIDER_KEY, *args]
+    def start(cls, *args: str, key: str | None = PROVIDER_KEY) -> Mock:
+        """The mock provider, requiring `key` (None: any, or none, as a keyless server)."""
+        argv = [*MOCK, *(("--expect-key", key) if key else ()), *args]
         process = Child(argv, _env(), ready=re.compile(r"listening at (\S+)"), cwd=ROOT)
         match = process.wait_ready(STARTUP_SECONDS)
         if match is None:

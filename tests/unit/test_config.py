@@ -343,13 +343,23 @@ BROKEN = {
         replaced(
             "  mock-openai:\n", "  mock-openai:  # HERE\n    api_key_file: secrets/provider.key\n"
         ),
-        "needs exactly one of api_key_env, api_key_file",
+        "takes one of api_key_env, api_key_file (none: keyless)",
     ),
-    "neither api_key_env nor api_key_file": (
-        replaced("  filed:\n", "  filed:  # HERE\n").replace(
-            "    api_key_file: secrets/provider.key\n", ""
-        ),
-        "needs exactly one of api_key_env, api_key_file",
+    "deployments on an openai provider": (
+        replaced("  filed:\n", "  filed:\n    deployments: {prod: gpt-4o}  # HERE\n"),
+        "unknown field 'deployments'",
+    ),
+    "deployments not a mapping": (
+        replaced("  filed:\n", "  filed:\n    kind: azure\n    deployments: [prod]  # HERE\n"),
+        "deployments must map deployment names to model names",
+    ),
+    "a deployment's model not text": (
+        replaced("  filed:\n", "  filed:\n    kind: azure\n    deployments: {prod: 4}  # HERE\n"),
+        "deployments must map deployment names to model names",
+    ),
+    "unknown kind": (
+        replaced("  filed:\n", "  filed:\n    kind: bedrock  # HERE\n"),
+        "not 'bedrock'",
     ),
     "missing key file": (
         replaced("api_key_file: secrets/provider.key", "api_key_file: secrets/gone.key  # HERE"),

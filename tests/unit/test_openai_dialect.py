@@ -24,7 +24,7 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
 
 
 def test_openai_is_the_default_dialect():
-    assert DEFAULT == "openai" and isinstance(DIALECTS[DEFAULT], OpenAI)
+    assert DEFAULT == "openai" and isinstance(DIALECTS[DEFAULT].make(), OpenAI)
     assert OPENAI.name == "openai"
 
 

@@ -33,4 +33,4 @@ from tokengate_core.routing import classify
     ],
 )
 def test_classify(method, path, expected):
-    assert classify(method, path, OpenAI()) == expected
+    assert classify(method, path, OpenAI()) == (*expected, None)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-from ..limiter import Usage
+from ..limiter import LimitStatus, Usage
+
+
+class BodyRefused(ValueError):
+    """A readable body the API itself would refuse (a required field missing): the gate answers
+    400 with this message before it costs anything."""
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,25 @@ class RequestTerms:
     model: str | None
     stream: bool
     completion_reserve: int  # tokens the completion(s) may use, to reserve before sending
+    # The model the answer names, where it names one, replaces `model` once the call is over
+    # (an Azure deployment not named in `deployments`: its own name until then).
+    model_from_answer: bool = False
+
+
+class Endpoint(NamedTuple):
+    """What a request path asks of the provider, as the dialect reads it."""
+
+    name: str | None  # the metered endpoint, or None
+    allowed: bool  # metered, or read-only (the model list); anything else is refused
+    deployment: str | None = None  # a deployment the path names (Azure), mapped to a model
+
+
+class InvalidSetting(ValueError):
+    """A provider's dialect setting in quotas.yaml is wrong: which one, and why."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(reason)
+        self.setting = setting
 
 
 class StreamEvents(Protocol):
@@ -24,8 +48,15 @@ class StreamEvents(Protocol):
     def usage(self, payload: Any, so_far: Usage | None) -> Usage | None:
         """Usage known after this event (reported figures only), given what was known before."""
 
+    def final(self, payload: Any) -> bool:
+        """The usage this event reports is the whole answer's; before such an event, a stream
+        cut short is charged the reported prompt plus the tokenizer count of what streamed."""
+
     def text(self, payload: Any) -> str:
         """Generated text the event carries (counted when the provider reports no usage)."""
+
+    def model(self, payload: Any) -> str | None:
+        """The model the event names, if it names one."""
 
     def ends(self, data: str, payload: Any) -> str | None:
         """'before' when the event ends the stream and the gate's trailer goes before it,
@@ -48,12 +79,20 @@ class Dialect(Protocol):
     def provider_auth(self, api_key: str) -> dict[str, str]:
         """Headers that carry the provider's key upstream."""
 
-    def classify(self, method: str, segments: list[str]) -> tuple[str | None, bool]:
-        """(metered endpoint, allowed) for a path below the provider's base, given as decoded
-        segments; allowed but unmetered is a read-only endpoint such as the model list."""
+    def classify(self, method: str, segments: list[str]) -> Endpoint:
+        """What a path below the provider's base asks, given as decoded segments; allowed but
+        unmetered is a read-only endpoint such as the model list."""
 
-    def terms(self, endpoint: str, body: dict[str, Any], default_reserve: int) -> RequestTerms:
-        """Model, streaming and the completion reserve of a request body."""
+    def terms(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        default_reserve: int,
+        deployment: str | None = None,
+    ) -> RequestTerms:
+        """Model (for limits and prices), streaming and the completion reserve of a request,
+        from its body and the deployment its path named (see `classify`); raises BodyRefused
+        for a body the API would refuse."""
 
     def estimate_prompt(self, endpoint: str, body: dict[str, Any], exact_chars: int) -> int:
         """Prompt tokens the provider will bill, estimated before sending (an upper bound
@@ -73,5 +112,21 @@ class Dialect(Protocol):
     def text(self, payload: Any) -> str:
         """Generated text of a complete JSON answer."""
 
+    def model(self, payload: Any) -> str | None:
+        """The model a complete JSON answer names, if it names one."""
+
     def error_body(self, message: str, type_: str, code: str | None) -> bytes:
         """An error answer in this API's own shape, so its SDKs raise their usual errors."""
+
+    def ratelimit_headers(self, statuses: Sequence[LimitStatus], now: float) -> dict[str, str]:
+        """The API's own rate-limit headers for the gate's limits, beside the gate's."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A dialect as quotas.yaml's `kind:` names it: the provider fields it reads beyond the
+    common ones, and how a provider's entry makes it (`make(**settings)`, which raises
+    InvalidSetting for a bad one)."""
+
+    make: Callable[..., Dialect]
+    settings: tuple[str, ...] = ()

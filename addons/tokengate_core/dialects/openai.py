@@ -5,13 +5,13 @@ embeddings and responses are metered; the model list is read-only; everything el
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .. import keys, tokens
-from ..limiter import Usage, whole_number
+from ..limiter import LimitStatus, Usage, whole_number
 from ..tokens import PromptCounter
-from .base import RequestTerms
+from .base import Endpoint, RequestTerms
 
 # Endpoints whose answers report token usage (POST).
 METERED_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
@@ -250,6 +250,17 @@ def generated_text(payload: Any) -> str:
     return "".join(parts)
 
 
+def answered_model(payload: Any) -> str | None:
+    """The model an answer or a stream event names (the Responses API's events wrap it)."""
+    if not isinstance(payload, dict):
+        return None
+    model = payload.get("model")
+    if isinstance(model, str) and model:
+        return model
+    response = payload.get("response")
+    return answered_model(response) if isinstance(response, dict) else None
+
+
 def is_done(data: str) -> bool:
     return data.strip() == "[DONE]"
 
@@ -276,8 +287,14 @@ class OpenAIStream:
     def usage(self, payload: Any, so_far: Usage | None) -> Usage | None:
         return reported_usage(payload) or so_far
 
+    def final(self, payload: Any) -> bool:
+        return True  # usage comes once, whole
+
     def text(self, payload: Any) -> str:
         return generated_text(payload)
+
+    def model(self, payload: Any) -> str | None:
+        return answered_model(payload)
 
     def ends(self, data: str, payload: Any) -> str | None:
         if is_done(data):
@@ -304,16 +321,23 @@ class OpenAI:
     def provider_auth(self, api_key: str) -> dict[str, str]:
         return {"authorization": f"Bearer {api_key}"}
 
-    def classify(self, method: str, segments: list[str]) -> tuple[str | None, bool]:
+    def classify(self, method: str, segments: list[str]) -> Endpoint:
         if segments[:1] == ["v1"]:
             segments = segments[1:]
         name = "/".join(segments)
         if method == "POST" and name in METERED_ENDPOINTS:
-            return name, True
+            return Endpoint(name, True)
         read_only = bool(segments) and segments[0] in READ_ONLY_ENDPOINTS and len(segments) <= 2
-        return None, method == "GET" and read_only
+        return Endpoint(None, method == "GET" and read_only)
 
-    def terms(self, endpoint: str, body: dict[str, Any], default_reserve: int) -> RequestTerms:
+    def terms(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        default_reserve: int,
+        deployment: str | None = None,
+    ) -> RequestTerms:
+        """The model is the body's (OpenAI's paths name no deployment)."""
         return RequestTerms(
             model_of(body),
             body.get("stream") is True,
@@ -357,6 +381,15 @@ class OpenAI:
     def text(self, payload: Any) -> str:
         return generated_text(payload)
 
+    def model(self, payload: Any) -> str | None:
+        return answered_model(payload)
+
     def error_body(self, message: str, type_: str, code: str | None) -> bytes:
         payload = {"error": {"message": message, "type": type_, "param": None, "code": code}}
         return json.dumps(payload).encode()
+
+    def ratelimit_headers(self, statuses: Sequence[LimitStatus], now: float) -> dict[str, str]:
+        return {}  # the gate's x-ratelimit-* headers are OpenAI's own
+
+
+OPENAI = OpenAI()  # stateless: every provider of kind openai shares it

@@ -12,6 +12,10 @@ tokens served, and per ``X-Mock-Tag`` how many tokens actually left, cut answers
 ``POST /mock/reset`` zeroes it. ``--record FILE`` appends every request received (method, path,
 headers, body) as a JSON line.
 ``GET /v1/models`` lists a few models, as OpenAI's API does, so ``client.models.list()`` works.
+Azure OpenAI's paths are served too (``/openai/deployments/{deployment}/...``,
+``/openai/v1/...``; the key in ``api-key`` or as a Bearer token): a deployment answers with the
+model ``--deployment NAME=MODEL`` gives it, else with its own name. Anthropic's Messages API is
+served too (``mock_anthropic.py``).
 
     tokengate-mock --port 0 --expect-key sk-provider
 """
@@ -117,10 +121,19 @@ Event = tuple[str | None, str]  # (SSE event name, data line)
 DONE: Event = (None, "[DONE]")
 
 
-def endpoint_of(path: str) -> str | None:
-    """The API endpoint a path names, with or without the /v1 prefix."""
-    name = path.strip("/").removeprefix("v1/")
-    return name if name in ENDPOINTS else None
+AZURE_DEPLOYMENT = re.compile(r"(?:openai/)?deployments/([^/]+)/(.+)")
+
+
+def api_name(path: str) -> str:
+    """A path without its API prefix: /v1 (OpenAI), /openai and /openai/v1 (Azure)."""
+    return path.strip("/").removeprefix("openai/").removeprefix("v1/")
+
+
+def endpoint_of(path: str) -> tuple[str | None, str | None]:
+    """(the API endpoint a path names, the Azure deployment it names)."""
+    deployment = AZURE_DEPLOYMENT.fullmatch(path.strip("/"))
+    name = deployment[2] if deployment else api_name(path)
+    return (name if name in ENDPOINTS else None), (deployment[1] if deployment else None)
 
 
 def model_object(model: str) -> dict:
@@ -130,7 +143,7 @@ def model_object(model: str) -> dict:
 def models_reply(path: str) -> tuple[int, dict] | None:
     """`GET /v1/models` and `GET /v1/models/{id}` in OpenAI's shape: (status, body), or None for
     a path that is not about models."""
-    name = path.strip("/").removeprefix("v1/")
+    name = api_name(path)
     if name == "models":
         return 200, {"object": "list", "data": [model_object(model) for model in MODELS]}
     model = name.removeprefix("models/")
@@ -562,9 +575,17 @@ class MockHandler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (ValueError, RecursionError):  # nested too deeply: as unreadable as bad JSON
             body = None
-        endpoint = endpoint_of(self._path)
+        from tokengate_core.tools import mock_anthropic  # it builds on this module
+
+        if mock_anthropic.serves(self._path, self.headers):
+            mock_anthropic.answer(self, raw, body)
+            return
+        endpoint, deployment = endpoint_of(self._path)
         expected = self.server.expect_key
-        authorized = expected is None or self.headers.get("Authorization") == f"Bearer {expected}"
+        authorized = expected is None or (
+            self.headers.get("Authorization") == f"Bearer {expected}"
+            or self.headers.get("api-key") == expected  # Azure's header
+        )
         self.server.stats.record(self._path, endpoint, self.headers, body, authorized)
         self.server.write_record(self.command, self.path, self.headers, raw)
         models = models_reply(self._path) if self.command == "GET" else None
@@ -601,10 +622,12 @@ class MockHandler(BaseHTTPRequestHandler):
                 billed = billed_prompt(endpoint, body, mode.prompt_rule)
                 self.server.stats.add_delivered(tag, billed)
             else:
-                self._answer(endpoint, body, mode)
+                self._answer(endpoint, body, mode, deployment)
 
-    def _answer(self, endpoint: str, body: dict, mode: Mode) -> None:
+    def _answer(self, endpoint: str, body: dict, mode: Mode, deployment: str | None) -> None:
         model = body.get("model") if isinstance(body.get("model"), str) else None
+        if deployment is not None:  # Azure: the deployment decides, whatever the body says
+            model = self.server.deployments.get(deployment, deployment)
         prompt = billed_prompt(endpoint, body, mode.prompt_rule)
         report_usage = mode.name != "no-usage"
         tag = self.headers.get("X-Mock-Tag", "-")
@@ -821,6 +844,7 @@ class MockServer(ThreadingHTTPServer):
         ssl_context: ssl.SSLContext | None,
         quiet: bool,
         record: str | None = None,
+        deployments: dict[str, str] | None = None,
     ) -> None:
         self._record = None  # set before binding: a failed bind calls server_close()
         super().__init__((host, port), MockHandler)
@@ -833,6 +857,7 @@ class MockServer(ThreadingHTTPServer):
         self.completion_tokens = completion_tokens
         self.stream_delay = stream_delay
         self.quiet = quiet
+        self.deployments = deployments or {}  # Azure deployment -> the model it answers with
         self.stats = Stats()
         self.scheme = "http"
         if ssl_context:
@@ -881,6 +906,7 @@ def serve(
     tls_key: str | None = None,
     quiet: bool = False,
     record: str | None = None,
+    deployments: dict[str, str] | None = None,
 ) -> tuple[MockServer, threading.Thread]:
     """Start the mock on a background thread; stop it with shutdown() then server_close()."""
     ssl_context = None
@@ -899,6 +925,7 @@ def serve(
         ssl_context=ssl_context,
         quiet=quiet,
         record=record,
+        deployments=deployments,
     )
     # A short poll interval makes shutdown() return promptly.
     thread = threading.Thread(
@@ -937,8 +964,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--expect-key",
         default=os.environ.get("TOKENGATE_MOCK_PROVIDER_KEY"),
-        help="provider key to require as a Bearer token (default: $TOKENGATE_MOCK_PROVIDER_KEY;"
-        " unset: accept anything)",
+        help="provider key to require, as a Bearer token or in api-key "
+        "(default: $TOKENGATE_MOCK_PROVIDER_KEY; unset: accept anything)",
     )
     parser.add_argument("--tls-cert", help="PEM certificate: serve HTTPS")
     parser.add_argument("--tls-key", help="PEM private key (default: in --tls-cert)")
@@ -962,11 +989,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quiet", action="store_true", help="no request log on stderr")
     parser.add_argument("--record", help="append every request received to this file (JSONL)")
+    parser.add_argument(
+        "--deployment",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL",
+        help="Azure: the model a deployment answers with (default: the deployment's name)",
+    )
     args = parser.parse_args(argv)
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
     if args.completion_tokens < 0:
         parser.error("--completion-tokens must not be negative")
+    deployments = [entry.partition("=") for entry in args.deployment]
+    if not all(name and model for name, _, model in deployments):
+        parser.error("--deployment takes NAME=MODEL")
+    args.deployments = {name: model for name, _, model in deployments}
     return args
 
 
@@ -988,6 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
             tls_key=args.tls_key,
             quiet=args.quiet,
             record=args.record,
+            deployments=args.deployments,
         )
     except OSError as e:
         print(f"tokengate-mock: {cannot_listen(args.host, args.port, e)}", file=sys.stderr)
