@@ -16,6 +16,7 @@ from .dialects import DEFAULT as DEFAULT_DIALECT
 from .dialects import DIALECTS, Dialect
 from .keys import KeyRing, StoredKey, parse_timestamp
 from .limiter import REQUESTS, TOKEN_DIMENSIONS, Limit
+from .prices import Price, PriceError, parse_price
 from .yamlsource import Document, Where, load_document
 
 SCOPES = ("key", "proxy")
@@ -83,6 +84,7 @@ class Config:
     providers: dict[str, Provider]
     proxies: dict[str, Proxy]
     store: StoreSpec
+    prices: dict[str, Price] = field(default_factory=dict)  # `prices:`, by model name or glob
 
     def summary(self, replay: bool = False) -> str:
         """One short line per proxy, for the log at start and after a reload; `replay`: for QA
@@ -423,6 +425,19 @@ def _store(reader: _Reader, raw: Any) -> StoreSpec:
     return StoreSpec("redis", url=url, reservation_timeout=timeout)
 
 
+def _prices(reader: _Reader, raw: Any) -> dict[str, Price]:
+    """The `prices:` entry: USD per 1M tokens by model name (or glob), before the bundled table."""
+    prices = {}
+    for model, entry in reader.entries(raw, ("prices",)).items():
+        where: Where = ("prices", model)
+        reader.string(model, where)
+        try:
+            prices[model] = parse_price(entry)
+        except PriceError as e:
+            raise reader.doc.error((*where, e.field) if e.field else where, str(e)) from None
+    return prices
+
+
 def load_config(path: Path | str, check_credentials: bool = True) -> Config:
     """Read and validate a quotas file; raises ConfigError naming file, line and reason.
 
@@ -432,7 +447,9 @@ def load_config(path: Path | str, check_credentials: bool = True) -> Config:
     """
     doc = load_document(path)
     reader = _Reader(doc, check_credentials)
-    top = reader.mapping(doc.data, (), {"providers", "proxies", "store"}, {"providers", "proxies"})
+    top = reader.mapping(
+        doc.data, (), {"providers", "proxies", "store", "prices"}, {"providers", "proxies"}
+    )
     providers = {
         name: _provider(reader, name, raw)
         for name, raw in reader.entries(top["providers"], ("providers",)).items()
@@ -454,7 +471,8 @@ def load_config(path: Path | str, check_credentials: bool = True) -> Config:
                 )
         contexts[proxy.context] = proxy.name
     store = _store(reader, top.get("store"))
-    return Config(path=Path(path), providers=providers, proxies=proxies, store=store)
+    prices = _prices(reader, top.get("prices"))
+    return Config(path=Path(path), providers=providers, proxies=proxies, store=store, prices=prices)
 
 
 def _path_prefix(prefix: str, path: str) -> bool:
