@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -255,3 +256,23 @@ print("genai_prices" in sys.modules)
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     ).stdout.split()
     assert out == ["False", "False", "True"]
+
+
+def test_the_figures_script_runs(tmp_path):
+    """docs/prices.md's figures come from a script: it runs as shown and prints each one."""
+    from tests.support.docblocks import ROOT, blocks_for
+
+    (block,) = blocks_for("tests/unit/test_prices.py::test_the_figures_script_runs")
+    command = block.text.split("#")[0].strip().replace("python", sys.executable, 1)
+    run = subprocess.run(
+        [*command.split(), "--calls", "200", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": f"{ROOT / 'addons'}:{ROOT}", "PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout)
+    assert 5 < figures["import_mb"] < 100
+    assert figures["lookup_and_cost_us"] < figures["calc_price_us"]
