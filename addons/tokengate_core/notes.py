@@ -42,6 +42,7 @@ class Notes(TypedDict, total=False):
     prompt_estimate: int
     max_tokens_requested: int  # the caller's own max tokens, where the gate lowered them
     max_tokens_lowered_to: int
+    max_tokens_added: bool  # a strict proxy set the max tokens the caller had not
     usage_injected: bool  # the gate asked a stream for usage; the caller did not
     # The decision.
     answered_by_gate: int  # status of the answer the gate made itself (never forwarded)
@@ -52,6 +53,7 @@ class Notes(TypedDict, total=False):
     remaining: dict[str, int]  # what each limit has left, by name
     # The outcome.
     usage: Charged | None  # what the call was charged; None: nothing
+    cost_micro_usd: int  # what the call cost in micro-dollars, where its model's price is known
     scrubbed: bool  # the provider's answer carried a provider key, replaced before it left
     audited: bool  # its ledger line is written
 

@@ -10,6 +10,7 @@ the window is whole again shows.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -27,6 +28,7 @@ SPENT = [Charge(1000.25, 60, True), Charge(1010.5, 40, True)]
 NOW = 1020.0
 
 OPENAI = OpenAI()
+PROXY = SimpleNamespace(name="p", scope="key")
 
 
 def refused(charges, demand: Demand, now: float = NOW, lim=TOTAL_100):
@@ -36,7 +38,7 @@ def refused(charges, demand: Demand, now: float = NOW, lim=TOTAL_100):
 
 
 def answer_to(decision, now: float = NOW, requested: int = 30):
-    answer = answers.rate_limited(OPENAI, decision, now, "p", requested)
+    answer = answers.rate_limited(OPENAI, decision, now, PROXY, Demand(requested, 0))
     return answer, json.loads(answer.content)["error"]
 
 
@@ -148,7 +150,7 @@ def test_429_of_a_request_limit_names_requests():
     decision = refused([Charge(1000.5, 1, False)] * 3, Demand(5, 0), lim=REQUESTS_3)
     answer, error = answer_to(decision, requested=5)
     assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
-    assert "on requests per 1m (requests-1m): limit 3, used 3" in error["message"]
+    assert "on requests per 1m (requests-1m): limit 3, used 3, requested 1" in error["message"]
     assert answer.headers["X-RateLimit-Quota"] == "requests-1m"
     assert answer.headers["x-ratelimit-remaining-requests"] == "0"
     assert "x-ratelimit-remaining-tokens" not in answer.headers

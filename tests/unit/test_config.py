@@ -382,11 +382,11 @@ BROKEN = {
     ),
     "token_limits with unknown dimension": (
         replaced("      prompt_tokens:\n", "      input_tokens:  # HERE\n"),
-        "unknown field 'input_tokens'",
+        "unknown dimension 'input_tokens'",
     ),
     "requests is not a token dimension": (
         replaced("      prompt_tokens:\n", "      requests:  # HERE\n"),
-        "unknown field 'requests'",
+        "unknown dimension 'requests'",
     ),
     "empty limit list": (
         replaced("    request_limits:\n", "    request_limits: []  # HERE\n").replace(
