@@ -19,10 +19,14 @@ if TYPE_CHECKING:
 META = "tokengate"
 
 
-class Charged(TypedDict):
+class Charged(TypedDict, total=False):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Parts of the counts above that providers price apart (absent from older captures).
+    cached_prompt_tokens: int  # prompt tokens read from the provider's cache
+    cache_write_tokens: int  # prompt tokens written to it
+    reasoning_tokens: int  # completion tokens spent on hidden reasoning
     source: str  # "reported" by the provider, or "estimated" by the gate's tokenizer
 
 
@@ -52,6 +56,7 @@ class Notes(TypedDict, total=False):
     remaining: dict[str, int]  # what each limit has left, by name
     # The outcome.
     usage: Charged | None  # what the call was charged; None: nothing
+    cost_micro_usd: int  # what the call cost, in micro-dollars, where the gate priced it
     scrubbed: bool  # the provider's answer carried a provider key, replaced before it left
     audited: bool  # its ledger line is written
 
@@ -106,5 +111,8 @@ def note_usage(notes: Notes, metered: Metered | None) -> None:
         "prompt_tokens": metered.usage.prompt,
         "completion_tokens": metered.usage.completion,
         "total_tokens": metered.usage.total,
+        "cached_prompt_tokens": metered.usage.cached_prompt,
+        "cache_write_tokens": metered.usage.cache_write,
+        "reasoning_tokens": metered.usage.reasoning,
         "source": metered.source,
     }
