@@ -102,6 +102,8 @@ def entry(flow: http.HTTPFlow, state: Notes, status: int | None, decision: str) 
         "remaining": state.get("remaining", {}),
         "limits": state.get("limits", {}),
     }
+    if "service_tier" in usage:  # the answer named the tier it was served (and billed) at
+        line["service_tier"] = usage["service_tier"]
     if "cost_micro_usd" in state:  # the gate priced the call (a proxy with a budget)
         line["cost_usd"] = usd(state["cost_micro_usd"])
     if "max_tokens_lowered_to" in state:  # the completion was bounded by what was left

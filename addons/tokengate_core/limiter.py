@@ -93,6 +93,7 @@ class Usage:
     cached_prompt: int = 0  # prompt tokens read from the provider's prompt cache
     cache_write: int = 0  # prompt tokens written to the provider's prompt cache
     reasoning: int = 0  # completion tokens spent on hidden reasoning
+    service_tier: str | None = None  # the tier the answer says it was served at (prices.py)
 
     @property
     def total(self) -> int:

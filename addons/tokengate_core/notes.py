@@ -27,6 +27,7 @@ class Charged(TypedDict, total=False):
     cached_prompt_tokens: int  # prompt tokens read from the provider's cache
     cache_write_tokens: int  # prompt tokens written to it
     reasoning_tokens: int  # completion tokens spent on hidden reasoning
+    service_tier: str  # the tier the answer says it was served at, where it says so
     source: str  # "reported" by the provider, or "estimated" by the gate's tokenizer
 
 
@@ -116,3 +117,5 @@ def note_usage(notes: Notes, metered: Metered | None) -> None:
         "reasoning_tokens": metered.usage.reasoning,
         "source": metered.source,
     }
+    if metered.usage.service_tier is not None:
+        notes["usage"]["service_tier"] = metered.usage.service_tier

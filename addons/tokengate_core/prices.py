@@ -95,9 +95,10 @@ def cost(usage: Usage, price: Price, service_tier: str | None = None) -> int:
 
     Cached prompt tokens and cache writes are parts of the prompt, priced at their own rates;
     the rest of the prompt at the input rate; the completion, reasoning tokens included (they are
-    part of it), at the output rate: no token is priced twice.
+    part of it), at the output rate: no token is priced twice. The rates are those of the
+    service tier the answer named (`usage.service_tier`, unless `service_tier` is given).
     """
-    price = price.under(service_tier).at(usage.prompt)
+    price = price.under(service_tier or usage.service_tier).at(usage.prompt)
     fresh = max(0, usage.prompt - usage.cached_prompt - usage.cache_write)
     total = (
         fresh * price.input

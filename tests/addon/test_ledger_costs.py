@@ -14,12 +14,13 @@ from tokengate_core.reporting import Reporting
 from tests.support.harness import reverse_flow, through
 
 DETAILED = {
+    "service_tier": "flex",
     "usage": {
         "prompt_tokens": 1000,
         "completion_tokens": 500,
         "prompt_tokens_details": {"cached_tokens": 200},
         "completion_tokens_details": {"reasoning_tokens": 300},
-    }
+    },
 }
 
 
@@ -45,6 +46,7 @@ async def test_a_line_carries_the_sub_counts_and_no_cost_without_a_budget(gate_a
     assert (line["prompt_tokens"], line["completion_tokens"]) == (1000, 500)
     assert (line["cached_prompt_tokens"], line["cache_write_tokens"]) == (200, 0)
     assert line["reasoning_tokens"] == 300
+    assert line["service_tier"] == "flex"
     assert "cost_usd" not in line  # the proxy has no budget: the gate did not price the call
 
 
@@ -64,6 +66,7 @@ def test_a_line_of_an_older_capture_has_zero_sub_counts():
     usage = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10, "source": "reported"}
     state = notes.start(flow, proxy="p", key="k", usage=usage)
     line = entry(flow, state, 200, "admitted")
+    assert "service_tier" not in line
     assert (line["cached_prompt_tokens"], line["cache_write_tokens"], line["reasoning_tokens"]) == (
         0,
         0,

@@ -178,6 +178,7 @@ def test_a_tier_the_table_does_not_list_costs_the_standard_price_or_twice_it_for
     assert cost(usage, price, "scale") == cost(usage, price, "default") == standard
     assert cost(usage, price, "batch") == standard // 2
     assert cost(usage, price, "priority") == 4250 + 8500  # the table's own priority rate
+    assert cost(Usage(1000, 500, service_tier="batch"), price) == standard // 2  # as answered
     mine = PriceBook({"mine": Price.usd(1, 2)}).price("mine")
     assert cost(usage, mine, "priority") == 2 * cost(usage, mine)
 
