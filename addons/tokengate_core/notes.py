@@ -57,7 +57,7 @@ class Notes(TypedDict, total=False):
     remaining: dict[str, int]  # what each limit has left, by name
     # The outcome.
     usage: Charged | None  # what the call was charged; None: nothing
-    cost_micro_usd: int  # what the call cost, in micro-dollars, where the gate priced it
+    cost_micro_usd: int  # what the call cost in micro-dollars, where its model's price is known
     scrubbed: bool  # the provider's answer carried a provider key, replaced before it left
     audited: bool  # its ledger line is written
 

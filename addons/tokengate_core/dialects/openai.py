@@ -207,7 +207,9 @@ def reported_usage(payload: Any) -> Usage | None:
     )
     tier = payload.get("service_tier")  # "default", "flex", "priority", ...: priced apart
     tier = tier if isinstance(tier, str) and tier else None
-    return Usage(prompt, completion, min(cached, prompt), 0, min(reasoning, completion), tier)
+    return Usage(
+        prompt, completion, min(cached, prompt), 0, min(reasoning, completion), service_tier=tier
+    )
 
 
 def _detail(usage: dict, holders: tuple[str, ...], field: str) -> int:
