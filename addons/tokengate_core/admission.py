@@ -203,12 +203,14 @@ class AdmissionControl:
         note.update(model=terms.model, stream=terms.stream, prompt_estimate=read.prompt)
         if admitted is not None:  # admitted at requestheaders; now its estimate is known
             return None
-        refusal = await self._admit(
-            flow, proxy, note, Demand(read.prompt, terms.completion_reserve)
-        )
+        if not proxy.allows(terms.model):
+            return answers.model_not_allowed(proxy.dialect, terms.model, proxy)
+        demand = Demand(read.prompt, terms.completion_reserve)
+        refusal = await self._admit(flow, proxy, note, demand, terms.model)
         admitted = self.quota.holding(flow.id)
         if refusal is None and admitted is not None:
-            changed = proxy.dialect.adjust(endpoint, read.body, admitted.reservation.amounts)
+            amounts = admitted.reservation.amounts
+            changed = proxy.dialect.adjust(endpoint, read.body, amounts, strict=proxy.strict)
             if changed:
                 # ASCII escapes: always valid JSON, even for a lone surrogate such as "\ud800".
                 flow.request.content = json.dumps(read.body).encode()
@@ -216,11 +218,15 @@ class AdmissionControl:
         return refusal
 
     async def _admit(
-        self, flow: http.HTTPFlow, proxy: Proxy, note: Notes, demand: Demand
+        self,
+        flow: http.HTTPFlow,
+        proxy: Proxy,
+        note: Notes,
+        demand: Demand,
+        model: str | None = None,
     ) -> http.Response | None:
-        ask = Ask(
-            flow.id, proxy, note["key"], demand, proxy.dialect, lambda: flow.client_conn.connected
-        )
+        connected = lambda: flow.client_conn.connected  # noqa: E731
+        ask = Ask(flow.id, proxy, note["key"], demand, proxy.dialect, connected, model)
         outcome = await self.quota.admit(ask)
         if outcome is None:
             return None

@@ -47,6 +47,7 @@ class Notes(TypedDict, total=False):
     prompt_estimate: int
     max_tokens_requested: int  # the caller's own max tokens, where the gate lowered them
     max_tokens_lowered_to: int
+    max_tokens_added: bool  # a strict proxy set the max tokens the caller had not
     usage_injected: bool  # the gate asked a stream for usage; the caller did not
     # The decision.
     answered_by_gate: int  # status of the answer the gate made itself (never forwarded)

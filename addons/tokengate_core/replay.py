@@ -11,6 +11,7 @@ byte.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from mitmproxy import http
@@ -107,8 +108,11 @@ class CaptureReplay:
         proxy.dialect.as_requested(read.body, saved)
         terms = reader.terms(endpoint, read.body)
         note.update(model=terms.model, stream=terms.stream)
+        if not proxy.allows(terms.model):
+            return 403, "forbidden"
         demand = Demand(read.prompt, terms.completion_reserve)
-        outcome = await self.quota.admit(Ask(flow.id, proxy, key.name, demand, proxy.dialect))
+        ask = Ask(flow.id, proxy, key.name, demand, proxy.dialect, model=terms.model)
+        outcome = await self.quota.admit(ask)
         if outcome is None:  # a proxy without limits
             return captured, "admitted"
         note_decision(note, outcome)
@@ -118,7 +122,7 @@ class CaptureReplay:
         # As live: a max tokens above what is left is lowered, so the provider could not have
         # produced more than was reserved; the capture may hold a longer answer (sent under
         # roomier quotas), which these quotas would have cut.
-        changed = proxy.dialect.adjust(endpoint, read.body, reserved)
+        changed = proxy.dialect.adjust(endpoint, read.body, reserved, strict=proxy.strict)
         lowered = "max_tokens_lowered_to" in changed
         if lowered:
             note["max_tokens_lowered_to"] = changed["max_tokens_lowered_to"]
@@ -139,6 +143,9 @@ class CaptureReplay:
         notes.note_windows(note, self.quota.settle(flow.id, metered.usage if metered else None))
         if metered is not None:
             notes.note_usage(note, metered)
+            cost = outcome.cost(metered.usage)
+            if cost is not None:
+                note["cost_micro_usd"] = cost
         return status, "admitted"
 
 
@@ -172,6 +179,8 @@ def reported_live(metered: Metered, saved: dict[str, Any]) -> Metered:
 
 def capped(metered: Metered, completion: int) -> Metered:
     """The usage of an answer whose max tokens would have been lowered to `completion`."""
-    if metered.usage.completion <= completion:
+    usage = metered.usage
+    if usage.completion <= completion:
         return metered
-    return Metered(Usage(metered.usage.prompt, completion), metered.source)
+    cut = replace(usage, completion=completion, reasoning=min(usage.reasoning, completion))
+    return Metered(cut, metered.source)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
@@ -20,11 +22,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tokengate_core.config import REQUESTS, Limit
 from tokengate_core.limiter import (
+    BUDGET,
     SLOTS,
     Bucket,
     Charge,
     Demand,
     LimitStatus,
+    Rates,
     Usage,
     decide,
     fits_at,
@@ -630,9 +634,15 @@ def test_two_windows_refusing_until_the_same_moment_name_the_first():
 # --------------------------------------------------------------------------------------------
 # Stateful property test against an independent model
 
-M_TOTAL = limit("total_tokens", 100, 60, "1m")
+# A total counting cached prompt tokens at a tenth, a completion limit, and a budget of 3000
+# micro-dollars at rates that are not whole micro-dollars per token (2.5 and 13.3), so that the
+# model's own rounding, done here in fractions, is checked against the limiter's integers.
+M_TOTAL = replace(limit("total_tokens", 100, 60, "1m"), cached_weight=Fraction(1, 10))
 M_COMPLETION = limit("completion_tokens", 40, 30, "30s")
-M_LIMITS = (M_TOTAL, M_COMPLETION)
+M_BUDGET = limit(BUDGET, 3000, 45, "45s")
+M_LIMITS = (M_TOTAL, M_COMPLETION, M_BUDGET)
+M_RATES = Rates(2_500_000, 13_300_000)
+PROMPT_PRICE, COMPLETION_PRICE = Fraction(5, 2), Fraction(133, 10)  # micro-dollars per token
 
 
 @dataclass
@@ -653,12 +663,28 @@ def same_slot(lim: Limit, one: float, other: float) -> bool:
     return int(one // width) == int(other // width)
 
 
+def prompt_cost(demand: Demand) -> int:
+    return math.ceil(demand.prompt * PROMPT_PRICE)
+
+
 def need_of(lim: Limit, demand: Demand) -> int:
-    return max(1, demand.prompt) if lim.dimension == "total_tokens" else 1
+    """What must be left: the prompt (one completion token more when strict and it has one)."""
+    one_more = demand.strict and demand.completion > 0
+    if lim.dimension == "total_tokens":
+        return max(1, demand.prompt + one_more)
+    if lim.dimension == BUDGET:
+        return max(1, prompt_cost(demand) + (math.ceil(COMPLETION_PRICE) if one_more else 0))
+    return 1
 
 
 def amount_of(lim: Limit, usage: Usage) -> int:
-    return usage.prompt + usage.completion if lim.dimension == "total_tokens" else usage.completion
+    if lim.dimension == BUDGET:
+        return usage.cost
+    if lim.dimension == "total_tokens":
+        cached = min(usage.cached_prompt, usage.prompt)
+        weighted = usage.prompt - cached + math.ceil(cached * lim.cached_weight)
+        return weighted + usage.completion
+    return usage.completion
 
 
 class LimiterMachine(RuleBasedStateMachine):
@@ -718,10 +744,10 @@ class LimiterMachine(RuleBasedStateMachine):
 
     # -- rules -------------------------------------------------------------------------------
 
-    @rule(prompt=st.integers(0, 110), completion=st.integers(0, 80))
-    def reserve(self, prompt: int, completion: int) -> None:
+    @rule(prompt=st.integers(0, 110), completion=st.integers(0, 80), strict=st.booleans())
+    def reserve(self, prompt: int, completion: int, strict: bool) -> None:
         now = self.clock.now
-        demand = Demand(prompt, completion)
+        demand = Demand(prompt, completion, M_RATES, strict)
         left = {lim.name: lim.count - self.held(lim, now) for lim in M_LIMITS}
         expect_admit = self.fits(demand, now)
         rid_ = f"m{self.next_id}"
@@ -731,8 +757,12 @@ class LimiterMachine(RuleBasedStateMachine):
         event("admitted" if expect_admit else "refused")
         if expect_admit:
             assert reservation is not None and reservation.stamp == now
-            want = min(completion, left[M_TOTAL.name] - prompt, left[M_COMPLETION.name])
-            assert decision.reserved == Usage(prompt, want)
+            money = math.floor((left[M_BUDGET.name] - prompt_cost(demand)) / COMPLETION_PRICE)
+            want = min(completion, left[M_TOTAL.name] - prompt, left[M_COMPLETION.name], money)
+            want = max(0, want)
+            cost = prompt_cost(demand) + math.ceil(want * COMPLETION_PRICE)
+            assert decision.reserved == Usage(prompt, want, cost=cost)
+            assert cost <= left[M_BUDGET.name]  # money is never reserved past its budget
             assert reservation.amounts == decision.reserved
             for lim in M_LIMITS:
                 amount = amount_of(lim, decision.reserved)
@@ -781,11 +811,17 @@ class LimiterMachine(RuleBasedStateMachine):
             return Reservation("ghost", self.clock.now, self.bs, Usage(50, 50))
         return self.reservations[index % len(self.reservations)]
 
-    @rule(index=st.integers(0, 1_000), prompt=st.integers(0, 120), completion=st.integers(0, 90))
-    def settle(self, index: int, prompt: int, completion: int) -> None:
+    @rule(
+        index=st.integers(0, 1_000),
+        prompt=st.integers(0, 120),
+        completion=st.integers(0, 90),
+        cached=st.integers(0, 120),
+        cost=st.integers(0, 4000),
+    )
+    def settle(self, index: int, prompt: int, completion: int, cached: int, cost: int) -> None:
         reservation = self.pick(index)
         now = self.clock.now
-        usage = Usage(prompt, completion)
+        usage = Usage(prompt, completion, cached_prompt=min(cached, prompt), cost=cost)
         for lim in M_LIMITS:
             held = self.model[lim.name].get(reservation.id)
             if held is not None and held.stamp + lim.seconds > now and not held.settled:

@@ -31,7 +31,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ..limiter import SLOTS, Bucket, Decision, Demand, LimitStatus, Usage
+from ..limiter import (
+    SLOTS,
+    Bucket,
+    Decision,
+    Demand,
+    LimitStatus,
+    Usage,
+    charged,
+    held_for,
+    terms_of,
+)
 from . import STALE_AFTER, Reservation, StoreUnavailable
 
 TIMEOUT = 1.0  # seconds for connecting and for each reply: a store that is down answers fast
@@ -98,11 +108,12 @@ class RedisStore:
         return f"RedisStore({self.where!r}, prefix={self.prefix!r})"
 
     def key_of(self, bucket: Bucket) -> str:
-        """The bucket's hash, tagged by its `proxy:scope` (the key up to its last colon)."""
+        """The bucket's hash, tagged by its proxy (the key up to its first colon): one request's
+        windows, its key's and its team's, are in one cluster slot, as one script needs."""
         key = self._keys.get(bucket.key)
         if key is None:
-            scope, _, limit = bucket.key.rpartition(":")
-            key = self._keys[bucket.key] = f"{self.prefix}:{{{scope or bucket.key}}}:{limit}"
+            proxy, _, rest = bucket.key.partition(":")
+            key = self._keys[bucket.key] = f"{self.prefix}:{{{proxy}}}:{rest or proxy}"
         return key
 
     def _shared(self) -> tuple:
@@ -133,26 +144,28 @@ class RedisStore:
     async def reserve(
         self, reservation_id: str, buckets: tuple[Bucket, ...], demand: Demand
     ) -> tuple[Decision, Reservation | None]:
-        args = [*self._shared(), reservation_id, demand.prompt, demand.completion]
+        args = [*self._shared(), reservation_id, demand.completion]
         for bucket in buckets:
-            args += [bucket.limit.dimension, bucket.limit.count, bucket.limit.seconds]
+            terms = terms_of(bucket.limit, demand)
+            args += [bucket.limit.count, bucket.limit.seconds, terms.base, terms.rate]
+            args.append(terms.minimum)
         reply = await self._call(self._reserve, buckets, args)
-        admitted, stamp, prompt, completion, blocking, retry_at = reply[:6]
-        statuses = self._statuses(buckets, reply[6:])
+        admitted, stamp, completion, blocking, retry_at = reply[:5]
+        statuses = self._statuses(buckets, reply[5:])
         if admitted == "0":
             retry = None if retry_at == "-" else float(retry_at)
             refusing = statuses[int(blocking) - 1]
             return Decision(False, statuses, blocking=refusing, retry_at=retry), None
-        amounts = Usage(int(prompt), int(completion))
+        amounts = held_for(demand, int(completion))
         decision = Decision(True, statuses, reserved=amounts)
         return decision, Reservation(reservation_id, float(stamp), buckets, amounts)
 
     async def _replace(
         self, mode: str, buckets: tuple[Bucket, ...], reservation_id: str, usage: Usage
     ) -> tuple[LimitStatus, ...]:
-        args = [*self._shared(), reservation_id, mode, usage.prompt, usage.completion]
+        args = [*self._shared(), reservation_id, mode]
         for bucket in buckets:
-            args += [bucket.limit.dimension, bucket.limit.seconds]
+            args += [charged(bucket.limit, usage), bucket.limit.seconds]
         return self._statuses(buckets, await self._call(self._settle, buckets, args))
 
     async def settle(self, reservation: Reservation, usage: Usage) -> tuple[LimitStatus, ...]:
