@@ -219,12 +219,9 @@ class PriceBook:
         """The price of `model` (None: unknown). `api_url`, the provider's base URL, picks the
         provider in the table when it is one it knows (else the model name does); `at` is the
         call's time (default now): the table's prices change over time."""
-        found = self.exact.get(model)
+        found = self.override(model)
         if found is not None:
             return found
-        for pattern, price in self.globs:
-            if fnmatch.fnmatchcase(model, pattern):
-                return price
         at = time.time() if at is None else at
         key = (model, api_url)
         cached = self._cache.get(key)
@@ -234,6 +231,16 @@ class PriceBook:
             self._cache.clear()
         resolved = self._cache[key] = _resolve(model, api_url, at)
         return resolved.price
+
+    def override(self, model: str) -> Price | None:
+        """The price `prices:` gives `model` (None: it names none); never loads the table."""
+        found = self.exact.get(model)
+        if found is not None:
+            return found
+        for pattern, price in self.globs:
+            if fnmatch.fnmatchcase(model, pattern):
+                return price
+        return None
 
     @staticmethod
     def load() -> None:

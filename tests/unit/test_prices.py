@@ -206,6 +206,8 @@ def test_overrides_come_first_exact_names_then_globs_in_file_order():
     assert book.price("gpt-4o-mini").input == 1_000_000
     assert book.price("llama-3-70b") == llama
     assert book.price("Llama-3").input == 5_000_000  # globs are case-sensitive, like names
+    assert book.override("gpt-4o-mini").input == 1_000_000
+    assert PriceBook({"llama-*": llama}).override("gpt-4o") is None  # the table is not asked
 
 
 def test_parse_price_reads_usd_per_million_tokens():
@@ -248,7 +250,7 @@ sys.path[:0] = ["addons"]
 import tokengate
 from tokengate_core.prices import PriceBook, parse_price
 book = PriceBook({"mine": parse_price({"input": 1, "output": 2})})
-assert book.price("mine").input == 1_000_000
+assert book.price("mine").input == 1_000_000 and book.override("gpt-4o") is None
 print("genai_prices" in sys.modules, "pydantic" in sys.modules)
 PriceBook.load()
 print("genai_prices" in sys.modules)
