@@ -161,6 +161,7 @@ class Usage:
     cache_write: int = 0  # prompt tokens written to the provider's prompt cache
     reasoning: int = 0  # completion tokens spent on hidden reasoning
     cost: int = 0  # micro-dollars, where the model's price is known (what budgets count)
+    service_tier: str | None = None  # the tier the answer says it was served at (prices.py)
 
     @property
     def total(self) -> int:

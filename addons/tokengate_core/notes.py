@@ -19,10 +19,15 @@ if TYPE_CHECKING:
 META = "tokengate"
 
 
-class Charged(TypedDict):
+class Charged(TypedDict, total=False):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Parts of the counts above that providers price apart (absent from older captures).
+    cached_prompt_tokens: int  # prompt tokens read from the provider's cache
+    cache_write_tokens: int  # prompt tokens written to it
+    reasoning_tokens: int  # completion tokens spent on hidden reasoning
+    service_tier: str  # the tier the answer says it was served at, where it says so
     source: str  # "reported" by the provider, or "estimated" by the gate's tokenizer
 
 
@@ -108,5 +113,10 @@ def note_usage(notes: Notes, metered: Metered | None) -> None:
         "prompt_tokens": metered.usage.prompt,
         "completion_tokens": metered.usage.completion,
         "total_tokens": metered.usage.total,
+        "cached_prompt_tokens": metered.usage.cached_prompt,
+        "cache_write_tokens": metered.usage.cache_write,
+        "reasoning_tokens": metered.usage.reasoning,
         "source": metered.source,
     }
+    if metered.usage.service_tier is not None:
+        notes["usage"]["service_tier"] = metered.usage.service_tier

@@ -95,9 +95,10 @@ def cost(usage: Usage, price: Price, service_tier: str | None = None) -> int:
 
     Cached prompt tokens and cache writes are parts of the prompt, priced at their own rates;
     the rest of the prompt at the input rate; the completion, reasoning tokens included (they are
-    part of it), at the output rate: no token is priced twice.
+    part of it), at the output rate: no token is priced twice. The rates are those of the
+    service tier the answer named (`usage.service_tier`, unless `service_tier` is given).
     """
-    price = price.under(service_tier).at(usage.prompt)
+    price = price.under(service_tier or usage.service_tier).at(usage.prompt)
     fresh = max(0, usage.prompt - usage.cached_prompt - usage.cache_write)
     total = (
         fresh * price.input
@@ -218,12 +219,9 @@ class PriceBook:
         """The price of `model` (None: unknown). `api_url`, the provider's base URL, picks the
         provider in the table when it is one it knows (else the model name does); `at` is the
         call's time (default now): the table's prices change over time."""
-        found = self.exact.get(model)
+        found = self.override(model)
         if found is not None:
             return found
-        for pattern, price in self.globs:
-            if fnmatch.fnmatchcase(model, pattern):
-                return price
         at = time.time() if at is None else at
         key = (model, api_url)
         cached = self._cache.get(key)
@@ -233,6 +231,16 @@ class PriceBook:
             self._cache.clear()
         resolved = self._cache[key] = _resolve(model, api_url, at)
         return resolved.price
+
+    def override(self, model: str) -> Price | None:
+        """The price `prices:` gives `model` (None: it names none); never loads the table."""
+        found = self.exact.get(model)
+        if found is not None:
+            return found
+        for pattern, price in self.globs:
+            if fnmatch.fnmatchcase(model, pattern):
+                return price
+        return None
 
     @staticmethod
     def load() -> None:

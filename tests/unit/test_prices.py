@@ -178,6 +178,7 @@ def test_a_tier_the_table_does_not_list_costs_the_standard_price_or_twice_it_for
     assert cost(usage, price, "scale") == cost(usage, price, "default") == standard
     assert cost(usage, price, "batch") == standard // 2
     assert cost(usage, price, "priority") == 4250 + 8500  # the table's own priority rate
+    assert cost(Usage(1000, 500, service_tier="batch"), price) == standard // 2  # as answered
     mine = PriceBook({"mine": Price.usd(1, 2)}).price("mine")
     assert cost(usage, mine, "priority") == 2 * cost(usage, mine)
 
@@ -205,6 +206,8 @@ def test_overrides_come_first_exact_names_then_globs_in_file_order():
     assert book.price("gpt-4o-mini").input == 1_000_000
     assert book.price("llama-3-70b") == llama
     assert book.price("Llama-3").input == 5_000_000  # globs are case-sensitive, like names
+    assert book.override("gpt-4o-mini").input == 1_000_000
+    assert PriceBook({"llama-*": llama}).override("gpt-4o") is None  # the table is not asked
 
 
 def test_parse_price_reads_usd_per_million_tokens():
@@ -247,7 +250,7 @@ sys.path[:0] = ["addons"]
 import tokengate
 from tokengate_core.prices import PriceBook, parse_price
 book = PriceBook({"mine": parse_price({"input": 1, "output": 2})})
-assert book.price("mine").input == 1_000_000
+assert book.price("mine").input == 1_000_000 and book.override("gpt-4o") is None
 print("genai_prices" in sys.modules, "pydantic" in sys.modules)
 PriceBook.load()
 print("genai_prices" in sys.modules)

@@ -212,7 +212,11 @@ def reported_usage(payload: Any) -> Usage | None:
     reasoning = _detail(
         usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens"
     )
-    return Usage(prompt, completion, min(cached, prompt), 0, min(reasoning, completion))
+    tier = payload.get("service_tier")  # "default", "flex", "priority", ...: priced apart
+    tier = tier if isinstance(tier, str) and tier else None
+    return Usage(
+        prompt, completion, min(cached, prompt), 0, min(reasoning, completion), service_tier=tier
+    )
 
 
 def _detail(usage: dict, holders: tuple[str, ...], field: str) -> int:
