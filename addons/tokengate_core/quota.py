@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from fnmatch import fnmatchcase
 
 from mitmproxy import http
 
@@ -106,9 +105,8 @@ class QuotaService:
         if ask.model is None or config is None:
             return None
         book = config.price_book
-        named = ask.model in book.exact or any(fnmatchcase(ask.model, g) for g, _ in book.globs)
-        if not (named or config.budgeted):
-            return None
+        if not config.budgeted:
+            return book.override(ask.model)
         return book.price(ask.model, api_url=ask.proxy.provider.base_url, at=self.gate.clock())
 
     async def admit(self, ask: Ask) -> Admission | Refusal | None:
