@@ -74,6 +74,7 @@ class CaptureReplay:
         if saved is None or self.gate.config is None:
             return
         self.clock.now = flow.request.timestamp_start
+        self.quota.gate.config = self.gate.config  # its prices, as live
         note = Notes(
             proxy=saved.get("proxy"),
             key=saved.get("key"),
