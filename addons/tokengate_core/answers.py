@@ -271,13 +271,17 @@ def model_not_allowed(dialect: Dialect, model: str, proxy: Proxy) -> http.Respon
 
 
 def unpriced(dialect: Dialect, proxy: str, model: str | None) -> http.Response:
-    """403 for a request a budget cannot count: its model has no known price."""
+    """403 for a request a budget cannot count: its model has no known price (or none is
+    known yet: with mitmproxy's stream_large_bodies the gate decides before reading the body)."""
+    if model is None:
+        why = "the request's model is not known when the gate must decide (its body streams)"
+    else:
+        why = f"the model {model!r} has no known price"
     return invalid_request(
         dialect,
         403,
-        f"Proxy {proxy!r} has a budget in USD, but the model {model!r} has no known price, so "
-        "the request was not sent. The gateway's operator can add it under `prices:` in "
-        "quotas.yaml.",
+        f"Proxy {proxy!r} has a budget in USD, but {why}, so the request was not sent. The "
+        "gateway's operator can add the model's price under `prices:` in quotas.yaml.",
         "model_price_unknown",
     )
 

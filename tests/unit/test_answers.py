@@ -422,3 +422,5 @@ def test_a_model_without_a_price_under_a_budget_is_refused_naming_it_and_prices(
     error = json.loads(answer.content)["error"]
     assert answer.status_code == 403
     assert "'my-llama' has no known price" in error["message"] and "`prices:`" in error["message"]
+    streamed = json.loads(answers.unpriced(OPENAI, "p", None).content)["error"]["message"]
+    assert "model is not known when the gate must decide" in streamed

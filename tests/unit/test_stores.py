@@ -695,6 +695,34 @@ async def test_concurrent_reserves_never_exceed_the_count(open_store):
     assert requests.reserved == 6
 
 
+async def test_a_burst_never_reserves_a_budget_past_its_micro_dollar(open_store):
+    """G2 in money: a team budget and each key's, 30 concurrent requests of two keys and two
+    models with max_tokens, on every store: held at most the budget, to the micro-dollar."""
+    store = open_store(FakeClock())
+    proxy = SimpleNamespace(
+        name="p",
+        scope="key",
+        limits=(replace(limit(BUDGET, 1_000_000, 3600, "1h"), scope="proxy"), CENT_1H),
+    )
+    dear, cheap = Rates(2_500_000, 10_000_000), Rates(150_000, 600_000)
+    asks = [
+        store.reserve(f"b{i}{key}", buckets_for(proxy, key), Demand(300, 800, rates))
+        for i in range(15)
+        for key, rates in (("alice", dear), ("bob", cheap))
+    ]
+    results = await asyncio.gather(*asks)
+    held = {"alice": 0, "bob": 0}
+    for index, (decision, reservation) in enumerate(results):
+        if reservation is not None:
+            held[("alice", "bob")[index % 2]] += decision.reserved.cost
+    team = await store.status(buckets_for(proxy, "*")[:1])
+    assert team[0].reserved == sum(held.values()) <= 1_000_000
+    for key in held:
+        (_, own) = await store.status(buckets_for(proxy, key))
+        assert own.reserved == held[key] <= CENT_1H.count
+    assert held["alice"] == 10_000  # capped to the micro-dollar, not a cent past
+
+
 async def test_many_concurrent_requests_each_count_once(open_store):
     store = open_store(FakeClock())
     bs = buckets(limit(REQUESTS, 25, 60))
