@@ -3,18 +3,20 @@
 Each request is one Lua script (lua/reserve.lua, or lua/settle.lua, each run after the window
 rules they share in lua/window.lua), so it is atomic across all the limits of the request, and
 decided on the Redis server's clock (`TIME`): instances whose clocks disagree still agree on the
-windows. The scripts apply the rules of `limiter.decide_on` (minimum per dimension, completion
-capped by what is left, debt kept, `fits_at` for the retry time) and of `window.Window`; the
-conformance suite (tests/unit/test_stores.py) holds them to the memory store's decisions.
+windows. The scripts apply the rules of `limiter.decide_on` (each window's `Terms`, computed
+here in Python: its minimum, the completion capped by what every window has left, money
+included; debt kept; `fits_at` for the retry time) and of `window.Window`; a settle is sent each
+window's own charge (`limiter.charged`). The conformance suite (tests/unit/test_stores.py) holds
+them to the memory store's decisions.
 
-Per bucket, one hash (`tokengate:{proxy:alice}:total_tokens#0`): its head (`used`, `reserved`,
+Per bucket, one hash (`tokengate:{proxy}:alice:total_tokens#0`): its head (`used`, `reserved`,
 `newest` stamp, lower bounds `oldest` and `since` on the oldest stamp and the oldest pending
 one), its settled charges merged into slots (`slot:<duration>:<slot>` -> "stamp amount", as
 `limiter.slot_of` and `limiter.merged` say) and its reservations in flight (`rid:<id>` -> "stamp
 amount"). A call reads the heads; the other fields are read only when the lower bounds say
 something may have left the window or gone stale, and by a refused request. The key is
-hash-tagged with the bucket's `proxy:scope`: all the buckets of one request, which share that
-scope, live in one slot, so the scripts could run on Redis Cluster unchanged (the client here
+hash-tagged with the bucket's proxy: all the buckets of one request, its key's and its team's,
+live in one slot, so the scripts could run on Redis Cluster unchanged (the client here
 is the single-node one; a Cluster client is not wired). Every key gets a TTL of its window plus
 `stale_after`, refreshed on each write, and is deleted when its window empties.
 """
