@@ -206,7 +206,7 @@ class AdmissionControl:
         if not proxy.allows(terms.model):
             return answers.model_not_allowed(proxy.dialect, terms.model, proxy)
         demand = Demand(read.prompt, terms.completion_reserve)
-        refusal = await self._admit(flow, proxy, note, demand, terms.model)
+        refusal = await self._admit(flow, proxy, note, demand, terms.model, terms.completions)
         admitted = self.quota.holding(flow.id)
         if refusal is None and admitted is not None:
             amounts = admitted.reservation.amounts
@@ -224,9 +224,10 @@ class AdmissionControl:
         note: Notes,
         demand: Demand,
         model: str | None = None,
+        completions: int = 1,
     ) -> http.Response | None:
         connected = lambda: flow.client_conn.connected  # noqa: E731
-        ask = Ask(flow.id, proxy, note["key"], demand, proxy.dialect, connected, model)
+        ask = Ask(flow.id, proxy, note["key"], demand, proxy.dialect, connected, model, completions)
         outcome = await self.quota.admit(ask)
         if outcome is None:
             return None

@@ -102,13 +102,13 @@ class Rates:
 @dataclass(frozen=True)
 class Demand:
     """What a request asks for: its prompt estimate and the completion tokens it may produce;
-    the model's rates where a budget applies; `strict`: at least one completion token must
-    fit (the gate then bounds the completion to what it reserved)."""
+    the model's rates where a budget applies; `least`: completion tokens that must fit beside
+    the prompt (a strict proxy asks one per completion, then bounds each to what it reserved)."""
 
     prompt: int
     completion: int
     rates: Rates | None = None
-    strict: bool = False
+    least: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,13 +134,13 @@ class Terms:
 def terms_of(limit: Limit, demand: Demand) -> Terms:
     """The linear rule by which `demand` counts against `limit`."""
     dimension, prompt = limit.dimension, demand.prompt
-    least = 1 if demand.strict and demand.completion > 0 else 0  # completion tokens that must fit
+    least = min(demand.least, demand.completion)
     if dimension == REQUESTS:
         return Terms(1, 0, 1)
     if dimension == "prompt_tokens":
         return Terms(prompt, 0, max(1, prompt))
     if dimension == "completion_tokens":
-        return Terms(0, PER_MILLION, 1)
+        return Terms(0, PER_MILLION, max(1, least))
     if dimension == "total_tokens":
         return Terms(prompt, PER_MILLION, max(1, prompt + least))
     if demand.rates is None:

@@ -65,6 +65,7 @@ class Ask:
     dialect: Dialect
     waiting: Callable[[], bool] = lambda: True  # False once the caller hung up
     model: str | None = None  # None: not known yet (the body has not been read)
+    completions: int = 1  # how many completions share the completion reserve
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class QuotaService:
         if not buckets:
             return None
         price = self.price(ask)
-        demand = replace(ask.demand, strict=ask.proxy.strict)
+        demand = replace(ask.demand, least=ask.completions if ask.proxy.strict else 0)
         if any(bucket.limit.dimension == BUDGET for bucket in buckets):
             if price is None:
                 return Refusal(answers.unpriced(ask.dialect, ask.proxy.name, ask.model), None)

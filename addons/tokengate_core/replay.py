@@ -112,7 +112,15 @@ class CaptureReplay:
         if not proxy.allows(terms.model):
             return 403, "forbidden"
         demand = Demand(read.prompt, terms.completion_reserve)
-        ask = Ask(flow.id, proxy, key.name, demand, proxy.dialect, model=terms.model)
+        ask = Ask(
+            flow.id,
+            proxy,
+            key.name,
+            demand,
+            proxy.dialect,
+            model=terms.model,
+            completions=terms.completions,
+        )
         outcome = await self.quota.admit(ask)
         if outcome is None:  # a proxy without limits
             return captured, "admitted"

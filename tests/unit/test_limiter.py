@@ -668,13 +668,13 @@ def prompt_cost(demand: Demand) -> int:
 
 
 def need_of(lim: Limit, demand: Demand) -> int:
-    """What must be left: the prompt (one completion token more when strict and it has one)."""
-    one_more = demand.strict and demand.completion > 0
+    """What must be left: the prompt, and the completion tokens that must fit beside it."""
+    least = min(demand.least, demand.completion)
     if lim.dimension == "total_tokens":
-        return max(1, demand.prompt + one_more)
+        return max(1, demand.prompt + least)
     if lim.dimension == BUDGET:
-        return max(1, prompt_cost(demand) + (math.ceil(COMPLETION_PRICE) if one_more else 0))
-    return 1
+        return max(1, prompt_cost(demand) + math.ceil(least * COMPLETION_PRICE))
+    return max(1, least)
 
 
 def amount_of(lim: Limit, usage: Usage) -> int:
@@ -744,10 +744,10 @@ class LimiterMachine(RuleBasedStateMachine):
 
     # -- rules -------------------------------------------------------------------------------
 
-    @rule(prompt=st.integers(0, 110), completion=st.integers(0, 80), strict=st.booleans())
-    def reserve(self, prompt: int, completion: int, strict: bool) -> None:
+    @rule(prompt=st.integers(0, 110), completion=st.integers(0, 80), least=st.integers(0, 3))
+    def reserve(self, prompt: int, completion: int, least: int) -> None:
         now = self.clock.now
-        demand = Demand(prompt, completion, M_RATES, strict)
+        demand = Demand(prompt, completion, M_RATES, least)
         left = {lim.name: lim.count - self.held(lim, now) for lim in M_LIMITS}
         expect_admit = self.fits(demand, now)
         rid_ = f"m{self.next_id}"
@@ -909,3 +909,19 @@ def test_whole_number_is_a_json_count(value, minimum, expected):
 
 def test_whole_number_counts_from_zero_by_default():
     assert whole_number(0) and not whole_number(-1)
+
+
+def test_a_strict_request_of_n_completions_is_admitted_only_with_a_token_for_each():
+    """Each of the n completions gets max tokens >= 1: the reserve must hold n tokens, or the
+    provider could bill n - reserve tokens past the limit."""
+    windows = [
+        (Bucket("k:t", total(100)), [Charge(T0, 87, True)]),
+        (Bucket("k:c", limit("completion_tokens", 50, 60)), [Charge(T0, 47, True)]),
+    ]
+    three = Demand(10, 300, least=3)
+    assert decide(windows, three, T0 + 1).reserved == Usage(10, 3)  # 13 left, 3 completion
+    assert not decide(windows, replace(three, prompt=11), T0 + 1).admitted
+    windows[1] = (windows[1][0], [Charge(T0, 48, True)])  # 2 completion tokens left: too few
+    refused = decide(windows, three, T0 + 1)
+    assert not refused.admitted and refused.blocking.limit.dimension == "completion_tokens"
+    assert decide(windows, replace(three, least=0), T0 + 1).admitted  # without strict

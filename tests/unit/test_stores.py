@@ -313,9 +313,9 @@ async def a_budget_caps_the_reserve_to_the_micro_dollar(r: Recorder, clock: Fake
     assert not decision.admitted and decision.blocking.limit == CENT_1H
     # when the first calls leave the window: they share a slot, which leaves with its newest
     assert decision.retry_at == T0 + 1 + 3600
-    strict = Demand(2243, 10, RATES, strict=True)  # 5608 for the prompt, none for a reply
+    strict = Demand(2243, 10, RATES, least=1)  # 5608 for the prompt, none for a reply
     assert not (await r.reserve("d", bs, strict))[0].admitted
-    decision, _ = await r.reserve("e", bs, replace(strict, strict=False))
+    decision, _ = await r.reserve("e", bs, replace(strict, least=0))
     assert decision.admitted and decision.reserved == Usage(2243, 0, cost=5_608)
     await r.finish("e", Usage(2243, 50, cost=6_108))  # the debt of a call without a bound
     (budget, _) = await r.status(bs)
@@ -537,7 +537,7 @@ steps = st.lists(
             st.integers(0, 110),
             st.integers(0, 80),
             st.integers(0, 2),
-            st.booleans(),
+            st.integers(0, 3),
         ),
         st.tuples(
             st.just("settle"),
@@ -569,9 +569,9 @@ async def play(store: Store, clock: FakeClock, trace: list) -> list:
     try:
         for index, (op, *args) in enumerate(trace):
             if op == "reserve":
-                prompt, completion, which, strict = args
+                prompt, completion, which, least = args
                 names.append(name := f"r{index}")
-                demand = Demand(prompt, completion, RANDOM_RATES, strict)
+                demand = Demand(prompt, completion, RANDOM_RATES, least)
                 await r.reserve(name, scopes[which], demand)
                 if name not in r.held:
                     names.pop()

@@ -16,6 +16,7 @@ class RequestTerms:
     model: str | None
     stream: bool
     completion_reserve: int  # tokens the completion(s) may use, to reserve before sending
+    completions: int = 1  # how many completions share it (`n`): each needs a token at least
 
 
 class StreamEvents(Protocol):

@@ -329,6 +329,7 @@ class OpenAI:
             model_of(body),
             body.get("stream") is True,
             completion_reserve(body, endpoint, default_reserve),
+            completions_requested(body, endpoint),
         )
 
     def estimate_prompt(self, endpoint: str, body: dict[str, Any], exact_chars: int) -> int:
