@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 from mitmproxy import ctx, exceptions, http
 
 from . import answers, notes
 from .config import Config, Proxy
+from .dialects import RequestTerms
 from .gate import Gate
 from .intake import Reader, Unreadable
 from .keys import ConflictingKeys, format_timestamp
@@ -206,7 +208,7 @@ class AdmissionControl:
         if not proxy.allows(terms.model):
             return answers.model_not_allowed(proxy.dialect, terms.model, proxy)
         demand = Demand(read.prompt, terms.completion_reserve)
-        refusal = await self._admit(flow, proxy, note, demand, terms.model, terms.completions)
+        refusal = await self._admit(flow, proxy, note, demand, terms)
         admitted = self.quota.holding(flow.id)
         if refusal is None and admitted is not None:
             amounts = admitted.reservation.amounts
@@ -223,11 +225,18 @@ class AdmissionControl:
         proxy: Proxy,
         note: Notes,
         demand: Demand,
-        model: str | None = None,
-        completions: int = 1,
+        terms: RequestTerms | None = None,
     ) -> http.Response | None:
+        """Ask the quota service; `terms` None: the body is not read yet (its model unknown)."""
         connected = lambda: flow.client_conn.connected  # noqa: E731
-        ask = Ask(flow.id, proxy, note["key"], demand, proxy.dialect, connected, model, completions)
+        ask = Ask(flow.id, proxy, note["key"], demand, proxy.dialect, connected)
+        if terms is not None:
+            ask = replace(
+                ask,
+                model=terms.model,
+                completions=terms.completions,
+                service_tier=terms.service_tier,
+            )
         outcome = await self.quota.admit(ask)
         if outcome is None:
             return None

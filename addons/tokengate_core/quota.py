@@ -66,6 +66,7 @@ class Ask:
     waiting: Callable[[], bool] = lambda: True  # False once the caller hung up
     model: str | None = None  # None: not known yet (the body has not been read)
     completions: int = 1  # how many completions share the completion reserve
+    service_tier: str | None = None  # the tier the request asks for: reserved at its price
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class QuotaService:
         if any(bucket.limit.dimension == BUDGET for bucket in buckets):
             if price is None:
                 return Refusal(answers.unpriced(ask.dialect, ask.proxy.name, ask.model), None)
-            rates = price.at(demand.prompt)
+            rates = price.under(ask.service_tier).at(demand.prompt)
             demand = replace(demand, rates=Rates(rates.input, rates.output))
         ask = replace(ask, demand=demand)
         try:

@@ -120,6 +120,7 @@ class CaptureReplay:
             proxy.dialect,
             model=terms.model,
             completions=terms.completions,
+            service_tier=terms.service_tier,
         )
         outcome = await self.quota.admit(ask)
         if outcome is None:  # a proxy without limits

@@ -10,6 +10,7 @@ from mitmproxy.test import tutils
 from tokengate_core import notes
 from tokengate_core.commands import status_report
 from tokengate_core.gate import Gate
+from tokengate_core.quota import buckets_for
 from tokengate_core.reporting import Reporting
 
 from tests.support.harness import gate_in_harness, reverse_flow, through
@@ -92,3 +93,15 @@ async def test_replay_decides_budgets_as_live_and_says_what_each_call_cost(budge
         "refused",
         "usd-1d@proxy",
     )
+
+
+async def test_a_request_for_the_priority_tier_reserves_at_its_price(budgeted):
+    """The table does not list cheap-model's tiers: priority is reserved at twice the price (an
+    upper bound), so a budget holds what the call may cost."""
+    _, gate, addons = budgeted
+    flow = reverse_flow(body={**BODY, "max_tokens": 100, "service_tier": "priority"})
+    await through(addons, ("requestheaders", "request"), flow)
+    assert not notes.answered_by_gate(flow)
+    standing = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
+    budget = [s for s in standing if s.limit.dimension == "usd"]
+    assert budget[0].reserved == 2 * 100_900

@@ -17,6 +17,7 @@ class RequestTerms:
     stream: bool
     completion_reserve: int  # tokens the completion(s) may use, to reserve before sending
     completions: int = 1  # how many completions share it (`n`): each needs a token at least
+    service_tier: str | None = None  # the tier asked for, priced apart (`flex`, `priority`)
 
 
 class StreamEvents(Protocol):

@@ -330,6 +330,7 @@ class OpenAI:
             body.get("stream") is True,
             completion_reserve(body, endpoint, default_reserve),
             completions_requested(body, endpoint),
+            tier if isinstance(tier := body.get("service_tier"), str) and tier else None,
         )
 
     def estimate_prompt(self, endpoint: str, body: dict[str, Any], exact_chars: int) -> int:
