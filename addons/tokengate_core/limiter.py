@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from fractions import Fraction
 
@@ -146,8 +146,8 @@ def terms_of(limit: Limit, demand: Demand) -> Terms:
     if demand.rates is None:
         raise ValueError(f"a {limit.name} budget needs the model's price")
     base = -(-prompt * demand.rates.prompt // PER_MILLION)
-    terms = Terms(base, demand.rates.completion, 0)
-    return replace(terms, minimum=max(1, terms.amount(least)))
+    rate = demand.rates.completion
+    return Terms(base, rate, max(1, base - (-least * rate // PER_MILLION)))
 
 
 @dataclass(frozen=True)
@@ -329,10 +329,11 @@ def settled_view(
     """The windows as they will stand once a reservation of `reserved` settles at `usage`,
     from statuses taken with it held (other flows' changes since then are not seen)."""
     return tuple(
-        replace(
-            status,
-            used=status.used + charged(status.limit, usage),
-            reserved=max(0, status.reserved - charged(status.limit, reserved)),
+        LimitStatus(
+            status.limit,
+            status.used + charged(status.limit, usage),
+            max(0, status.reserved - charged(status.limit, reserved)),
+            status.reset_at,
         )
         for status in statuses
     )
