@@ -61,6 +61,7 @@ ALL_DIMENSIONS = (
     limit("completion_tokens", 1000, 60, "1m"),
     limit("total_tokens", 1000, 60, "1m"),
     limit(REQUESTS, 10, 60, "1m"),
+    limit(BUDGET, 1_000_000, 60, "1m"),
 )
 
 
@@ -218,28 +219,31 @@ async def several_limits_retry_at_the_latest(r: Recorder, clock: FakeClock) -> N
 @scenario
 async def every_dimension_settles_once(r: Recorder, clock: FakeClock) -> None:
     bs = buckets(*ALL_DIMENSIONS)
-    await r.reserve("keep", bs, Demand(5, 5))
-    decision, _ = await r.reserve("a", bs, Demand(30, 50))
+    await r.reserve("keep", bs, Demand(5, 5, RATES))  # $: 12.5, rounded up, + 50
+    decision, _ = await r.reserve("a", bs, Demand(30, 50, RATES))  # $: 75 + 500
     assert {s.limit.dimension: s.reserved for s in decision.statuses} == {
         "prompt_tokens": 35,
         "completion_tokens": 55,
         "total_tokens": 90,
         REQUESTS: 2,
+        BUDGET: 63 + 575,
     }
     clock.advance(2)
-    first = await r.finish("a", Usage(25, 70))
-    assert await r.finish("a", Usage(500, 500)) == first  # a second settle changes nothing
+    first = await r.finish("a", Usage(25, 70, cost=713))
+    # a second settle changes nothing
+    assert await r.finish("a", Usage(500, 500, cost=9_999)) == first
     assert await r.finish("a", None) == first  # nor does a release after it
     assert {s.limit.dimension: (s.used, s.reserved) for s in first} == {
         "prompt_tokens": (25, 5),
         "completion_tokens": (70, 5),
         "total_tokens": (95, 10),
         REQUESTS: (1, 1),
+        BUDGET: (713, 63),
     }
     released = await r.finish("keep", None)
-    assert await r.finish("keep", Usage(9, 9)) == released  # settle after release: nothing
-    assert [s.reserved for s in released] == [0, 0, 0, 0]
-    await r.reserve("zero", bs, Demand(3, 3))
+    assert await r.finish("keep", Usage(9, 9, cost=99)) == released  # settle after release
+    assert [s.reserved for s in released] == [0, 0, 0, 0, 0]
+    await r.reserve("zero", bs, Demand(3, 3, RATES))
     await r.finish("zero", Usage(0, 0))
     clock.advance(1)
     await r.status(bs)
