@@ -8,6 +8,7 @@ import json
 import pytest
 from mitmproxy.test import tutils
 from tokengate_core import notes
+from tokengate_core.annotate import comment
 from tokengate_core.commands import status_report
 from tokengate_core.gate import Gate
 from tokengate_core.quota import buckets_for
@@ -52,6 +53,10 @@ async def test_status_shows_every_limit_and_budget_with_what_is_left(budgeted):
     flow = await call(addons)
     assert flow.metadata[notes.META]["cost_micro_usd"] == 100_900
     assert flow.response.headers["X-TokenGate-Cost"] == "0.100900"
+    assert comment(flow.metadata[notes.META], 200) == (
+        "tokengate: p/alice cheap-model 109 tokens (reported), $0.100900; left: total_tokens-1m "
+        "891, total_tokens-1h[cheap-*]@proxy 4891, usd-1d@proxy $0.149100"
+    )
     report = await status_report(gate)
     assert (
         "  p (shared by all keys): total_tokens-1h[cheap-*]@proxy 109 used + 0 reserved of "
