@@ -13,6 +13,7 @@ from tokengate_core.commands import status_report
 from tokengate_core.gate import Gate
 from tokengate_core.quota import buckets_for
 from tokengate_core.reporting import Reporting
+from tokengate_core.settings import Settings
 
 from tests.support.harness import gate_in_harness, reverse_flow, through
 from tests.support.quotas import ALICE, BOB, key_entries
@@ -110,3 +111,24 @@ async def test_a_request_for_the_priority_tier_reserves_at_its_price(budgeted):
     standing = await gate.store.status(buckets_for(gate.proxy("p"), "alice"))
     budget = [s for s in standing if s.limit.dimension == "usd"]
     assert budget[0].reserved == 2 * 100_900
+
+
+async def test_a_reload_applies_a_budgets_new_amount_and_models_to_what_was_spent(
+    budgeted, tmp_path
+):
+    _, _, addons = budgeted
+    await call(addons)  # $0.1009 of the team's $0.25
+    quotas = tmp_path / "quotas.yaml"
+    edited = quotas.read_text().replace(
+        "{usd: 0.25, duration: 1d, scope: proxy}",
+        "{usd: 0.15, duration: 1d, scope: proxy, models: [cheap-*]}",
+    )
+    quotas.write_text(edited, encoding="utf-8")
+    settings = next(addon for addon in addons if isinstance(addon, Settings))
+    assert await settings.reload("test")
+    # $0.0491 left of the new amount: the prompt ($0.0009) and 48 completion tokens fit.
+    lowered = await call(addons, BOB)
+    assert lowered.metadata[notes.META]["max_tokens_lowered_to"] == 48
+    refused = await call(addons)
+    assert refused.response.status_code == 429
+    assert "USD per 1d (usd-1d[cheap-*]@proxy) for models cheap-*" in refused.response.text
