@@ -135,7 +135,7 @@ class Config:
 
 
 def amount(limit: Limit, value: int | None = None) -> str:
-    """A limit's count (or `value` in its unit) as people read it: `$5.00` for a budget."""
+    """A limit's count (or `value` in its unit) as people read it: `$5.000000` for a budget."""
     value = limit.count if value is None else value
     return usd_text(value) if limit.dimension == BUDGET else str(value)
 
