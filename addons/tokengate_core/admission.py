@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 from mitmproxy import ctx, exceptions, http
 
 from . import answers, notes
 from .config import Config, Proxy
+from .dialects import RequestTerms
 from .estimates import MAX_RATIO
 from .gate import Gate
 from .intake import Reader, Unreadable
@@ -243,11 +245,15 @@ class AdmissionControl:
             note["model_from_answer"] = True
         if admitted is not None:  # admitted at requestheaders; now its estimate is known
             return None
+        if not proxy.allows(terms.model):
+            return answers.model_not_allowed(proxy.dialect, terms.model, proxy)
         prompt = self.gate.estimates.prompt(proxy.provider.name, terms.model, read.prompt)
-        refusal = await self._admit(flow, proxy, note, Demand(prompt, terms.completion_reserve))
+        demand = Demand(prompt, terms.completion_reserve)
+        refusal = await self._admit(flow, proxy, note, demand, terms)
         admitted = self.quota.holding(flow.id)
         if refusal is None and admitted is not None:
-            changed = proxy.dialect.adjust(endpoint, read.body, admitted.reservation.amounts)
+            amounts = admitted.reservation.amounts
+            changed = proxy.dialect.adjust(endpoint, read.body, amounts, strict=proxy.strict)
             if changed:
                 # ASCII escapes: always valid JSON, even for a lone surrogate such as "\ud800".
                 flow.request.content = json.dumps(read.body).encode()
@@ -255,11 +261,23 @@ class AdmissionControl:
         return refusal
 
     async def _admit(
-        self, flow: http.HTTPFlow, proxy: Proxy, note: Notes, demand: Demand
+        self,
+        flow: http.HTTPFlow,
+        proxy: Proxy,
+        note: Notes,
+        demand: Demand,
+        terms: RequestTerms | None = None,
     ) -> http.Response | None:
-        ask = Ask(
-            flow.id, proxy, note["key"], demand, proxy.dialect, lambda: flow.client_conn.connected
-        )
+        """Ask the quota service; `terms` None: the body is not read yet (its model unknown)."""
+        connected = lambda: flow.client_conn.connected  # noqa: E731
+        ask = Ask(flow.id, proxy, note["key"], demand, proxy.dialect, connected)
+        if terms is not None:
+            ask = replace(
+                ask,
+                model=terms.model,
+                completions=terms.completions,
+                service_tier=terms.service_tier,
+            )
         outcome = await self.quota.admit(ask)
         if outcome is None:
             return None

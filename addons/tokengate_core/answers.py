@@ -14,11 +14,25 @@ from typing import Any
 
 from mitmproxy import http
 
-from .config import REQUESTS, Proxy
+from .config import REQUESTS, Proxy, amount
 from .dialects import Dialect
-from .limiter import Decision, LimitStatus, most_restrictive, seconds_until
+from .limiter import (
+    BUDGET,
+    TOKEN_DIMENSIONS,
+    Decision,
+    Demand,
+    Limit,
+    LimitStatus,
+    most_restrictive,
+    seconds_until,
+    terms_of,
+)
+from .prices import usd_text
 
 SOURCE_HEADER = "X-TokenGate-Source"
+COST_HEADER = "X-TokenGate-Cost"  # USD this call cost
+BUDGET_REMAINING_HEADER = "X-TokenGate-Budget-Remaining"  # USD left in the tightest budget
+BUDGET_RESET_HEADER = "X-TokenGate-Budget-Reset"  # epoch seconds when it is whole again
 # The openai SDKs honour Retry-After up to two minutes and give up past it (MAX_RETRY_AFTER_DELAY).
 SDK_MAX_RETRY_WAIT = 120
 
@@ -47,35 +61,61 @@ def _state_item(status: LimitStatus, now: float) -> str:
     return f'"{status.limit.name}";r={status.remaining};t={seconds_until(status.reset_at, now)}'
 
 
+def dollars(micro: int) -> str:
+    """Micro-dollars as a header writes USD: `0.007250`."""
+    return usd_text(micro).removeprefix("$")
+
+
 def ratelimit_headers(
     statuses: Sequence[LimitStatus],
     now: float,
     headline: LimitStatus | None = None,
     dialect: Dialect | None = None,
 ) -> dict[str, str]:
-    """Headers describing every window; `headline` (default: the most restrictive) leads; the
-    caller's `dialect` adds its API's own rate-limit headers."""
-    headline = headline or most_restrictive(statuses)
-    if headline is None:
-        return {}
-    headers = {
-        "X-RateLimit-Limit": str(headline.limit.count),
-        "X-RateLimit-Remaining": str(headline.remaining),
-        "X-RateLimit-Reset": str(math.ceil(headline.reset_at)),
-        "RateLimit-Policy": ", ".join(_policy_item(s) for s in statuses),
-        "RateLimit": ", ".join(_state_item(s, now) for s in statuses),
-    }
+    """Headers describing every window; `headline` (default: the most restrictive token or
+    request limit) leads. Budgets, counted in money, have headers of their own; the caller's
+    `dialect` adds its API's own rate-limit headers."""
+    counted = [s for s in statuses if s.limit.dimension != BUDGET]
+    headline = headline or most_restrictive(counted)
+    headers = {}
+    if headline is not None:
+        headers = {
+            "X-RateLimit-Limit": str(headline.limit.count),
+            "X-RateLimit-Remaining": str(headline.remaining),
+            "X-RateLimit-Reset": str(math.ceil(headline.reset_at)),
+            "RateLimit-Policy": ", ".join(_policy_item(s) for s in statuses),
+            "RateLimit": ", ".join(_state_item(s, now) for s in statuses),
+        }
     for kind, chosen in (
-        ("tokens", most_restrictive(s for s in statuses if s.limit.dimension != REQUESTS)),
-        ("requests", most_restrictive(s for s in statuses if s.limit.dimension == REQUESTS)),
+        ("tokens", most_restrictive(s for s in counted if s.limit.dimension in TOKEN_DIMENSIONS)),
+        ("requests", most_restrictive(s for s in counted if s.limit.dimension == REQUESTS)),
     ):
         if chosen is not None:
             headers[f"x-ratelimit-limit-{kind}"] = str(chosen.limit.count)
             headers[f"x-ratelimit-remaining-{kind}"] = str(chosen.remaining)
             headers[f"x-ratelimit-reset-{kind}"] = go_duration(chosen.reset_at - now)
+    budget = most_restrictive(s for s in statuses if s.limit.dimension == BUDGET)
+    if budget is not None:
+        headers[BUDGET_REMAINING_HEADER] = dollars(budget.remaining)
+        headers[BUDGET_RESET_HEADER] = str(math.ceil(budget.reset_at))
     if dialect is not None:
-        headers.update(dialect.ratelimit_headers(statuses, now))
+        headers.update(dialect.ratelimit_headers(counted, now))
     return headers
+
+
+def described(limit: Limit, proxy: Proxy, named: bool = True) -> str:
+    """A limit in words: `total tokens per 1m (total_tokens-1m)`; a limit with a model filter
+    or a scope of its own says them: `... for models gpt-4o*, shared by the proxy's keys`."""
+    unit = {REQUESTS: "requests", BUDGET: "USD"}.get(
+        limit.dimension, limit.dimension.replace("_", " ")
+    )
+    words = f"{unit} per {limit.label}" + (f" ({limit.name})" if named else "")
+    if limit.models:
+        words += f" for models {', '.join(limit.models)}"
+    if limit.models or limit.scope:
+        scope = limit.scope or proxy.scope
+        words += ", per key" if scope == "key" else ", shared by the proxy's keys"
+    return words
 
 
 def put_headers(message: http.Message, headers: dict[str, str]) -> None:
@@ -183,20 +223,24 @@ def too_large(dialect: Dialect, limit: int) -> http.Response:
 
 
 def rate_limited(
-    dialect: Dialect, decision: Decision, now: float, proxy: str, requested: int
+    dialect: Dialect, decision: Decision, now: float, proxy: Proxy, demand: Demand
 ) -> http.Response:
-    """429 for a refused reservation: when to retry, and which limit refused, in words too."""
+    """429 for a refused reservation: when to retry, and which limit refused (its model filter
+    and scope too), in words too. A spent budget is OpenAI's `insufficient_quota`."""
     blocking = decision.blocking
     assert blocking is not None, "a refused decision names its limit"
     limit = blocking.limit
-    unit = "requests" if limit.dimension == REQUESTS else limit.dimension.replace("_", " ")
+    need = terms_of(limit, demand).minimum
     used = blocking.used + blocking.reserved
     headers = ratelimit_headers(decision.statuses, now, headline=blocking, dialect=dialect)
     headers["X-RateLimit-Quota"] = limit.name
+    what = described(limit, proxy)
+    budget = limit.dimension == BUDGET
     if decision.retry_at is None:
         message = (
-            f"Request too large for proxy {proxy!r} on {unit} per {limit.label}: limit "
-            f"{limit.count}, requested {requested}. Reduce the prompt or max tokens."
+            f"Request too large for proxy {proxy.name!r} on {described(limit, proxy, False)}: "
+            f"limit {amount(limit)}, "
+            f"requested {amount(limit, need)}. Reduce the prompt or max tokens."
         )
         headers["x-should-retry"] = "false"
     else:
@@ -207,13 +251,50 @@ def rate_limited(
         headers["retry-after-ms"] = str(max(0, math.ceil(wait * 1000)))
         if retry_after > SDK_MAX_RETRY_WAIT:
             headers["x-should-retry"] = "false"
-        message = (
-            f"Rate limit reached for proxy {proxy!r} on {unit} per {limit.label} "
-            f"({limit.name}): limit {limit.count}, used {used}, requested {requested}. "
-            f"Please try again in {go_duration(wait)}."
+        if budget:
+            message = (
+                f"Budget reached for proxy {proxy.name!r}: {what} of {amount(limit)}, "
+                f"{amount(limit, blocking.remaining)} left, this request needs "
+                f"{amount(limit, need)}. It refills enough in {go_duration(wait)}."
+            )
+        else:
+            message = (
+                f"Rate limit reached for proxy {proxy.name!r} on {what}: limit {limit.count}, "
+                f"used {used}, requested {need}. Please try again in {go_duration(wait)}."
+            )
+    if budget:
+        return gate_response(
+            dialect, 429, message, "insufficient_quota", "insufficient_quota", headers
         )
     code_type = "requests" if limit.dimension == REQUESTS else "tokens"
     return gate_response(dialect, 429, message, code_type, "rate_limit_exceeded", headers)
+
+
+def model_not_allowed(dialect: Dialect, model: str, proxy: Proxy) -> http.Response:
+    """403 for a model outside the proxy's allow-list, naming what is allowed."""
+    return invalid_request(
+        dialect,
+        403,
+        f"The model {model!r} is not available through proxy {proxy.name!r}: it allows "
+        f"{', '.join(proxy.models)}.",
+        "model_not_allowed",
+    )
+
+
+def unpriced(dialect: Dialect, proxy: str, model: str | None) -> http.Response:
+    """403 for a request a budget cannot count: its model has no known price (or none is
+    known yet: with mitmproxy's stream_large_bodies the gate decides before reading the body)."""
+    if model is None:
+        why = "the request's model is not known when the gate must decide (its body streams)"
+    else:
+        why = f"the model {model!r} has no known price"
+    return invalid_request(
+        dialect,
+        403,
+        f"Proxy {proxy!r} has a budget in USD, but {why}, so the request was not sent. The "
+        "gateway's operator can add the model's price under `prices:` in quotas.yaml.",
+        "model_price_unknown",
+    )
 
 
 def store_unavailable(dialect: Dialect, retry_after: int) -> http.Response:
@@ -238,27 +319,39 @@ def usage_unavailable(dialect: Dialect) -> http.Response:
 def standing(
     proxy: Proxy, key: str, statuses: tuple[LimitStatus, ...], now: float
 ) -> dict[str, Any]:
-    """A caller's own windows, as the usage endpoint shows them."""
+    """A caller's windows, each limit in its scope and with its model filter, as the usage
+    endpoint shows them; a budget's figures in micro-dollars, and in USD beside them."""
     return {
         "object": "tokengate.usage",
         "proxy": proxy.name,
         "key": key,
         "scope": proxy.scope,
-        "limits": [
-            {
-                "name": status.limit.name,
-                "dimension": status.limit.dimension,
-                "limit": status.limit.count,
-                "window_seconds": status.limit.seconds,
-                "used": status.used,
-                "reserved": status.reserved,
-                "remaining": status.remaining,
-                "reset": math.ceil(status.reset_at),
-                "reset_in_seconds": seconds_until(status.reset_at, now),
-            }
-            for status in statuses
-        ],
+        "limits": [window(status, proxy, now) for status in statuses],
     }
+
+
+def window(status: LimitStatus, proxy: Proxy, now: float) -> dict[str, Any]:
+    limit = status.limit
+    shown = {
+        "name": limit.name,
+        "dimension": limit.dimension,
+        "limit": limit.count,
+        "window_seconds": limit.seconds,
+        "used": status.used,
+        "reserved": status.reserved,
+        "remaining": status.remaining,
+        "reset": math.ceil(status.reset_at),
+        "reset_in_seconds": seconds_until(status.reset_at, now),
+    }
+    if limit.models:
+        shown["models"] = list(limit.models)
+    if limit.scope:
+        shown["scope"] = limit.scope
+    if limit.dimension == BUDGET:
+        shown["unit"] = "micro_usd"
+        shown["limit_usd"] = dollars(limit.count)
+        shown["remaining_usd"] = dollars(status.remaining)
+    return shown
 
 
 def usage_report(

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 from mitmproxy import http
 
 from .notes import Notes
+from .prices import usd
 
 log = logging.getLogger("tokengate")
 
@@ -93,11 +94,18 @@ def entry(flow: http.HTTPFlow, state: Notes, status: int | None, decision: str) 
         "prompt_tokens": usage.get("prompt_tokens", 0),
         "completion_tokens": usage.get("completion_tokens", 0),
         "total_tokens": usage.get("total_tokens", 0),
+        "cached_prompt_tokens": usage.get("cached_prompt_tokens", 0),
+        "cache_write_tokens": usage.get("cache_write_tokens", 0),
+        "reasoning_tokens": usage.get("reasoning_tokens", 0),
         "usage_source": usage.get("source"),
         "latency_ms": _latency_ms(flow),
         "remaining": state.get("remaining", {}),
         "limits": state.get("limits", {}),
     }
+    if "service_tier" in usage:  # the answer named the tier it was served (and billed) at
+        line["service_tier"] = usage["service_tier"]
+    if "cost_micro_usd" in state:  # the gate priced the call (a proxy with a budget)
+        line["cost_usd"] = usd(state["cost_micro_usd"])
     if "max_tokens_lowered_to" in state:  # the completion was bounded by what was left
         line["max_tokens_lowered_to"] = state["max_tokens_lowered_to"]
     if state.get("scrubbed"):  # a provider key was scrubbed from the answer (never the key)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import Proxy
+from .config import Proxy, amount
 from .gate import Gate
 from .keys import format_timestamp
 from .limiter import LimitStatus, seconds_until
@@ -11,8 +11,8 @@ from .quota import buckets_for
 
 def _windows(statuses: tuple[LimitStatus, ...], now: float) -> str:
     return "; ".join(
-        f"{s.limit.name} {s.used} used + {s.reserved} reserved of {s.limit.count}, "
-        f"{s.remaining} left, {_whole(s, now)}"
+        f"{s.limit.name} {amount(s.limit, s.used)} used + {amount(s.limit, s.reserved)} "
+        f"reserved of {amount(s.limit)}, {amount(s.limit, s.remaining)} left, {_whole(s, now)}"
         for s in statuses
     )
 
@@ -46,13 +46,17 @@ async def status_report(gate: Gate) -> str:
 async def _proxy_lines(gate: Gate, proxy: Proxy, now: float) -> list[str]:
     if not proxy.limits:
         return [f"  {proxy.name}: no limits; keys: {', '.join(k.name for k in proxy.keys)}"]
+
+    def scoped(key: str, scope: str):
+        return tuple(b for b in buckets_for(proxy, key) if (b.limit.scope or proxy.scope) == scope)
+
     lines = []
-    if proxy.scope == "proxy":
-        statuses = await gate.store.status(buckets_for(proxy, "*"))
+    shared = scoped("*", "proxy")
+    if shared:
+        statuses = await gate.store.status(shared)
         lines.append(f"  {proxy.name} (shared by all keys): {_windows(statuses, now)}")
     for key in proxy.keys:
-        usage = ""
-        if proxy.scope == "key":
-            usage = ": " + _windows(await gate.store.status(buckets_for(proxy, key.name)), now)
+        own = scoped(key.name, "key")
+        usage = ": " + _windows(await gate.store.status(own), now) if own else ""
         lines.append(f"  {proxy.name}/{key.name}{_expiry(key.expires, now)}{usage}")
     return lines

@@ -8,6 +8,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
+from fnmatch import fnmatchcase
+from fractions import Fraction
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,7 +19,8 @@ from urllib.parse import urlsplit
 from .dialects import DEFAULT as DEFAULT_DIALECT
 from .dialects import DIALECTS, OPENAI, Dialect, InvalidSetting
 from .keys import KeyRing, StoredKey, parse_timestamp
-from .limiter import REQUESTS, TOKEN_DIMENSIONS, Limit
+from .limiter import BUDGET, MICRO_USD, REQUESTS, TOKEN_DIMENSIONS, Limit
+from .prices import Price, PriceBook, PriceError, parse_price, usd_text
 from .yamlsource import Document, Where, load_document
 
 SCOPES = ("key", "proxy")
@@ -29,6 +34,10 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HOST = re.compile(r"^[A-Za-z0-9.:\[\]-]+$")
+# A model glob (fnmatch): printable, no spaces, every `[` closed by a `]`.
+_GLOB = re.compile(r"^(?:[^\s\[\]]|\[!?\]?[^\]\s]*\])+$")
+MAX_BUDGET_SECONDS = 31 * 86400  # a budget's window: up to a month
+WEIGHTS = ("cached_prompt_tokens",)
 
 
 @dataclass(frozen=True)
@@ -56,10 +65,22 @@ class Proxy:
     keys: KeyRing
     fail: str = "closed"  # what callers get while the store is down: 503, or admitted unmetered
     queue_wait: int = 0  # seconds a request held back by in-flight reservations may wait
+    models: tuple[str, ...] = ()  # the models callers may use (globs); () = any
+    strict: bool = False  # always bound the completion to what was reserved (a hard cap)
 
     @property
     def dialect(self) -> Dialect:
         return self.provider.dialect
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a limit of this proxy counts money (its requests then need a price)."""
+        return any(limit.dimension == BUDGET for limit in self.limits)
+
+    def allows(self, model: str | None) -> bool:
+        """Whether the allow-list lets `model` through (a request naming none is the
+        provider's to refuse)."""
+        return not self.models or model is None or any(fnmatchcase(model, p) for p in self.models)
 
 
 @dataclass(frozen=True)
@@ -85,13 +106,25 @@ class Config:
     providers: dict[str, Provider]
     proxies: dict[str, Proxy]
     store: StoreSpec
+    prices: dict[str, Price] = field(default_factory=dict)  # `prices:`, by model name or glob
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a proxy has a budget: only then is the bundled price table loaded."""
+        return any(proxy.budgeted for proxy in self.proxies.values())
+
+    @cached_property
+    def price_book(self) -> PriceBook:
+        """`prices:` first, then the bundled table (one book per configuration: a reload
+        resolves each model again, with the prices it now names)."""
+        return PriceBook(self.prices)
 
     def summary(self, replay: bool = False) -> str:
         """One short line per proxy, for the log at start and after a reload; `replay`: for QA
         replay, which evaluates on a memory store of its own and leaves the configured one."""
         parts = []
         for proxy in self.proxies.values():
-            limits = ", ".join(f"{lim.count} {lim.name}" for lim in proxy.limits) or "no limits"
+            limits = ", ".join(f"{amount(lim)} {lim.name}" for lim in proxy.limits) or "no limits"
             parts.append(
                 f"{proxy.name} ({proxy.context} -> {proxy.provider.name}, scope {proxy.scope}, "
                 f"{limits}, {plural(len(proxy.keys), 'key')}, fail {proxy.fail})"
@@ -101,6 +134,12 @@ class Config:
         else:
             store = f"store {self.store.kind}"
         return "; ".join(parts) + f"; {store}"
+
+
+def amount(limit: Limit, value: int | None = None) -> str:
+    """A limit's count (or `value` in its unit) as people read it: `$5.000000` for a budget."""
+    value = limit.count if value is None else value
+    return usd_text(value) if limit.dimension == BUDGET else str(value)
 
 
 def plural(count: int, noun: str) -> str:
@@ -234,30 +273,96 @@ def _provider(reader: _Reader, name: str, raw: Any) -> Provider:
     )
 
 
-def _limit_list(reader: _Reader, raw: Any, where: Where, dimension: str) -> list[Limit]:
+def _globs(reader: _Reader, raw: Any, where: Where) -> tuple[str, ...]:
+    """`models:`: a non-empty list of model names or globs (`gpt-4o*`)."""
+    if not isinstance(raw, list) or not raw:
+        raise reader.doc.error(where, "models must be a non-empty list of model names or globs")
+    for index, pattern in enumerate(raw):
+        if not isinstance(pattern, str) or not _GLOB.match(pattern):
+            raise reader.doc.error(
+                (*where, index),
+                f"bad glob {pattern!r}: a model name with * ? or [...], no spaces, every [ closed",
+            )
+    return tuple(raw)
+
+
+def _usd(reader: _Reader, value: Any, where: Where) -> int:
+    """`usd:` as whole micro-dollars, exactly."""
+    micro = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            micro = Decimal(str(value)) * MICRO_USD
+        except InvalidOperation:
+            micro = None
+    if micro is None or not micro.is_finite() or micro <= 0:
+        raise reader.doc.error(where, f"usd must be a positive number of dollars, not {value!r}")
+    if micro != micro.to_integral_value():
+        raise reader.doc.error(where, f"usd {value!r} is finer than a micro-dollar (0.000001)")
+    return int(micro)
+
+
+def _limit_list(
+    reader: _Reader, raw: Any, where: Where, dimension: str, weight: Fraction = Fraction(1)
+) -> list[Limit]:
+    """One dimension's limits: `{count, duration}` (a budget: `{usd, duration}`), each with
+    an optional `models:` filter and `scope:`; ranked by duration, then place in the file."""
+    unit = "usd" if dimension == BUDGET else "count"
     if not isinstance(raw, list) or not raw:
         raise reader.doc.error(
-            where, f"{dimension} must be a non-empty list of {{count, duration}}"
+            where, f"{where[-1]} must be a non-empty list of {{{unit}, duration}}"
         )
     limits: list[Limit] = []
     for index, item in enumerate(raw):
         item_where = (*where, index)
-        reader.mapping(item, item_where, {"count", "duration"}, {"count", "duration"})
-        count = reader.count(item["count"], (*item_where, "count"), 1)
+        reader.mapping(item, item_where, {unit, "duration", "models", "scope"}, {unit, "duration"})
+        if dimension == BUDGET:
+            count = _usd(reader, item[unit], (*item_where, unit))
+        else:
+            count = reader.count(item[unit], (*item_where, unit), 1)
         try:
             seconds = parse_duration(item["duration"])
         except ValueError as e:
             raise reader.doc.error((*item_where, "duration"), str(e)) from None
-        if any(other.seconds == seconds for other in limits):
+        if dimension == BUDGET and seconds > MAX_BUDGET_SECONDS:
             raise reader.doc.error(
                 (*item_where, "duration"),
-                f"a second {dimension} limit per {item['duration']}: keep one (the lower count)",
+                f"a budget's duration is at most 31d, not {item['duration']}",
             )
-        limits.append(Limit(dimension, count, seconds, str(item["duration"])))
+        models = _globs(reader, item["models"], (*item_where, "models")) if "models" in item else ()
+        scope = item.get("scope")
+        if scope is not None and scope not in SCOPES:
+            raise reader.doc.error(
+                (*item_where, "scope"), f"scope must be one of {', '.join(SCOPES)}, not {scope!r}"
+            )
+        limit = Limit(dimension, count, seconds, str(item["duration"]), None, models, scope)
+        if dimension in TOKEN_DIMENSIONS:
+            limit = replace(limit, cached_weight=weight)
+        if any(
+            (other.seconds, other.models, other.scope) == (seconds, models, scope)
+            for other in limits
+        ):
+            raise reader.doc.error(
+                (*item_where, "duration"),
+                f"a second {dimension} limit per {item['duration']} of the same models and "
+                f"scope: keep one (the lower {unit})",
+            )
+        limits.append(limit)
     ranked = sorted(range(len(limits)), key=lambda i: limits[i].seconds)
     for rank, index in enumerate(ranked):
         limits[index] = replace(limits[index], rank=rank)
     return limits
+
+
+def _weights(reader: _Reader, raw: Any, where: Where) -> Fraction:
+    """`weights:`: what a cached prompt token counts in token limits, 0 to 1 (default 1)."""
+    reader.mapping(raw, where, set(WEIGHTS))
+    value = raw.get("cached_prompt_tokens", 1)
+    weight_where = (*where, "cached_prompt_tokens")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise reader.doc.error(
+            weight_where, f"cached_prompt_tokens must be a number from 0 to 1, not {value!r}"
+        )
+    return Fraction(Decimal(str(value)))
 
 
 def _timestamp(reader: _Reader, value: Any, where: Where) -> float | None:
@@ -292,6 +397,10 @@ def _proxy(
             "keys",
             "fail",
             "queue_wait",
+            "models",
+            "strict",
+            "budgets",
+            "weights",
         },
         {"context", "provider"},
     )
@@ -311,13 +420,27 @@ def _proxy(
         raise reader.doc.error(
             (*where, "scope"), f"scope must be one of {', '.join(SCOPES)}, not {scope!r}"
         )
+    weight = _weights(reader, raw["weights"], (*where, "weights")) if "weights" in raw else 1
     limits: list[Limit] = []
     token_limits = raw.get("token_limits", {})
-    reader.mapping(token_limits, (*where, "token_limits"), set(TOKEN_DIMENSIONS))
+    if not isinstance(token_limits, dict):
+        raise reader.doc.error((*where, "token_limits"), f"{name}.token_limits must be a mapping")
     for dimension, items in token_limits.items():
-        limits += _limit_list(reader, items, (*where, "token_limits", dimension), dimension)
+        dimension_where = (*where, "token_limits", dimension)
+        if dimension not in TOKEN_DIMENSIONS:
+            raise reader.doc.error(
+                dimension_where,
+                f"unknown dimension {dimension!r} (known: {', '.join(TOKEN_DIMENSIONS)})",
+            )
+        limits += _limit_list(reader, items, dimension_where, dimension, Fraction(weight))
     if "request_limits" in raw:
         limits += _limit_list(reader, raw["request_limits"], (*where, "request_limits"), REQUESTS)
+    if "budgets" in raw:
+        limits += _limit_list(reader, raw["budgets"], (*where, "budgets"), BUDGET)
+    models = _globs(reader, raw["models"], (*where, "models")) if "models" in raw else ()
+    strict = raw.get("strict", False)
+    if not isinstance(strict, bool):
+        raise reader.doc.error((*where, "strict"), f"strict must be true or false, not {strict!r}")
     fail = raw.get("fail", "closed")
     if fail not in FAIL_MODES:
         raise reader.doc.error(
@@ -375,6 +498,8 @@ def _proxy(
         keys=KeyRing(keys),
         fail=fail,
         queue_wait=queue_wait,
+        models=models,
+        strict=strict,
     )
 
 
@@ -469,6 +594,19 @@ def _cluster(reader: _Reader, raw: dict, where: Where) -> dict:
     return {"cluster": True, "cluster_nodes": tuple(nodes)}
 
 
+def _prices(reader: _Reader, raw: Any) -> dict[str, Price]:
+    """The `prices:` entry: USD per 1M tokens by model name (or glob), before the bundled table."""
+    prices = {}
+    for model, entry in reader.entries(raw, ("prices",)).items():
+        where: Where = ("prices", model)
+        reader.string(model, where)
+        try:
+            prices[model] = parse_price(entry)
+        except PriceError as e:
+            raise reader.doc.error((*where, e.field) if e.field else where, str(e)) from None
+    return prices
+
+
 def load_config(path: Path | str, check_credentials: bool = True) -> Config:
     """Read and validate a quotas file; raises ConfigError naming file, line and reason.
 
@@ -478,7 +616,9 @@ def load_config(path: Path | str, check_credentials: bool = True) -> Config:
     """
     doc = load_document(path)
     reader = _Reader(doc, check_credentials)
-    top = reader.mapping(doc.data, (), {"providers", "proxies", "store"}, {"providers", "proxies"})
+    top = reader.mapping(
+        doc.data, (), {"providers", "proxies", "store", "prices"}, {"providers", "proxies"}
+    )
     providers = {
         name: _provider(reader, name, raw)
         for name, raw in reader.entries(top["providers"], ("providers",)).items()
@@ -501,7 +641,11 @@ def load_config(path: Path | str, check_credentials: bool = True) -> Config:
                 )
         contexts[proxy.context] = proxy.name
     store = _store(reader, top.get("store"))
-    return Config(path=Path(path), providers=providers, proxies=proxies, store=store)
+    prices = _prices(reader, top.get("prices"))
+    config = Config(Path(path), providers, proxies, store, prices)
+    if config.budgeted:
+        config.price_book.load()  # the bundled table, now rather than on the first request
+    return config
 
 
 def _one_dialect_per_host(doc: Document, providers: dict[str, Provider]) -> None:

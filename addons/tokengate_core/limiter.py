@@ -18,35 +18,56 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from fractions import Fraction
 
 TOKEN_DIMENSIONS = ("prompt_tokens", "completion_tokens", "total_tokens")
 REQUESTS = "requests"
+BUDGET = "usd"  # money: a budget's count and every charge to it are whole micro-dollars
+MICRO_USD = 1_000_000  # micro-dollars per dollar
+PER_MILLION = 1_000_000  # rates are per million tokens (a price: micro-dollars per 1M tokens)
 
 
 @dataclass(frozen=True)
 class Limit:
-    """`count` units of `dimension` per rolling `seconds`."""
+    """`count` units of `dimension` per rolling `seconds`, for the requests of the models it
+    names (none: every model), in its own scope or (None) its proxy's."""
 
     dimension: str
     count: int
     seconds: int
     label: str  # as written, e.g. "1m"
-    rank: int | None = None  # among the limits of its dimension, by duration (set by the loader)
+    rank: int | None = None  # among the limits of its dimension (set by the loader)
+    models: tuple[str, ...] = ()  # glob patterns of the models it applies to; () = all
+    scope: str | None = None  # key | proxy, where the limit says; None: its proxy's scope
+    cached_weight: Fraction = Fraction(1)  # what a cached prompt token counts (token limits)
 
     @property
     def name(self) -> str:
-        return f"{self.dimension}-{self.label}"
+        """`total_tokens-1m`, with the model filter and an own scope when the limit has them:
+        `total_tokens-1m[gpt-4o*]@proxy`."""
+        models = f"[{','.join(self.models)}]" if self.models else ""
+        scope = f"@{self.scope}" if self.scope else ""
+        return f"{self.dimension}-{self.label}{models}{scope}"
 
     @property
     def window(self) -> str:
-        """What the store calls this limit's window: its dimension and its rank by duration.
+        """What the store calls this limit's window: its dimension and its rank among the
+        limits of that dimension (by duration, then by place in the file).
 
-        A count or a duration edited in place keeps the window, so a changed limit applies to
-        the usage already spent; and every process reading the same file, after a reload or a
-        restart, names it the same. (A limit made outside a quotas file goes by its name.)
+        A count, a duration, a model filter or a budget's amount edited in place keeps the
+        window, so a changed limit applies to the usage already spent; and every process
+        reading the same file, after a reload or a restart, names it the same. The scope is
+        not part of it: the bucket's key says whose window it is. (A limit made outside a
+        quotas file goes by its name.)
         """
         return self.name if self.rank is None else f"{self.dimension}#{self.rank}"
+
+    def applies_to(self, model: str | None) -> bool:
+        """Whether a request for `model` counts against this limit; a request whose model is
+        not known yet counts against every limit (the safe side)."""
+        return not self.models or model is None or any(fnmatchcase(model, p) for p in self.models)
 
 
 # Slots per window duration. A power of two, so `stamp * SLOTS` is exact, and Python (memory,
@@ -70,17 +91,63 @@ class Bucket:
 
 
 @dataclass(frozen=True)
-class Demand:
-    """What a request asks for: its prompt estimate and the completion tokens it may produce."""
+class Rates:
+    """A model's price as a budget reserves it: micro-dollars per million prompt and
+    completion tokens (so a token costs rate / PER_MILLION micro-dollars)."""
 
     prompt: int
     completion: int
 
-    def minimum(self, dimension: str) -> int:
-        """What must be left in a window of `dimension` for the request to be admitted at all."""
-        if dimension in ("prompt_tokens", "total_tokens"):
-            return max(1, self.prompt)
-        return 1
+
+@dataclass(frozen=True)
+class Demand:
+    """What a request asks for: its prompt estimate and the completion tokens it may produce;
+    the model's rates where a budget applies; `least`: completion tokens that must fit beside
+    the prompt (a strict proxy asks one per completion, then bounds each to what it reserved)."""
+
+    prompt: int
+    completion: int
+    rates: Rates | None = None
+    least: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """What one window takes of a request: `base` + ceil(completion * `rate` / PER_MILLION),
+    and the request is admitted only where `minimum` is left. Every dimension is this one
+    linear rule, so every store (the Lua script too) caps and holds them alike."""
+
+    base: int
+    rate: int  # per million completion tokens
+    minimum: int
+
+    def amount(self, completion: int) -> int:
+        return self.base + -(-completion * self.rate // PER_MILLION)
+
+    def cap(self, remaining: int) -> int | None:
+        """The most completion tokens that fit in `remaining`; None: any number."""
+        if self.rate == 0:
+            return None
+        return (remaining - self.base) * PER_MILLION // self.rate
+
+
+def terms_of(limit: Limit, demand: Demand) -> Terms:
+    """The linear rule by which `demand` counts against `limit`."""
+    dimension, prompt = limit.dimension, demand.prompt
+    least = min(demand.least, demand.completion)
+    if dimension == REQUESTS:
+        return Terms(1, 0, 1)
+    if dimension == "prompt_tokens":
+        return Terms(prompt, 0, max(1, prompt))
+    if dimension == "completion_tokens":
+        return Terms(0, PER_MILLION, max(1, least))
+    if dimension == "total_tokens":
+        return Terms(prompt, PER_MILLION, max(1, prompt + least))
+    if demand.rates is None:
+        raise ValueError(f"a {limit.name} budget needs the model's price")
+    base = -(-prompt * demand.rates.prompt // PER_MILLION)
+    rate = demand.rates.completion
+    return Terms(base, rate, max(1, base - (-least * rate // PER_MILLION)))
 
 
 @dataclass(frozen=True)
@@ -93,18 +160,30 @@ class Usage:
     cached_prompt: int = 0  # prompt tokens read from the provider's prompt cache
     cache_write: int = 0  # prompt tokens written to the provider's prompt cache
     reasoning: int = 0  # completion tokens spent on hidden reasoning
+    cost: int = 0  # micro-dollars, where the model's price is known (what budgets count)
+    service_tier: str | None = None  # the tier the answer says it was served at (prices.py)
 
     @property
     def total(self) -> int:
         return self.prompt + self.completion
 
-    def amount(self, dimension: str) -> int:
-        return {
-            "prompt_tokens": self.prompt,
-            "completion_tokens": self.completion,
-            "total_tokens": self.total,
-            REQUESTS: 1,
-        }[dimension]
+
+def charged(limit: Limit, usage: Usage) -> int:
+    """What `usage` counts against `limit`: a token limit counts cached prompt tokens at its
+    weight (rounded up), reasoning tokens once (they are completion tokens), a budget the
+    cost, a request limit one."""
+    dimension = limit.dimension
+    if dimension == REQUESTS:
+        return 1
+    if dimension == BUDGET:
+        return usage.cost
+    if dimension == "completion_tokens":
+        return usage.completion
+    prompt = usage.prompt
+    if limit.cached_weight != 1 and usage.cached_prompt > 0:
+        cached = min(usage.cached_prompt, prompt)
+        prompt += math.ceil(cached * limit.cached_weight) - cached
+    return prompt if dimension == "prompt_tokens" else prompt + usage.completion
 
 
 @dataclass(frozen=True)
@@ -200,9 +279,10 @@ def decide_on(
     The completion reserve is capped by what is left, so a small quota still admits requests.
     """
     statuses = tuple(statuses)
+    terms = [terms_of(status.limit, demand) for status in statuses]
     refusals = []
     for index, status in enumerate(statuses):
-        need = demand.minimum(status.limit.dimension)
+        need = terms[index].minimum
         if status.remaining < need:
             refusals.append((fits_at(status.limit, charges_of(index), now, need), status))
     if refusals:
@@ -212,12 +292,21 @@ def decide_on(
         retry_at, blocking = max(refusals, key=lambda pair: pair[0])
         return Decision(False, statuses, blocking=blocking, retry_at=retry_at)
     completion = demand.completion
-    for status in statuses:
-        if status.limit.dimension == "total_tokens":
-            completion = min(completion, status.remaining - demand.prompt)
-        elif status.limit.dimension == "completion_tokens":
-            completion = min(completion, status.remaining)
-    return Decision(True, statuses, reserved=Usage(demand.prompt, max(0, completion)))
+    for status, term in zip(statuses, terms, strict=True):
+        cap = term.cap(status.remaining)
+        if cap is not None:
+            completion = min(completion, cap)
+    return Decision(True, statuses, reserved=held_for(demand, max(0, completion)))
+
+
+def held_for(demand: Demand, completion: int) -> Usage:
+    """What an admitted `demand` holds once its completion reserve is `completion`: its
+    tokens, and their cost at its rates."""
+    cost = 0
+    if demand.rates is not None:
+        cost = -(-demand.prompt * demand.rates.prompt // PER_MILLION)
+        cost += -(-completion * demand.rates.completion // PER_MILLION)
+    return Usage(demand.prompt, completion, cost=cost)
 
 
 def held_back_by_reservations(decision: Decision, demand: Demand) -> bool:
@@ -226,10 +315,11 @@ def held_back_by_reservations(decision: Decision, demand: Demand) -> bool:
     to expire is what Retry-After is for."""
     if decision.admitted or decision.retry_at is None:
         return False
+    needs = [(status, terms_of(status.limit, demand).minimum) for status in decision.statuses]
     return all(
-        status.limit.count - status.used >= demand.minimum(status.limit.dimension)
-        for status in decision.statuses
-        if status.remaining < demand.minimum(status.limit.dimension)
+        status.limit.count - status.used >= need
+        for status, need in needs
+        if status.remaining < need
     )
 
 
@@ -239,10 +329,11 @@ def settled_view(
     """The windows as they will stand once a reservation of `reserved` settles at `usage`,
     from statuses taken with it held (other flows' changes since then are not seen)."""
     return tuple(
-        replace(
-            status,
-            used=status.used + usage.amount(status.limit.dimension),
-            reserved=max(0, status.reserved - reserved.amount(status.limit.dimension)),
+        LimitStatus(
+            status.limit,
+            status.used + charged(status.limit, usage),
+            max(0, status.reserved - charged(status.limit, reserved)),
+            status.reset_at,
         )
         for status in statuses
     )

@@ -67,7 +67,9 @@ class Metering:
         return StreamRelay(
             StreamMeter(dialect.stream, prompt, model),
             drop_usage_chunk=bool(note.get("usage_injected")),
-            trailer=lambda metered: trailer_comment(admission.statuses, reserved, metered),
+            trailer=lambda metered: trailer_comment(
+                admission.statuses, reserved, metered, admission.cost(metered.usage)
+            ),
         )
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -78,14 +80,15 @@ class Metering:
         meter = self._meters.pop(flow.id, None)
         status = flow.response.status_code
         metered = None if status >= 400 else self._measure(flow, note, admission, meter)
-        statuses = self._settle(
-            flow, note, charge(status, metered, admission.reservation.amounts, False)
-        )
+        charged = charge(status, metered, admission.reservation.amounts, False)
+        statuses = self._settle(flow, note, admission, charged)
         if meter is None and metered is not None:
             headers = answers.ratelimit_headers(
                 statuses, self.gate.clock(), dialect=admission.dialect
             )
             headers["X-Tokens-Consumed"] = str(metered.usage.total)
+            if "cost_micro_usd" in note:
+                headers[answers.COST_HEADER] = answers.dollars(note["cost_micro_usd"])
             answers.put_headers(flow.response, headers)
 
     def _measure(
@@ -114,20 +117,23 @@ class Metering:
         message = flow.error.msg if flow.error else ""
         sent = caller_hung_up(message) and flow.server_conn.timestamp_start is not None
         metered = charge(None, streamed, admission.reservation.amounts, sent)
-        self._settle(flow, notes.of(flow), metered)
+        self._settle(flow, notes.of(flow), admission, metered)
         if metered is not None:
             log.info(
                 "tokengate: flow %s cut short; charged %s tokens", flow.id, metered.usage.total
             )
 
     def _settle(
-        self, flow: http.HTTPFlow, note: Notes, metered: Metered | None
+        self, flow: http.HTTPFlow, note: Notes, admission: Admission, metered: Metered | None
     ) -> tuple[LimitStatus, ...]:
-        """Settle (None: release) and note the windows as they will stand, for the headers,
-        the ledger and the comment."""
+        """Settle (None: release) and note the windows as they will stand and what the call
+        cost, for the headers, the ledger and the comment."""
         statuses = self.quota.settle(flow.id, metered.usage if metered else None) or ()
         notes.note_windows(note, statuses)
         notes.note_usage(note, metered)
+        cost = None if metered is None else admission.cost(metered.usage)
+        if cost is not None:
+            note["cost_micro_usd"] = cost
         proxy = self.gate.proxy(note.get("proxy", ""))
         if proxy is not None:
             exact = counted_whole(flow.request, self.gate.exact_prompt_chars)

@@ -19,10 +19,15 @@ if TYPE_CHECKING:
 META = "tokengate"
 
 
-class Charged(TypedDict):
+class Charged(TypedDict, total=False):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Parts of the counts above that providers price apart (absent from older captures).
+    cached_prompt_tokens: int  # prompt tokens read from the provider's cache
+    cache_write_tokens: int  # prompt tokens written to it
+    reasoning_tokens: int  # completion tokens spent on hidden reasoning
+    service_tier: str  # the tier the answer says it was served at, where it says so
     source: str  # "reported" by the provider, or "estimated" by the gate's tokenizer
 
 
@@ -44,6 +49,7 @@ class Notes(TypedDict, total=False):
     prompt_estimate: int
     max_tokens_requested: int  # the caller's own max tokens, where the gate lowered them
     max_tokens_lowered_to: int
+    max_tokens_added: bool  # a strict proxy set the max tokens the caller had not
     usage_injected: bool  # the gate asked a stream for usage; the caller did not
     # The decision.
     answered_by_gate: int  # status of the answer the gate made itself (never forwarded)
@@ -54,6 +60,7 @@ class Notes(TypedDict, total=False):
     remaining: dict[str, int]  # what each limit has left, by name
     # The outcome.
     usage: Charged | None  # what the call was charged; None: nothing
+    cost_micro_usd: int  # what the call cost in micro-dollars, where its model's price is known
     scrubbed: bool  # the provider's answer carried a provider key, replaced before it left
     audited: bool  # its ledger line is written
     measured: bool  # counted in the metrics
@@ -112,5 +119,10 @@ def note_usage(notes: Notes, metered: Metered | None) -> None:
         "prompt_tokens": metered.usage.prompt,
         "completion_tokens": metered.usage.completion,
         "total_tokens": metered.usage.total,
+        "cached_prompt_tokens": metered.usage.cached_prompt,
+        "cache_write_tokens": metered.usage.cache_write,
+        "reasoning_tokens": metered.usage.reasoning,
         "source": metered.source,
     }
+    if metered.usage.service_tier is not None:
+        notes["usage"]["service_tier"] = metered.usage.service_tier

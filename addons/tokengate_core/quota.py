@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mitmproxy import http
 
@@ -24,14 +24,17 @@ from .config import Proxy
 from .dialects import Dialect
 from .gate import Gate
 from .limiter import (
+    BUDGET,
     Bucket,
     Decision,
     Demand,
     LimitStatus,
+    Rates,
     Usage,
     held_back_by_reservations,
     settled_view,
 )
+from .prices import Price, cost
 from .stores import Reservation, StoreUnavailable
 
 STORE_RETRY_AFTER = 2  # seconds a caller is asked to wait while the store is down
@@ -40,10 +43,15 @@ QUEUE_POLL_SECONDS = 0.1
 DEFAULT_QUEUE_LIMIT = 100
 
 
-def buckets_for(proxy: Proxy, key_name: str) -> tuple[Bucket, ...]:
-    """The windows a caller's requests count against: its own, or its proxy's shared ones."""
-    scope = key_name if proxy.scope == "key" else "*"
-    return tuple(Bucket(f"{proxy.name}:{scope}:{limit.window}", limit) for limit in proxy.limits)
+def buckets_for(proxy: Proxy, key_name: str, model: str | None = None) -> tuple[Bucket, ...]:
+    """The windows a request for `model` counts against: every limit whose model filter it
+    matches (None: every limit), each in its scope, the caller's own or its proxy's shared."""
+    return tuple(
+        Bucket(f"{proxy.name}:{key_name if scope == 'key' else '*'}:{limit.window}", limit)
+        for limit in proxy.limits
+        if limit.applies_to(model)
+        for scope in (limit.scope or proxy.scope,)
+    )
 
 
 @dataclass(frozen=True)
@@ -56,18 +64,26 @@ class Ask:
     demand: Demand
     dialect: Dialect
     waiting: Callable[[], bool] = lambda: True  # False once the caller hung up
+    model: str | None = None  # None: not known yet (the body has not been read)
+    completions: int = 1  # how many completions share the completion reserve
+    service_tier: str | None = None  # the tier the request asks for: reserved at its price
 
 
 @dataclass(frozen=True)
 class Admission:
     """An admitted request. Unmetered (`reservation` None) while the store is down and the
     proxy fails open. It keeps the dialect it was admitted in: its answer is read in that one,
-    even if a reload removes its proxy meanwhile."""
+    even if a reload removes its proxy meanwhile; and its model's price, known or not."""
 
     reservation: Reservation | None
     decision: Decision | None
     dialect: Dialect
     statuses: tuple[LimitStatus, ...] = ()  # the windows with this reservation held
+    price: Price | None = None
+
+    def cost(self, usage: Usage) -> int | None:
+        """Micro-dollars `usage` costs at this model's price; None where it is not known."""
+        return None if self.price is None else cost(usage, self.price)
 
 
 @dataclass(frozen=True)
@@ -84,26 +100,43 @@ class QuotaService:
         self.waiting = 0  # requests waiting in the queue now
         self._held: dict[str, Admission] = {}  # flow id -> its admission, until it settles
 
+    def price(self, ask: Ask) -> Price | None:
+        """The price of the request's model: from `prices:`, or from the bundled table where a
+        proxy has a budget (a gate without one never loads the table)."""
+        config = self.gate.config
+        if ask.model is None or config is None:
+            return None
+        book = config.price_book
+        if not config.budgeted:
+            return book.override(ask.model)
+        return book.price(ask.model, api_url=ask.proxy.provider.base_url, at=self.gate.clock())
+
     async def admit(self, ask: Ask) -> Admission | Refusal | None:
-        """Reserve across every limit of the caller's scope. None: the proxy has no limits."""
-        buckets = buckets_for(ask.proxy, ask.key)
+        """Reserve across every limit that applies to the request. None: none applies."""
+        buckets = buckets_for(ask.proxy, ask.key, ask.model)
         if not buckets:
             return None
+        price = self.price(ask)
+        demand = replace(ask.demand, least=ask.completions if ask.proxy.strict else 0)
+        if any(bucket.limit.dimension == BUDGET for bucket in buckets):
+            if price is None:
+                return Refusal(answers.unpriced(ask.dialect, ask.proxy.name, ask.model), None)
+            rates = price.under(ask.service_tier).at(demand.prompt)
+            demand = replace(demand, rates=Rates(rates.input, rates.output))
+        ask = replace(ask, demand=demand)
         try:
-            decision, reservation = await self.accounting.reserve(ask.id, buckets, ask.demand)
+            decision, reservation = await self.accounting.reserve(ask.id, buckets, demand)
             if reservation is None and ask.proxy.queue_wait:
                 decision, reservation = await self._queue(ask, buckets, decision)
         except StoreUnavailable:
             if ask.proxy.fail == "open":
-                return Admission(None, None, ask.dialect)
+                return Admission(None, None, ask.dialect, price=price)
             return Refusal(answers.store_unavailable(ask.dialect, STORE_RETRY_AFTER), None)
         if reservation is None:
             now = self.gate.clock()
-            answer = answers.rate_limited(
-                ask.dialect, decision, now, ask.proxy.name, ask.demand.prompt
-            )
+            answer = answers.rate_limited(ask.dialect, decision, now, ask.proxy, demand)
             return Refusal(answer, decision)
-        admission = Admission(reservation, decision, ask.dialect, decision.statuses)
+        admission = Admission(reservation, decision, ask.dialect, decision.statuses, price)
         self._held[ask.id] = admission
         return admission
 
@@ -126,11 +159,14 @@ class QuotaService:
         if admission is None or admission.reservation is None:
             return None
         reservation = admission.reservation
+        if usage is not None:
+            usage = replace(usage, cost=admission.cost(usage) or 0)
         self.gate.writes.hand_over(lambda: self.accounting.settle(reservation, usage))
         return settled_view(admission.statuses, reservation.amounts, usage or Usage(0, 0))
 
     async def standing(self, proxy: Proxy, key: str) -> tuple[LimitStatus, ...]:
-        """The caller's windows as they stand, the settlements already handed over included."""
+        """Every window of the caller, each limit in its scope, as they stand (the
+        settlements already handed over included)."""
         await self.gate.writes.caught_up()
         return await self.gate.store.status(buckets_for(proxy, key))
 

@@ -76,6 +76,7 @@ class CaptureReplay:
         if saved is None or self.gate.config is None:
             return
         self.clock.now = flow.request.timestamp_start
+        self.quota.gate.config = self.gate.config  # its prices, as live
         note = Notes(
             proxy=saved.get("proxy"),
             key=saved.get("key"),
@@ -117,10 +118,22 @@ class CaptureReplay:
         note.update(model=terms.model, stream=terms.stream)
         if terms.model_from_answer:
             note["model_from_answer"] = True
+        if not proxy.allows(terms.model):
+            return 403, "forbidden"
         learned = self.quota.gate.estimates
         prompt = learned.prompt(proxy.provider.name, terms.model, read.prompt)
         demand = Demand(prompt, terms.completion_reserve)
-        outcome = await self.quota.admit(Ask(flow.id, proxy, key.name, demand, proxy.dialect))
+        ask = Ask(
+            flow.id,
+            proxy,
+            key.name,
+            demand,
+            proxy.dialect,
+            model=terms.model,
+            completions=terms.completions,
+            service_tier=terms.service_tier,
+        )
+        outcome = await self.quota.admit(ask)
         if outcome is None:  # a proxy without limits
             return captured, "admitted"
         note_decision(note, outcome)
@@ -130,7 +143,7 @@ class CaptureReplay:
         # As live: a max tokens above what is left is lowered, so the provider could not have
         # produced more than was reserved; the capture may hold a longer answer (sent under
         # roomier quotas), which these quotas would have cut.
-        changed = proxy.dialect.adjust(endpoint, read.body, reserved)
+        changed = proxy.dialect.adjust(endpoint, read.body, reserved, strict=proxy.strict)
         lowered = "max_tokens_lowered_to" in changed
         if lowered:
             note["max_tokens_lowered_to"] = changed["max_tokens_lowered_to"]
@@ -153,6 +166,9 @@ class CaptureReplay:
         learned.answered(proxy.provider.name, terms.model, read.prompt, metered, exact)
         if metered is not None:
             notes.note_usage(note, metered)
+            cost = outcome.cost(metered.usage)
+            if cost is not None:
+                note["cost_micro_usd"] = cost
         return status, "admitted"
 
 
@@ -186,6 +202,8 @@ def reported_live(metered: Metered, saved: dict[str, Any]) -> Metered:
 
 def capped(metered: Metered, completion: int) -> Metered:
     """The usage of an answer whose max tokens would have been lowered to `completion`."""
-    if metered.usage.completion <= completion:
+    usage = metered.usage
+    if usage.completion <= completion:
         return metered
-    return replace(metered, usage=Usage(metered.usage.prompt, completion))
+    cut = replace(usage, completion=completion, reasoning=min(usage.reasoning, completion))
+    return replace(metered, usage=cut)

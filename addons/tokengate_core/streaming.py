@@ -9,23 +9,34 @@ Responses API's terminal event). SSE parsers skip comments, so no client breaks 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
-from .config import REQUESTS
-from .limiter import LimitStatus, Usage, most_restrictive, settled_view
+from . import answers
+from .limiter import BUDGET, TOKEN_DIMENSIONS, LimitStatus, Usage, most_restrictive, settled_view
 from .sse import EventFramer
 from .usage import Metered, StreamMeter
 
 
-def trailer_comment(statuses: tuple[LimitStatus, ...], reserved: Usage, metered: Metered) -> bytes:
-    """`: x-ratelimit-remaining-tokens=N x-tokens-consumed=M`, N as if this flow had settled.
+def trailer_comment(
+    statuses: tuple[LimitStatus, ...], reserved: Usage, metered: Metered, cost: int | None = None
+) -> bytes:
+    """`: x-ratelimit-remaining-tokens=N x-tokens-consumed=M`, N as if this flow had settled;
+    then, where the model's price is known, `x-tokengate-cost=USD`, and where a budget applies
+    what is left of the tightest one.
 
     The statuses are those taken when this flow was admitted, so N does not see other flows
     settled or admitted since; M is exact for this flow.
     """
-    after = settled_view(statuses, reserved, metered.usage)
-    tightest = most_restrictive(s for s in after if s.limit.dimension != REQUESTS)
+    usage = metered.usage if cost is None else replace(metered.usage, cost=cost)
+    after = settled_view(statuses, reserved, usage)
+    tightest = most_restrictive(s for s in after if s.limit.dimension in TOKEN_DIMENSIONS)
     parts = [] if tightest is None else [f"x-ratelimit-remaining-tokens={tightest.remaining}"]
     parts.append(f"x-tokens-consumed={metered.usage.total}")
+    if cost is not None:
+        parts.append(f"x-tokengate-cost={answers.dollars(cost)}")
+    budget = most_restrictive(s for s in after if s.limit.dimension == BUDGET)
+    if budget is not None:
+        parts.append(f"x-tokengate-budget-remaining={answers.dollars(budget.remaining)}")
     return f": {' '.join(parts)}\n\n".encode()
 
 

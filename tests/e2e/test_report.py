@@ -71,7 +71,8 @@ def test_json_groups_by_proxy_key_and_model(ledger, capsys):
     assert out["lines"] == 5
     assert out["totals"] == {
         "requests": 5, "prompt_tokens": 30 + 25 + 3 + 2, "completion_tokens": 30 + 25 + 4 + 3,
-        "total_tokens": 122, "refused": 1,
+        "total_tokens": 122, "cached_prompt_tokens": 0, "cache_write_tokens": 0,
+        "reasoning_tokens": 0, "cost_usd": None, "refused": 1,
     }  # fmt: skip
     alice = out["rows"][0]
     assert (alice["key"], alice["model"], alice["requests"]) == ("alice", "m", 3)
@@ -97,7 +98,7 @@ def test_since_filters_and_table_shows_totals(ledger, capsys):
     rows = text.out.splitlines()
     assert rows[0].split()[:4] == ["proxy", "key", "model", "requests"]
     assert [row.split()[1] for row in rows[1:-1]] == ["alice", "bob"]
-    assert rows[-1].split() == ["all", "2", "5", "7", "12", "0"]
+    assert rows[-1].split() == ["all", "2", "5", "7", "12", "0", "0", "-", "0"]
 
 
 def test_png_is_drawn(ledger, tmp_path, capsys):
@@ -182,3 +183,93 @@ def test_json_into_a_reader_that_stops_early_prints_no_traceback(tmp_path):
     error = process.stderr.read().decode()
     process.wait(timeout=60)
     assert "Traceback" not in error and "BrokenPipe" not in error, error
+
+
+def priced(at: float, key: str, cost: float | None, model: str = "gpt-4o", **extra) -> dict:
+    """A ledger line of a proxy with a budget: its cost in dollars, as the gate writes it."""
+    extra.setdefault("limits", {"total_tokens-1m": 100_000, "usd-1d": 1_000_000})
+    entry = line(at, key, 100, model=model, **extra)
+    entry["proxy"] = "team"
+    if cost is not None:
+        entry["cost_usd"] = cost
+    return entry
+
+
+def test_spend_per_proxy_key_and_model_is_summed_exactly(tmp_path, capsys):
+    path = write_ledger(
+        tmp_path / "ledger.jsonl",
+        [
+            priced(0, "alice", 0.1),
+            priced(1, "alice", 0.2),  # 0.1 + 0.2 in floats is 0.30000000000000004
+            priced(2, "bob", 0.000001, model="gpt-4o-mini", cached_prompt_tokens=40),
+            priced(3, "bob", None, model="gpt-4o-mini", reasoning_tokens=30),  # not priced
+            line(4, "carol", 10),  # another proxy, without a budget
+        ],
+    )
+    assert report.main([str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["totals"]["cost_usd"] == 0.300001
+    assert (out["totals"]["cached_prompt_tokens"], out["totals"]["reasoning_tokens"]) == (40, 30)
+    assert out["spend"] == {
+        "proxy": {"team": 0.300001},
+        "key": {"team/alice": 0.3, "team/bob": 0.000001},
+        "model": {"gpt-4o": 0.3, "gpt-4o-mini": 0.000001},
+    }
+    rows = {(row["proxy"], row["key"]): row for row in out["rows"]}
+    assert rows[("team", "alice")]["cost_usd"] == 0.3
+    assert rows[("team", "bob")]["cost_usd"] == 0.000001  # the priced line of the two
+    assert rows[("p", "carol")]["cost_usd"] is None
+    assert report.main([str(path)]) == 0
+    text = capsys.readouterr().out
+    table, spent = text.split("\n\n")
+    header, *body, total = table.splitlines()
+    assert header.split()[-5:] == ["reasoning", "cost_usd", "429s", "429", "by"]
+    assert total.split()[-2:] == ["0.300001", "0"]
+    assert body[0].split()[:2] == ["p", "carol"] and "-" in body[0].split()
+    assert spent.splitlines() == [
+        "spend by  name         cost_usd",
+        "proxy     team         0.300001",
+        "key       team/alice   0.300000",
+        "key       team/bob     0.000001",
+        "model     gpt-4o       0.300000",
+        "model     gpt-4o-mini  0.000001",
+    ]
+
+
+def test_chart_draws_a_budget_in_dollars_as_it_stood(tmp_path):
+    raised = {"limits": {"total_tokens-1m": 100_000, "usd-1d": 2_000_000}}
+    path = write_ledger(
+        tmp_path / "ledger.jsonl",
+        [
+            priced(0, "alice", 0.6),
+            priced(10, "alice", 0.4),
+            priced(20, "alice", None, status=429, limit="usd-1d"),
+            priced(30, "alice", 0.5, **raised),  # the budget was raised to $2
+        ],
+    )
+    for entry_line in lines_of(path):
+        assert "usd-1d" in entry_line["limits"]
+    drawn, panels = report.figure(lines_of(path))
+    assert panels == 2  # the token limit and the budget
+    budget = next(axis for axis in drawn.axes if "usd-1d" in axis.get_title())
+    assert budget.get_ylabel() == "USD"
+    limit = next(ln for ln in budget.get_lines() if ln.get_label() == "limit usd-1d")
+    assert list(limit.get_ydata()) == [1.0, 2.0, 2.0]
+    spent = next(ln for ln in budget.get_lines() if ln.get_label() == "alice")
+    assert max(spent.get_ydata()) == pytest.approx(1.5)
+    crosses = [ln for ln in budget.get_lines() if ln.get_marker() == "x"]
+    assert [list(ln.get_ydata()) for ln in crosses] == [[1.0]]
+
+
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("total_tokens-1m", ("total_tokens", "1m")),
+        ("usd-30d", ("usd", "30d")),
+        ("requests-1m[o4-mini]", ("requests", "1m")),
+        ("usd-1d-proxy", ("usd", "1d")),
+        ("weird", None),
+    ],
+)
+def test_limit_names_are_read_for_their_dimension_and_window(name, parts):
+    assert report.limit_parts(name) == parts

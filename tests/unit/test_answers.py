@@ -10,13 +10,23 @@ the window is whole again shows.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 from hypothesis import given
 from hypothesis import strategies as st
 from tokengate_core import answers
 from tokengate_core.config import REQUESTS
 from tokengate_core.dialects.openai import OpenAI
-from tokengate_core.limiter import Bucket, Charge, Demand, LimitStatus, decide
+from tokengate_core.limiter import (
+    BUDGET,
+    Bucket,
+    Charge,
+    Demand,
+    Limit,
+    LimitStatus,
+    Rates,
+    decide,
+)
 
 from tests.support.limits import limit
 
@@ -27,6 +37,8 @@ SPENT = [Charge(1000.25, 60, True), Charge(1010.5, 40, True)]
 NOW = 1020.0
 
 OPENAI = OpenAI()
+PROXY = SimpleNamespace(name="p", scope="key")
+RATES = Rates(2_500_000, 10_000_000)
 
 
 def refused(charges, demand: Demand, now: float = NOW, lim=TOTAL_100):
@@ -36,7 +48,7 @@ def refused(charges, demand: Demand, now: float = NOW, lim=TOTAL_100):
 
 
 def answer_to(decision, now: float = NOW, requested: int = 30):
-    answer = answers.rate_limited(OPENAI, decision, now, "p", requested)
+    answer = answers.rate_limited(OPENAI, decision, now, PROXY, Demand(requested, 0))
     return answer, json.loads(answer.content)["error"]
 
 
@@ -148,7 +160,7 @@ def test_429_of_a_request_limit_names_requests():
     decision = refused([Charge(1000.5, 1, False)] * 3, Demand(5, 0), lim=REQUESTS_3)
     answer, error = answer_to(decision, requested=5)
     assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
-    assert "on requests per 1m (requests-1m): limit 3, used 3" in error["message"]
+    assert "on requests per 1m (requests-1m): limit 3, used 3, requested 1" in error["message"]
     assert answer.headers["X-RateLimit-Quota"] == "requests-1m"
     assert answer.headers["x-ratelimit-remaining-requests"] == "0"
     assert "x-ratelimit-remaining-tokens" not in answer.headers
@@ -346,3 +358,69 @@ def test_usage_report_is_the_callers_standing_with_its_headers():
             "reset_in_seconds": 3581,
         },
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Budgets, model filters and scopes
+
+BUDGET_5 = Limit(BUDGET, 5_000_000, 86400, "1d")
+TEAM_O4 = Limit("total_tokens", 100, 60, "1m", models=("o4-*",), scope="proxy")
+
+
+def test_a_spent_budget_is_insufficient_quota_with_what_is_left_and_no_retry():
+    spent = [Charge(1000.25, 4_999_000, True)]
+    decision = decide([(Bucket("p:k", BUDGET_5), spent)], Demand(1000, 0, RATES), NOW)
+    answer = answers.rate_limited(OPENAI, decision, NOW, PROXY, Demand(1000, 0, RATES))
+    error = json.loads(answer.content)["error"]
+    assert answer.status_code == 429
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert error["message"] == (
+        "Budget reached for proxy 'p': USD per 1d (usd-1d) of $5.000000, $0.001000 left, this "
+        "request needs $0.002500. It refills enough in 23h59m40.25s."
+    )
+    assert answer.headers["x-should-retry"] == "false"  # hours away: past what SDKs wait
+    assert answer.headers["X-RateLimit-Quota"] == "usd-1d"
+    assert answer.headers["X-TokenGate-Budget-Remaining"] == "0.001000"
+
+
+def test_a_refusal_names_the_limits_model_filter_and_scope():
+    spent = [Charge(1000.25, 100, True)]
+    decision = decide([(Bucket("p:*", TEAM_O4), spent)], Demand(5, 0), NOW)
+    answer = answers.rate_limited(OPENAI, decision, NOW, PROXY, Demand(5, 0))
+    error = json.loads(answer.content)["error"]
+    assert answer.headers["X-RateLimit-Quota"] == "total_tokens-1m[o4-*]@proxy"
+    assert (
+        "on total tokens per 1m (total_tokens-1m[o4-*]@proxy) for models o4-*, shared by "
+        in (error["message"])
+    )
+    assert error["code"] == "rate_limit_exceeded"
+
+
+def test_budget_headers_show_the_tightest_budget_and_tokens_their_own():
+    statuses = (
+        LimitStatus(BUDGET_5, 1_000_000, 0, 2000.0),
+        LimitStatus(Limit(BUDGET, 1_500_000, 3600, "1h"), 1_000_000, 250, 1500.2),
+        LimitStatus(TOTAL_100, 10, 0, 1080.0),
+    )
+    headers = answers.ratelimit_headers(statuses, NOW)
+    assert headers["X-TokenGate-Budget-Remaining"] == "0.499750"
+    assert headers["X-TokenGate-Budget-Reset"] == "1501"
+    # Money and tokens are not compared: the token headers describe the token limit.
+    assert (headers["X-RateLimit-Limit"], headers["x-ratelimit-remaining-tokens"]) == ("100", "90")
+
+
+def test_a_model_outside_the_allow_list_is_403_naming_the_patterns():
+    proxy = SimpleNamespace(name="p", models=("gpt-4o*", "o4-mini"))
+    answer = answers.model_not_allowed(OPENAI, "o3", proxy)
+    error = json.loads(answer.content)["error"]
+    assert answer.status_code == 403 and error["code"] == "model_not_allowed"
+    assert "allows gpt-4o*, o4-mini" in error["message"]
+
+
+def test_a_model_without_a_price_under_a_budget_is_refused_naming_it_and_prices():
+    answer = answers.unpriced(OPENAI, "p", "my-llama")
+    error = json.loads(answer.content)["error"]
+    assert answer.status_code == 403
+    assert "'my-llama' has no known price" in error["message"] and "`prices:`" in error["message"]
+    streamed = json.loads(answers.unpriced(OPENAI, "p", None).content)["error"]["message"]
+    assert "model is not known when the gate must decide" in streamed

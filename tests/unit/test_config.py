@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,55 @@ def test_valid_file_loads_proxies_limits_scope_keys(setup: Path) -> None:
     summary = config.summary()
     assert "rate-limited-proxy (/rate-limited-proxy -> mock-openai, scope key" in summary
     assert "100 total_tokens-1m" in summary
+
+
+BUDGETED = replaced(
+    "    scope: key\n",
+    """    scope: key
+    models: [gpt-4o*, o4-mini]
+    strict: true
+    budgets:
+      - {usd: 5, duration: 1d}
+      - {usd: 200.5, duration: 30d, scope: proxy, models: [o4-*]}
+    weights: {cached_prompt_tokens: 0.1}
+""",
+).replace(
+    "        - {count: 5000, duration: 1d}\n",
+    "        - {count: 5000, duration: 1d}\n"
+    "        - {count: 20, duration: 1m, models: [gpt-4o*]}\n"
+    "        - {count: 900, duration: 1m, scope: proxy}\n",
+)
+
+
+def test_models_scopes_budgets_and_weights_load(setup: Path) -> None:
+    config = load_config(write(setup, BUDGETED))
+    proxy = config.proxies["rate-limited-proxy"]
+    assert (proxy.models, proxy.strict, proxy.budgeted) == (("gpt-4o*", "o4-mini"), True, True)
+    assert proxy.allows("gpt-4o-mini") and proxy.allows("o4-mini") and not proxy.allows("o3")
+    by_name = {limit.name: limit for limit in proxy.limits}
+    # Ranked by duration, then place in the file: the window a limit keeps across edits.
+    assert {name: limit.window for name, limit in by_name.items()} == {
+        "total_tokens-1m": "total_tokens#0",
+        "total_tokens-1m[gpt-4o*]": "total_tokens#1",
+        "total_tokens-1m@proxy": "total_tokens#2",
+        "total_tokens-1d": "total_tokens#3",
+        "prompt_tokens-30s": "prompt_tokens#0",
+        "requests-90s": "requests#0",
+        "usd-1d": "usd#0",
+        "usd-30d[o4-*]@proxy": "usd#1",
+    }
+    assert by_name["usd-1d"].count == 5_000_000  # micro-dollars, exactly
+    assert by_name["usd-30d[o4-*]@proxy"].count == 200_500_000
+    assert by_name["total_tokens-1m"].cached_weight == Fraction(1, 10)
+    assert by_name["requests-90s"].cached_weight == 1  # weights are for token limits
+    assert "$5.000000 usd-1d" in config.summary()
+
+
+def test_editing_a_limits_models_keeps_its_window(setup: Path) -> None:
+    before = load_config(write(setup, BUDGETED)).proxies["rate-limited-proxy"]
+    edited = BUDGETED.replace("models: [gpt-4o*]}", "models: [gpt-4o*, gpt-4.1*]}")
+    after = load_config(write(setup, edited)).proxies["rate-limited-proxy"]
+    assert [limit.window for limit in before.limits] == [limit.window for limit in after.limits]
 
 
 def test_queue_wait_is_off_unless_set(setup: Path) -> None:
@@ -427,11 +477,11 @@ BROKEN = {
     ),
     "token_limits with unknown dimension": (
         replaced("      prompt_tokens:\n", "      input_tokens:  # HERE\n"),
-        "unknown field 'input_tokens'",
+        "unknown dimension 'input_tokens'",
     ),
     "requests is not a token dimension": (
         replaced("      prompt_tokens:\n", "      requests:  # HERE\n"),
-        "unknown field 'requests'",
+        "unknown dimension 'requests'",
     ),
     "empty limit list": (
         replaced("    request_limits:\n", "    request_limits: []  # HERE\n").replace(
@@ -446,6 +496,65 @@ BROKEN = {
     "bad host": (
         replaced("hosts: [127.0.0.1, LocalHost]", "hosts: [127.0.0.1, 'bad/host']  # HERE"),
         "bad host name 'bad/host'",
+    ),
+    "bad glob in a limit's models": (
+        replaced(LIMIT_ITEM, "{count: 100, duration: 1m, models: ['gpt-4o[']}  # HERE"),
+        "bad glob 'gpt-4o['",
+    ),
+    "bad glob in the allow-list": (
+        replaced("    scope: key\n", "    scope: key\n    models: [gpt 4o]  # HERE\n"),
+        "bad glob 'gpt 4o'",
+    ),
+    "a limit's scope": (
+        replaced(LIMIT_ITEM, "{count: 100, duration: 1m, scope: team}  # HERE"),
+        "scope must be one of key, proxy, not 'team'",
+    ),
+    "usd not a number": (
+        replaced(
+            "    scope: key\n", "    scope: key\n    budgets: [{usd: five, duration: 1d}]  # HERE\n"
+        ),
+        "usd must be a positive number of dollars",
+    ),
+    "usd zero": (
+        replaced(
+            "    scope: key\n", "    scope: key\n    budgets: [{usd: 0, duration: 1d}]  # HERE\n"
+        ),
+        "usd must be a positive number of dollars",
+    ),
+    "usd below a micro-dollar": (
+        replaced(
+            "    scope: key\n",
+            "    scope: key\n    budgets: [{usd: 0.0000001, duration: 1d}]  # HERE\n",
+        ),
+        "finer than a micro-dollar",
+    ),
+    "a budget over 31 days": (
+        replaced(
+            "    scope: key\n", "    scope: key\n    budgets: [{usd: 5, duration: 32d}]  # HERE\n"
+        ),
+        "a budget's duration is at most 31d",
+    ),
+    "a budget with a count": (
+        replaced(
+            "    scope: key\n", "    scope: key\n    budgets: [{count: 5, duration: 1d}]  # HERE\n"
+        ),
+        "unknown field 'count'",
+    ),
+    "a weight above 1": (
+        replaced(
+            "    scope: key\n", "    scope: key\n    weights: {cached_prompt_tokens: 1.5}  # HERE\n"
+        ),
+        "cached_prompt_tokens must be a number from 0 to 1",
+    ),
+    "an unknown weight": (
+        replaced(
+            "    scope: key\n", "    scope: key\n    weights: {reasoning_tokens: 2}  # HERE\n"
+        ),
+        "unknown field 'reasoning_tokens'",
+    ),
+    "strict not a boolean": (
+        replaced("    scope: key\n", "    scope: key\n    strict: yes please  # HERE\n"),
+        "strict must be true or false",
     ),
 }
 

@@ -9,9 +9,12 @@ the windows (a list of charges per limit) on random traces.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import itertools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
@@ -20,11 +23,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tokengate_core.config import REQUESTS, Limit
 from tokengate_core.limiter import (
+    BUDGET,
     SLOTS,
     Bucket,
     Charge,
     Demand,
     LimitStatus,
+    Rates,
     Usage,
     decide,
     fits_at,
@@ -630,9 +635,21 @@ def test_two_windows_refusing_until_the_same_moment_name_the_first():
 # --------------------------------------------------------------------------------------------
 # Stateful property test against an independent model
 
-M_TOTAL = limit("total_tokens", 100, 60, "1m")
+# Two callers and two models on one proxy: each caller's total (cached prompt tokens counting a
+# tenth), completion and request limits, a total the team shares, and a budget of 600
+# micro-dollars for o4 models only, at rates that are not whole micro-dollars per token (2.5 and
+# 13.3), so the model's own rounding, done here in fractions, is checked against the limiter's.
+M_TOTAL = replace(limit("total_tokens", 100, 60, "1m"), cached_weight=Fraction(1, 10))
 M_COMPLETION = limit("completion_tokens", 40, 30, "30s")
-M_LIMITS = (M_TOTAL, M_COMPLETION)
+M_REQUESTS = limit(REQUESTS, 2, 10, "10s")
+M_TEAM = replace(limit("total_tokens", 150, 60, "1m"), scope="proxy")
+M_BUDGET = replace(limit(BUDGET, 600, 45, "45s"), models=("o4-*",))
+M_PROXY = SimpleNamespace(
+    name="m", scope="key", limits=(M_TOTAL, M_COMPLETION, M_REQUESTS, M_TEAM, M_BUDGET)
+)
+M_CALLERS, M_MODELS = ("a", "b"), ("o4-mini", "gpt-4.1")
+M_RATES = Rates(2_500_000, 13_300_000)
+PROMPT_PRICE, COMPLETION_PRICE = Fraction(5, 2), Fraction(133, 10)  # micro-dollars per token
 
 
 @dataclass
@@ -653,12 +670,52 @@ def same_slot(lim: Limit, one: float, other: float) -> bool:
     return int(one // width) == int(other // width)
 
 
+def prompt_cost(demand: Demand) -> int:
+    return math.ceil(demand.prompt * PROMPT_PRICE)
+
+
 def need_of(lim: Limit, demand: Demand) -> int:
-    return max(1, demand.prompt) if lim.dimension == "total_tokens" else 1
+    """What must be left: the prompt, and the completion tokens that must fit beside it."""
+    least = min(demand.least, demand.completion)
+    if lim.dimension == "total_tokens":
+        return max(1, demand.prompt + least)
+    if lim.dimension == BUDGET:
+        return max(1, prompt_cost(demand) + math.ceil(least * COMPLETION_PRICE))
+    if lim.dimension == REQUESTS:
+        return 1
+    return max(1, least)
 
 
 def amount_of(lim: Limit, usage: Usage) -> int:
-    return usage.prompt + usage.completion if lim.dimension == "total_tokens" else usage.completion
+    if lim.dimension == BUDGET:
+        return usage.cost
+    if lim.dimension == REQUESTS:
+        return 1
+    if lim.dimension == "total_tokens":
+        cached = min(usage.cached_prompt, usage.prompt)
+        weighted = usage.prompt - cached + math.ceil(cached * lim.cached_weight)
+        return weighted + usage.completion
+    return usage.completion
+
+
+def cap_of(lim: Limit, left: int, demand: Demand) -> float:
+    """The most completion tokens a window with `left` lets a request reserve."""
+    if lim.dimension == "total_tokens":
+        return left - demand.prompt
+    if lim.dimension == "completion_tokens":
+        return left
+    if lim.dimension == BUDGET:
+        return math.floor((left - prompt_cost(demand)) / COMPLETION_PRICE)
+    return math.inf
+
+
+def buckets_of(caller: str, model: str | None) -> tuple[Bucket, ...]:
+    """The windows of a request, by hand: the limits its model matches, each in its scope."""
+    return tuple(
+        Bucket(f"m:{'*' if lim.scope == 'proxy' else caller}:{lim.name}", lim)
+        for lim in M_PROXY.limits
+        if model is None or not lim.models or model.startswith("o4-")
+    )
 
 
 class LimiterMachine(RuleBasedStateMachine):
@@ -667,8 +724,7 @@ class LimiterMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.clock = FakeClock(T0)
         self.store = MemoryStore(clock=self.clock)
-        self.bs = tuple(Bucket(f"m:k:{lim.name}", lim) for lim in M_LIMITS)
-        self.model: dict[str, dict[str, ModelCharge]] = {lim.name: {} for lim in M_LIMITS}
+        self.model: dict[str, dict[str, ModelCharge]] = collections.defaultdict(dict)
         self.reservations: list[Reservation] = []
         self.next_id = 0
 
@@ -680,140 +736,158 @@ class LimiterMachine(RuleBasedStateMachine):
 
     # -- the model ---------------------------------------------------------------------------
 
-    def live(self, lim: Limit, at: float) -> list[ModelCharge]:
-        return [c for c in self.model[lim.name].values() if c.leaves + lim.seconds > at]
+    def live(self, b: Bucket, at: float) -> list[ModelCharge]:
+        return [c for c in self.model[b.key].values() if c.leaves + b.limit.seconds > at]
 
-    def held(self, lim: Limit, at: float) -> int:
-        return sum(c.amount for c in self.live(lim, at))
+    def held(self, b: Bucket, at: float) -> int:
+        return sum(c.amount for c in self.live(b, at))
 
-    def fits(self, demand: Demand, at: float) -> bool:
-        return all(self.held(lim, at) + need_of(lim, demand) <= lim.count for lim in M_LIMITS)
+    def fits(self, bs, demand: Demand, at: float) -> bool:
+        return all(self.held(b, at) + need_of(b.limit, demand) <= b.limit.count for b in bs)
 
-    def earliest_fit(self, demand: Demand, now: float) -> float | None:
-        if any(need_of(lim, demand) > lim.count for lim in M_LIMITS):
+    def earliest_fit(self, bs, demand: Demand, now: float) -> float | None:
+        if any(need_of(b.limit, demand) > b.limit.count for b in bs):
             return None
         moments = {now}
-        for lim in M_LIMITS:
-            moments |= {c.leaves + lim.seconds for c in self.live(lim, now)}
+        for b in bs:
+            moments |= {c.leaves + b.limit.seconds for c in self.live(b, now)}
         for at in sorted(moments):
-            if self.fits(demand, at):
+            if self.fits(bs, demand, at):
                 return at
         raise AssertionError("model: the demand never fits once everything expired")
 
-    def windows_at(self, at: float) -> list[tuple[Bucket, list[Charge]]]:
-        return [
-            (b, [Charge(c.leaves, c.amount, c.settled) for c in self.live(b.limit, at)])
-            for b in self.bs
-        ]
+    def windows_at(self, bs, at: float) -> list[tuple[Bucket, list[Charge]]]:
+        return [(b, [Charge(c.leaves, c.amount, c.settled) for c in self.live(b, at)]) for b in bs]
 
-    def check_statuses(self, statuses, now: float) -> None:
-        assert len(statuses) == len(M_LIMITS)
-        for lim, s in zip(M_LIMITS, statuses, strict=True):
-            assert s.limit == lim
-            live = self.live(lim, now)
+    def check_statuses(self, bs, statuses, now: float) -> None:
+        assert len(statuses) == len(bs)
+        for b, s in zip(bs, statuses, strict=True):
+            assert s.limit == b.limit
+            live = self.live(b, now)
             assert s.used == sum(c.amount for c in live if c.settled)
             assert s.reserved == sum(c.amount for c in live if not c.settled)
             assert s.remaining >= 0
-            assert s.remaining == max(0, lim.count - s.used - s.reserved)
+            assert s.remaining == max(0, b.limit.count - s.used - s.reserved)
 
     # -- rules -------------------------------------------------------------------------------
 
-    @rule(prompt=st.integers(0, 110), completion=st.integers(0, 80))
-    def reserve(self, prompt: int, completion: int) -> None:
+    @rule(
+        prompt=st.integers(0, 110),
+        completion=st.integers(0, 80),
+        least=st.integers(0, 3),
+        caller=st.sampled_from(M_CALLERS),
+        model=st.sampled_from(M_MODELS),
+    )
+    def reserve(self, prompt: int, completion: int, least: int, caller: str, model: str) -> None:
         now = self.clock.now
-        demand = Demand(prompt, completion)
-        left = {lim.name: lim.count - self.held(lim, now) for lim in M_LIMITS}
-        expect_admit = self.fits(demand, now)
+        bs = buckets_for(M_PROXY, caller, model)
+        assert bs == buckets_of(caller, model)
+        demand = Demand(prompt, completion, M_RATES, least)
+        left = {b.key: b.limit.count - self.held(b, now) for b in bs}
+        expect_admit = self.fits(bs, demand, now)
         rid_ = f"m{self.next_id}"
         self.next_id += 1
-        decision, reservation = self.run(self.store.reserve(rid_, self.bs, demand))
+        decision, reservation = self.run(self.store.reserve(rid_, bs, demand))
         assert decision.admitted == expect_admit
         event("admitted" if expect_admit else "refused")
         if expect_admit:
             assert reservation is not None and reservation.stamp == now
-            want = min(completion, left[M_TOTAL.name] - prompt, left[M_COMPLETION.name])
-            assert decision.reserved == Usage(prompt, want)
+            caps = [cap_of(b.limit, left[b.key], demand) for b in bs]
+            want = max(0, min(completion, *caps))
+            cost = prompt_cost(demand) + math.ceil(want * COMPLETION_PRICE)
+            assert decision.reserved == Usage(prompt, want, cost=cost)
+            for b in bs:
+                if b.limit.dimension == BUDGET:
+                    assert cost <= left[b.key]  # money is never reserved past its budget
             assert reservation.amounts == decision.reserved
-            for lim in M_LIMITS:
-                amount = amount_of(lim, decision.reserved)
-                self.model[lim.name][rid_] = ModelCharge(now, amount, False, amount)
+            for b in bs:
+                amount = amount_of(b.limit, decision.reserved)
+                self.model[b.key][rid_] = ModelCharge(now, amount, False, amount)
                 # An admission by itself never takes a window past its count.
-                assert self.held(lim, now) <= lim.count
-            self.check_statuses(decision.statuses, now)
+                assert self.held(b, now) <= b.limit.count
+            self.check_statuses(bs, decision.statuses, now)
             self.reservations.append(reservation)
             return
 
         assert reservation is None
-        refusing = [
-            lim for lim in M_LIMITS if self.held(lim, now) + need_of(lim, demand) > lim.count
-        ]
+        refusing = [b for b in bs if self.held(b, now) + need_of(b.limit, demand) > b.limit.count]
         # The queue waits only when settling every in-flight reservation at 0 would admit.
-        spent = {
-            lim.name: sum(c.amount for c in self.live(lim, now) if c.settled) for lim in M_LIMITS
-        }
-        would_fit = all(spent[lim.name] + need_of(lim, demand) <= lim.count for lim in refusing)
-        can_ever_fit = self.earliest_fit(demand, now) is not None
+        spent = {b.key: sum(c.amount for c in self.live(b, now) if c.settled) for b in bs}
+        would_fit = all(spent[b.key] + need_of(b.limit, demand) <= b.limit.count for b in refusing)
+        can_ever_fit = self.earliest_fit(bs, demand, now) is not None
         assert held_back_by_reservations(decision, demand) == (would_fit and can_ever_fit)
-        assert decision.blocking is not None and decision.blocking.limit in refusing
-        expected_retry = self.earliest_fit(demand, now)
+        assert decision.blocking is not None
+        assert decision.blocking.limit in [b.limit for b in refusing]
+        expected_retry = self.earliest_fit(bs, demand, now)
         assert decision.retry_at == expected_retry
         if expected_retry is None:
             event("refused: never fits")
             return
-        event("refused: G4 retry_at checked")
+        event(f"refused by {decision.blocking.limit.name}: G4 retry_at checked")
         assert decision.retry_at > now
-        blocking_charges = self.windows_at(now)[M_LIMITS.index(decision.blocking.limit)][1]
+        index = [b.limit for b in bs].index(decision.blocking.limit)
+        blocking_charges = self.windows_at(bs, now)[index][1]
         blocking_need = need_of(decision.blocking.limit, demand)
         blocking_fit = fits_at(decision.blocking.limit, blocking_charges, now, blocking_need)
         assert blocking_fit == decision.retry_at
         # G4 on the pure rules: the modelled windows at retry_at admit the same demand ...
-        assert decide(self.windows_at(decision.retry_at), demand, decision.retry_at).admitted
+        windows = self.windows_at(bs, decision.retry_at)
+        assert decide(windows, demand, decision.retry_at).admitted
         # ... and on a copy of the store: admitted at retry_at, refused just before.
         for at, admitted in ((decision.retry_at, True), (decision.retry_at - 0.001, False)):
             twin = copy.deepcopy(self.store)
             twin.clock.at(at)
-            probe, _ = self.run(twin.reserve("probe", self.bs, demand))
+            probe, _ = self.run(twin.reserve("probe", bs, demand))
             assert probe.admitted == admitted, (at, admitted)
 
     def pick(self, index: int) -> Reservation:
         """One of the admitted reservations (settled, released or not), or one never admitted."""
         if index == 0 or not self.reservations:
-            return Reservation("ghost", self.clock.now, self.bs, Usage(50, 50))
+            bs = buckets_for(M_PROXY, "a", "o4-mini")
+            return Reservation("ghost", self.clock.now, bs, Usage(50, 50))
         return self.reservations[index % len(self.reservations)]
 
-    @rule(index=st.integers(0, 1_000), prompt=st.integers(0, 120), completion=st.integers(0, 90))
-    def settle(self, index: int, prompt: int, completion: int) -> None:
+    @rule(
+        index=st.integers(0, 1_000),
+        prompt=st.integers(0, 120),
+        completion=st.integers(0, 90),
+        cached=st.integers(0, 120),
+        cost=st.integers(0, 1500),
+    )
+    def settle(self, index: int, prompt: int, completion: int, cached: int, cost: int) -> None:
         reservation = self.pick(index)
         now = self.clock.now
-        usage = Usage(prompt, completion)
-        for lim in M_LIMITS:
-            held = self.model[lim.name].get(reservation.id)
-            if held is not None and held.stamp + lim.seconds > now and not held.settled:
-                held.amount = amount_of(lim, usage)
+        usage = Usage(prompt, completion, cached_prompt=min(cached, prompt), cost=cost)
+        for b in reservation.buckets:
+            held = self.model[b.key].get(reservation.id)
+            if held is not None and held.stamp + b.limit.seconds > now and not held.settled:
+                held.amount = amount_of(b.limit, usage)
                 held.settled = True
                 if held.amount > held.reserved:
                     event("settle: debt")
                 # Settled charges of one slot leave the window together, with the newest.
                 slot = [
                     c
-                    for c in self.live(lim, now)
-                    if c.settled and same_slot(lim, c.stamp, held.stamp)
+                    for c in self.live(b, now)
+                    if c.settled and same_slot(b.limit, c.stamp, held.stamp)
                 ]
                 if len(slot) > 1:
                     event("settle: merged into a slot")
                 for charge in slot:
                     charge.leaves = max(c.leaves for c in slot)
-        self.check_statuses(self.run(self.store.settle(reservation, usage)), now)
+        statuses = self.run(self.store.settle(reservation, usage))
+        self.check_statuses(reservation.buckets, statuses, now)
 
     @rule(index=st.integers(0, 1_000))
     def release(self, index: int) -> None:
         reservation = self.pick(index)
         now = self.clock.now
-        for lim in M_LIMITS:
-            held = self.model[lim.name].get(reservation.id)
-            if held is not None and held.stamp + lim.seconds > now and not held.settled:
-                del self.model[lim.name][reservation.id]
-        self.check_statuses(self.run(self.store.release(reservation)), now)
+        for b in reservation.buckets:
+            held = self.model[b.key].get(reservation.id)
+            if held is not None and held.stamp + b.limit.seconds > now and not held.settled:
+                del self.model[b.key][reservation.id]
+        statuses = self.run(self.store.release(reservation))
+        self.check_statuses(reservation.buckets, statuses, now)
 
     @rule(halves=st.integers(1, 140))
     def advance(self, halves: int) -> None:
@@ -829,18 +903,21 @@ class LimiterMachine(RuleBasedStateMachine):
     @invariant()
     def books_match_model(self) -> None:
         now = self.clock.now
-        self.check_statuses(self.run(self.store.status(self.bs)), now)
+        for caller in M_CALLERS:
+            bs = buckets_for(M_PROXY, caller)  # every limit, the team's included
+            self.check_statuses(bs, self.run(self.store.status(bs)), now)
 
     @invariant()
     def over_count_only_through_debt(self) -> None:
         now = self.clock.now
-        for lim in M_LIMITS:
-            live = self.live(lim, now)
-            if self.held(lim, now) > lim.count:
-                assert any(c.settled and c.amount > c.reserved for c in live)
-            # By no more than the debt itself: what settled above its reservation.
-            debt = sum(max(0, c.amount - c.reserved) for c in live if c.settled)
-            assert self.held(lim, now) <= lim.count + debt
+        for caller in M_CALLERS:
+            for b in buckets_for(M_PROXY, caller):
+                live = self.live(b, now)
+                if self.held(b, now) > b.limit.count:
+                    assert any(c.settled and c.amount > c.reserved for c in live)
+                # By no more than the debt itself: what settled above its reservation.
+                debt = sum(max(0, c.amount - c.reserved) for c in live if c.settled)
+                assert self.held(b, now) <= b.limit.count + debt
 
 
 LimiterMachine.TestCase.settings = settings(
@@ -873,3 +950,19 @@ def test_whole_number_is_a_json_count(value, minimum, expected):
 
 def test_whole_number_counts_from_zero_by_default():
     assert whole_number(0) and not whole_number(-1)
+
+
+def test_a_strict_request_of_n_completions_is_admitted_only_with_a_token_for_each():
+    """Each of the n completions gets max tokens >= 1: the reserve must hold n tokens, or the
+    provider could bill n - reserve tokens past the limit."""
+    windows = [
+        (Bucket("k:t", total(100)), [Charge(T0, 87, True)]),
+        (Bucket("k:c", limit("completion_tokens", 50, 60)), [Charge(T0, 47, True)]),
+    ]
+    three = Demand(10, 300, least=3)
+    assert decide(windows, three, T0 + 1).reserved == Usage(10, 3)  # 13 left, 3 completion
+    assert not decide(windows, replace(three, prompt=11), T0 + 1).admitted
+    windows[1] = (windows[1][0], [Charge(T0, 48, True)])  # 2 completion tokens left: too few
+    refused = decide(windows, three, T0 + 1)
+    assert not refused.admitted and refused.blocking.limit.dimension == "completion_tokens"
+    assert decide(windows, replace(three, least=0), T0 + 1).admitted  # without strict

@@ -112,6 +112,34 @@ def test_adjust_leaves_embeddings_and_bodies_without_a_limit_alone():
 
 
 @pytest.mark.parametrize(
+    ("endpoint", "body", "field", "bound"),
+    [
+        ("chat/completions", {**CHAT, "n": 2}, "max_completion_tokens", 50),
+        ("completions", {"model": "m", "prompt": "x"}, "max_tokens", 101),
+        ("responses", {"model": "m", "input": "x"}, "max_output_tokens", 101),
+    ],
+)
+def test_strict_bounds_a_body_that_set_no_max_tokens_with_its_endpoints_field(
+    endpoint, body, field, bound
+):
+    notes = OPENAI.adjust(endpoint, body, Usage(9, 101), strict=True)
+    assert body[field] == bound == notes["max_tokens_lowered_to"]
+    assert notes["max_tokens_added"] is True
+    OPENAI.as_requested(body, notes)  # replay reads the body as its caller sent it
+    assert field not in body
+
+
+def test_strict_lowers_a_larger_max_tokens_as_without_it():
+    body = {**CHAT, "max_tokens": 500}
+    assert OPENAI.adjust("chat/completions", body, Usage(9, 101), strict=True) == {
+        "max_tokens_requested": 500,
+        "max_tokens_lowered_to": 101,
+    }
+    embedding = {"model": "e", "input": "x"}
+    assert OPENAI.adjust("embeddings", embedding, Usage(1, 0), strict=True) == {}
+
+
+@pytest.mark.parametrize(
     ("endpoint", "extra", "injected"),
     [
         ("chat/completions", {"stream": True}, {"include_usage": True}),

@@ -264,6 +264,24 @@ def test_final_event_without_blank_line_is_not_dispatched() -> None:
             },
             Usage(10, 5, cached_prompt=10),
         ),
+        (  # the tier the answer was served at, priced apart
+            {"service_tier": "flex", "usage": {"prompt_tokens": 1, "completion_tokens": 2}},
+            Usage(1, 2, service_tier="flex"),
+        ),
+        (
+            {
+                "type": "response.completed",
+                "response": {
+                    "service_tier": "priority",
+                    "usage": {"input_tokens": 3, "output_tokens": 4},
+                },
+            },
+            Usage(3, 4, service_tier="priority"),
+        ),
+        (
+            {"service_tier": 7, "usage": {"prompt_tokens": 1, "completion_tokens": 2}},
+            Usage(1, 2),
+        ),
     ],
     ids=[
         "chat",
@@ -275,6 +293,9 @@ def test_final_event_without_blank_line_is_not_dispatched() -> None:
         "details",
         "responses-details",
         "odd-details",
+        "tier",
+        "responses-tier",
+        "odd-tier",
     ],
 )
 def test_reported_usage(payload: dict, expected: Usage) -> None:

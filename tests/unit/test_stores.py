@@ -27,6 +27,8 @@ import time
 import uuid
 import zipfile
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,7 +41,7 @@ from redis.crc import key_slot
 from tokengate_core import answers
 from tokengate_core.config import REQUESTS
 from tokengate_core.dialects.openai import OpenAI
-from tokengate_core.limiter import SLOTS, Bucket, Decision, Demand, Usage
+from tokengate_core.limiter import BUDGET, SLOTS, Bucket, Decision, Demand, Rates, Usage
 from tokengate_core.quota import buckets_for
 from tokengate_core.stores import STALE_AFTER, Reservation, Store, StoreUnavailable
 from tokengate_core.stores.memory import MemoryStore
@@ -67,6 +69,7 @@ ALL_DIMENSIONS = (
     limit("completion_tokens", 1000, 60, "1m"),
     limit("total_tokens", 1000, 60, "1m"),
     limit(REQUESTS, 10, 60, "1m"),
+    limit(BUDGET, 1_000_000, 60, "1m"),
 )
 
 
@@ -117,6 +120,15 @@ async def open_store(kind, tmp_path, request):
         await store.close()
 
 
+# A limit of some models only, a team window shared by every key, two requests a minute, a
+# budget of one cent an hour, and a price (2.50 and 10.00 USD per 1M tokens) to count it by.
+O4_100 = replace(limit("total_tokens", 100, 60, "1m"), models=("o4-*",))
+TEAM_150 = replace(limit("total_tokens", 150, 60, "1m"), scope="proxy")
+REQUESTS_2 = limit(REQUESTS, 2, 60, "1m")
+CENT_1H = limit(BUDGET, 10_000, 3600, "1h")
+RATES = Rates(2_500_000, 10_000_000)
+
+
 class Recorder:
     """Drives one store with a fake clock and logs every answer a caller could see."""
 
@@ -132,7 +144,8 @@ class Recorder:
         decision, reservation = await self.store.reserve(name, bs, demand)
         now = self.clock.now
         if reservation is None:
-            answer = answers.rate_limited(OpenAI(), decision, now, "p", demand.prompt)
+            proxy = SimpleNamespace(name="p", scope="key")
+            answer = answers.rate_limited(OpenAI(), decision, now, proxy, demand)
             seen = (dict(answer.headers), answer.content)
         else:
             self.held[name] = reservation
@@ -226,28 +239,31 @@ async def several_limits_retry_at_the_latest(r: Recorder, clock: FakeClock) -> N
 @scenario
 async def every_dimension_settles_once(r: Recorder, clock: FakeClock) -> None:
     bs = buckets(*ALL_DIMENSIONS)
-    await r.reserve("keep", bs, Demand(5, 5))
-    decision, _ = await r.reserve("a", bs, Demand(30, 50))
+    await r.reserve("keep", bs, Demand(5, 5, RATES))  # $: 12.5, rounded up, + 50
+    decision, _ = await r.reserve("a", bs, Demand(30, 50, RATES))  # $: 75 + 500
     assert {s.limit.dimension: s.reserved for s in decision.statuses} == {
         "prompt_tokens": 35,
         "completion_tokens": 55,
         "total_tokens": 90,
         REQUESTS: 2,
+        BUDGET: 63 + 575,
     }
     clock.advance(2)
-    first = await r.finish("a", Usage(25, 70))
-    assert await r.finish("a", Usage(500, 500)) == first  # a second settle changes nothing
+    first = await r.finish("a", Usage(25, 70, cost=713))
+    # a second settle changes nothing
+    assert await r.finish("a", Usage(500, 500, cost=9_999)) == first
     assert await r.finish("a", None) == first  # nor does a release after it
     assert {s.limit.dimension: (s.used, s.reserved) for s in first} == {
         "prompt_tokens": (25, 5),
         "completion_tokens": (70, 5),
         "total_tokens": (95, 10),
         REQUESTS: (1, 1),
+        BUDGET: (713, 63),
     }
     released = await r.finish("keep", None)
-    assert await r.finish("keep", Usage(9, 9)) == released  # settle after release: nothing
-    assert [s.reserved for s in released] == [0, 0, 0, 0]
-    await r.reserve("zero", bs, Demand(3, 3))
+    assert await r.finish("keep", Usage(9, 9, cost=99)) == released  # settle after release
+    assert [s.reserved for s in released] == [0, 0, 0, 0, 0]
+    await r.reserve("zero", bs, Demand(3, 3, RATES))
     await r.finish("zero", Usage(0, 0))
     clock.advance(1)
     await r.status(bs)
@@ -265,6 +281,69 @@ async def scopes_keep_their_own_books(r: Recorder, clock: FakeClock) -> None:
     total_, prompt = await r.status(buckets_for(shared, "bob"))
     assert (total_.used, prompt.used) == (80, 20)
     assert not (await r.reserve("e", buckets_for(shared, "bob"), Demand(21, 0)))[0].admitted
+
+
+@scenario
+async def limits_of_a_model_count_that_model_only(r: Recorder, clock: FakeClock) -> None:
+    proxy = SimpleNamespace(name="p", scope="key", limits=(limit("total_tokens", 1000, 60), O4_100))
+    o4, gpt = buckets_for(proxy, "alice", "o4-mini"), buckets_for(proxy, "alice", "gpt-4.1")
+    assert (len(o4), len(gpt)) == (2, 1)
+    decision, _ = await r.reserve("a", o4, Demand(60, 500))
+    assert decision.admitted and decision.reserved == Usage(60, 40)  # capped by o4's 100
+    await r.finish("a", Usage(60, 40))
+    decision, _ = await r.reserve("b", o4, Demand(5, 0))
+    assert not decision.admitted and decision.blocking.limit == O4_100
+    decision, _ = await r.reserve("c", gpt, Demand(5, 100))  # the same key, another model
+    assert decision.admitted and decision.reserved == Usage(5, 100)
+    await r.finish("c", Usage(5, 95))
+    await r.status(buckets_for(proxy, "alice"))
+
+
+@scenario
+async def a_team_window_is_shared_by_its_keys(r: Recorder, clock: FakeClock) -> None:
+    proxy = SimpleNamespace(name="p", scope="key", limits=(total(100), TEAM_150, REQUESTS_2))
+    alice, bob = buckets_for(proxy, "alice"), buckets_for(proxy, "bob")
+    decision, _ = await r.reserve("a", alice, Demand(10, 500))
+    assert decision.reserved == Usage(10, 90)  # alice's own 100 caps it
+    await r.finish("a", Usage(10, 80))
+    decision, _ = await r.reserve("b", bob, Demand(10, 500))
+    assert decision.reserved == Usage(10, 50)  # the team's 150 (90 spent by alice) caps bob
+    await r.finish("b", Usage(10, 50))
+    decision, _ = await r.reserve("c", bob, Demand(1, 0))
+    assert not decision.admitted and decision.blocking.limit == TEAM_150
+    clock.advance(60)
+    for name in ("d", "e"):
+        await r.reserve(name, bob, Demand(1, 1))
+    decision, _ = await r.reserve("f", bob, Demand(1, 1))  # two requests a minute, per key
+    assert not decision.admitted and decision.blocking.limit == REQUESTS_2
+    assert (await r.reserve("g", alice, Demand(1, 1)))[0].admitted
+
+
+@scenario
+async def a_budget_caps_the_reserve_to_the_micro_dollar(r: Recorder, clock: FakeClock) -> None:
+    bs = buckets(CENT_1H, REQUESTS_2)
+    decision, _ = await r.reserve("a", bs, Demand(100, 2000, Rates(2_500_000, 13_300_000)))
+    # 100 prompt tokens cost 250 micro-dollars; at 13.3 a token, 733 completion tokens fit in
+    # the 9750 left (9748.9, rounded up: 9749), 734 would not.
+    assert decision.reserved == Usage(100, 733, cost=9_999)
+    await r.finish("a", Usage(100, 300, cached_prompt=40, cost=3_190))
+    clock.advance(1)
+    cheap = Rates(150_000, 600_000)  # 7 prompt tokens: 1.05, rounded up to 2
+    decision, _ = await r.reserve("b", bs, Demand(7, 2000, cheap))
+    assert decision.reserved == Usage(7, 2000, cost=2 + 1_200)
+    await r.finish("b", Usage(7, 2000, cost=1_202))  # 5608 left
+    clock.advance(61)
+    decision, _ = await r.reserve("c", bs, Demand(2244, 0, RATES))  # 5610: two too many
+    assert not decision.admitted and decision.blocking.limit == CENT_1H
+    # when the first calls leave the window: they share a slot, which leaves with its newest
+    assert decision.retry_at == T0 + 1 + 3600
+    strict = Demand(2243, 10, RATES, least=1)  # 5608 for the prompt, none for a reply
+    assert not (await r.reserve("d", bs, strict))[0].admitted
+    decision, _ = await r.reserve("e", bs, replace(strict, least=0))
+    assert decision.admitted and decision.reserved == Usage(2243, 0, cost=5_608)
+    await r.finish("e", Usage(2243, 50, cost=6_108))  # the debt of a call without a bound
+    (budget, _) = await r.status(bs)
+    assert (budget.used, budget.remaining) == (3_190 + 1_202 + 6_108, 0)
 
 
 @scenario
@@ -465,42 +544,67 @@ async def test_same_trace_same_answers(name, kind, open_store):
 # Random traces (hypothesis): every store against the memory store, step by step
 
 RANDOM_LIMITS = (
-    limit("total_tokens", 100, 60, "1m"),
+    replace(limit("total_tokens", 100, 60, "1m"), cached_weight=Fraction(1, 4)),
     limit("completion_tokens", 40, 30, "30s"),
     limit(REQUESTS, 4, 20, "20s"),
     limit("prompt_tokens", 300, 3600, "1h"),
+    replace(limit(BUDGET, 2_500, 40, "40s"), models=("o4-*",)),
+    replace(limit("total_tokens", 150, 60, "1m"), scope="proxy"),
 )
+RANDOM_RATES = Rates(2_500_000, 13_300_000)  # not whole micro-dollars per token
 RANDOM_STALE_AFTER = 45.0
 
 steps = st.lists(
     st.one_of(
-        st.tuples(st.just("reserve"), st.integers(0, 110), st.integers(0, 80), st.booleans()),
-        st.tuples(st.just("settle"), st.integers(0, 50), st.integers(0, 120), st.integers(0, 90)),
+        st.tuples(
+            st.just("reserve"),
+            st.integers(0, 110),
+            st.integers(0, 80),
+            st.integers(0, 2),
+            st.integers(0, 3),
+        ),
+        st.tuples(
+            st.just("settle"),
+            st.integers(0, 50),
+            st.integers(0, 120),
+            st.integers(0, 90),
+            st.integers(0, 3_000),
+        ),
         st.tuples(st.just("release"), st.integers(0, 50)),
         st.tuples(st.just("advance"), st.integers(1, 60)),
         st.tuples(st.just("tick"), st.integers(1, 8)),  # within a slot, or across its edge
-        st.tuples(st.just("status"), st.booleans()),
+        st.tuples(st.just("status"), st.integers(0, 2)),
     ),
     max_size=30,
 )
 
 
 async def play(store: Store, clock: FakeClock, trace: list) -> list:
-    """Runs a random trace on two scopes; returns the Recorder's log."""
-    scopes = (buckets(*RANDOM_LIMITS, scope="a"), buckets(*RANDOM_LIMITS[:2], scope="b"))
+    """Runs a random trace on three callers of one proxy, for a model with a budget and one
+    without, a team window shared by all; returns the Recorder's log."""
+    proxy = SimpleNamespace(name="p", scope="key", limits=RANDOM_LIMITS)
+    scopes = (
+        buckets_for(proxy, "a", "o4-mini"),
+        buckets_for(proxy, "b", "gpt-4.1"),
+        buckets_for(proxy, "c", "o4-mini"),
+    )
     r = Recorder(store, clock)
     names: list[str] = []
     try:
         for index, (op, *args) in enumerate(trace):
             if op == "reserve":
-                prompt, completion, second = args
+                prompt, completion, which, least = args
                 names.append(name := f"r{index}")
-                await r.reserve(name, scopes[second], Demand(prompt, completion))
+                demand = Demand(prompt, completion, RANDOM_RATES, least)
+                await r.reserve(name, scopes[which], demand)
                 if name not in r.held:
                     names.pop()
             elif op in ("settle", "release") and names:
                 name = names[args[0] % len(names)]
-                await r.finish(name, Usage(args[1], args[2]) if op == "settle" else None)
+                usage = None
+                if op == "settle":
+                    usage = Usage(args[1], args[2], cached_prompt=args[1] // 2, cost=args[3])
+                await r.finish(name, usage)
             elif op == "advance":
                 clock.advance(args[0] * 0.5)
             elif op == "tick":
@@ -614,6 +718,34 @@ async def test_concurrent_reserves_never_exceed_the_count(open_store):
     assert requests.reserved == 6
 
 
+async def test_a_burst_never_reserves_a_budget_past_its_micro_dollar(open_store):
+    """G2 in money: a team budget and each key's, 30 concurrent requests of two keys and two
+    models with max_tokens, on every store: held at most the budget, to the micro-dollar."""
+    store = open_store(FakeClock())
+    proxy = SimpleNamespace(
+        name="p",
+        scope="key",
+        limits=(replace(limit(BUDGET, 1_000_000, 3600, "1h"), scope="proxy"), CENT_1H),
+    )
+    dear, cheap = Rates(2_500_000, 10_000_000), Rates(150_000, 600_000)
+    asks = [
+        store.reserve(f"b{i}{key}", buckets_for(proxy, key), Demand(300, 800, rates))
+        for i in range(15)
+        for key, rates in (("alice", dear), ("bob", cheap))
+    ]
+    results = await asyncio.gather(*asks)
+    held = {"alice": 0, "bob": 0}
+    for index, (decision, reservation) in enumerate(results):
+        if reservation is not None:
+            held[("alice", "bob")[index % 2]] += decision.reserved.cost
+    team = await store.status(buckets_for(proxy, "*")[:1])
+    assert team[0].reserved == sum(held.values()) <= 1_000_000
+    for key in held:
+        (_, own) = await store.status(buckets_for(proxy, key))
+        assert own.reserved == held[key] <= CENT_1H.count
+    assert held["alice"] == 10_000  # capped to the micro-dollar, not a cent past
+
+
 async def test_many_concurrent_requests_each_count_once(open_store):
     store = open_store(FakeClock())
     bs = buckets(limit(REQUESTS, 25, 60))
@@ -654,7 +786,7 @@ async def test_redis_decides_on_the_server_clock(redis_server, monkeypatch):
     assert decision.statuses[0].reset_at == reservation.stamp + 60
 
 
-async def test_redis_keys_have_ttls_and_one_slot_per_scope(redis_server):
+async def test_redis_keys_have_ttls_and_one_slot_per_proxy(redis_server):
     prefix = f"t-{uuid.uuid4().hex[:12]}"
     store = RedisStore(redis_server.url, FakeClock(), stale_after=30, prefix=prefix)
     proxy = SimpleNamespace(name="p", scope="key", limits=(TOTAL_100, TOTAL_1000_1H, PROMPT_50))
@@ -675,10 +807,9 @@ async def test_redis_keys_have_ttls_and_one_slot_per_scope(redis_server):
             assert 0 < client.ttl(key) <= longest + 30, key
     finally:
         client.close()
-    for caller in ("alice", "bob"):
-        mine = [key for key in keys if f"{{p:{caller}}}" in key]
-        assert len(mine) == 3
-        assert len({key_slot(key.encode()) for key in mine}) == 1
+    for caller in ("alice", "bob"):  # tagged by the proxy: a key's and its team's windows
+        assert len([key for key in keys if key.startswith(f"{prefix}:{{p}}:{caller}:")]) == 3
+    assert len({key_slot(key.encode()) for key in keys}) == 1
 
 
 async def test_redis_password_in_url(tmp_path):

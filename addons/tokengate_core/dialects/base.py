@@ -24,6 +24,8 @@ class RequestTerms:
     # The model the answer names, where it names one, replaces `model` once the call is over
     # (an Azure deployment not named in `deployments`: its own name until then).
     model_from_answer: bool = False
+    completions: int = 1  # how many completions share it (`n`): each needs a token at least
+    service_tier: str | None = None  # the tier asked for, priced apart (`flex`, `priority`)
 
 
 class Endpoint(NamedTuple):
@@ -98,9 +100,13 @@ class Dialect(Protocol):
         """Prompt tokens the provider will bill, estimated before sending (an upper bound
         beyond `exact_chars` characters of text); may raise RecursionError on deep bodies."""
 
-    def adjust(self, endpoint: str, body: dict[str, Any], reserved: Usage) -> dict[str, Any]:
+    def adjust(
+        self, endpoint: str, body: dict[str, Any], reserved: Usage, strict: bool = False
+    ) -> dict[str, Any]:
         """Change the body (in place) so the completion fits what was reserved and a stream
-        reports its usage; returns notes of what changed (empty: send the body as it came)."""
+        reports its usage; `strict`: a body that bounds no completion gets the dialect's own
+        max-token field, set to what was reserved. Returns notes of what changed (empty: send
+        the body as it came)."""
 
     def as_requested(self, body: dict[str, Any], notes: Mapping[str, Any]) -> None:
         """Undo, in place, what `adjust` noted it lowered: a captured request as its caller

@@ -20,6 +20,13 @@ METERED_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses
 # provider account without being metered, so the gate refuses it.
 READ_ONLY_ENDPOINTS = ("models",)
 MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# The field a strict proxy sets where the caller set none: each endpoint's current one
+# (OpenAI's reasoning models refuse `max_tokens` on chat/completions).
+BOUND_FIELD = {
+    "chat/completions": "max_completion_tokens",
+    "completions": "max_tokens",
+    "responses": "max_output_tokens",
+}
 # Streamed endpoints that report usage only when asked (`stream_options.include_usage`).
 USAGE_ON_REQUEST_ENDPOINTS = ("chat/completions", "completions")
 # Most completions one request is reserved for (`n`, `best_of`, prompts in a list): far above
@@ -205,7 +212,11 @@ def reported_usage(payload: Any) -> Usage | None:
     reasoning = _detail(
         usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens"
     )
-    return Usage(prompt, completion, min(cached, prompt), 0, min(reasoning, completion))
+    tier = payload.get("service_tier")  # "default", "flex", "priority", ...: priced apart
+    tier = tier if isinstance(tier, str) and tier else None
+    return Usage(
+        prompt, completion, min(cached, prompt), 0, min(reasoning, completion), service_tier=tier
+    )
 
 
 def _detail(usage: dict, holders: tuple[str, ...], field: str) -> int:
@@ -342,20 +353,28 @@ class OpenAI:
             model_of(body),
             body.get("stream") is True,
             completion_reserve(body, endpoint, default_reserve),
+            completions_requested(body, endpoint),
+            tier if isinstance(tier := body.get("service_tier"), str) and tier else None,
         )
 
     def estimate_prompt(self, endpoint: str, body: dict[str, Any], exact_chars: int) -> int:
         return estimate_prompt(endpoint, body, exact_chars)
 
-    def adjust(self, endpoint: str, body: dict[str, Any], reserved: Usage) -> dict[str, Any]:
+    def adjust(
+        self, endpoint: str, body: dict[str, Any], reserved: Usage, strict: bool = False
+    ) -> dict[str, Any]:
         """A `max_tokens` above what is left of the budget (shared by the `n` completions) is
         lowered to it (at least 1), so a burst with `max_tokens` cannot overspend; the answer
         then ends with finish_reason `length`. The caller's own value is noted too, for replay
-        and audit. A stream the caller did not ask usage of is asked for it."""
+        and audit. `strict`: a request without one gets the endpoint's field, set to what was
+        reserved. A stream the caller did not ask usage of is asked for it."""
         notes: dict[str, Any] = {}
         field = max_tokens_field(body)
         per_completion = reserved.completion // completions_requested(body, endpoint)
-        if endpoint != "embeddings" and field is not None and body[field] > per_completion:
+        if strict and field is None and endpoint in BOUND_FIELD:
+            field, notes["max_tokens_added"] = BOUND_FIELD[endpoint], True
+            body[field] = notes["max_tokens_lowered_to"] = max(1, per_completion)
+        elif endpoint != "embeddings" and field is not None and body[field] > per_completion:
             notes["max_tokens_requested"] = body[field]
             body[field] = notes["max_tokens_lowered_to"] = max(1, per_completion)
         options = body.get("stream_options")
@@ -372,7 +391,9 @@ class OpenAI:
     def as_requested(self, body: dict[str, Any], notes: Mapping[str, Any]) -> None:
         field = max_tokens_field(body)
         requested = notes.get("max_tokens_requested")
-        if field is not None and whole_number(requested):
+        if field is not None and notes.get("max_tokens_added"):
+            del body[field]
+        elif field is not None and whole_number(requested):
             body[field] = requested
 
     def usage(self, payload: Any) -> Usage | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-from ..limiter import Bucket, Decision, Demand, LimitStatus, Usage
+from ..limiter import Bucket, Decision, Demand, LimitStatus, Usage, charged
 from . import STALE_AFTER, Reservation
 from .window import Window, admit, statuses
 
@@ -58,7 +58,7 @@ class MemoryStore:
         for bucket in reservation.buckets:
             window = self._window(bucket, now)
             if window is not None:
-                amount = None if usage is None else usage.amount(bucket.limit.dimension)
+                amount = None if usage is None else charged(bucket.limit, usage)
                 window.settle(reservation.id, amount, bucket.limit.seconds)
                 if window.empty:
                     del self._windows[bucket.key]

@@ -3,21 +3,23 @@
 Each request is one Lua script (lua/reserve.lua, or lua/settle.lua, each run after the window
 rules they share in lua/window.lua), so it is atomic across all the limits of the request, and
 decided on the Redis server's clock (`TIME`): instances whose clocks disagree still agree on the
-windows. The scripts apply the rules of `limiter.decide_on` (minimum per dimension, completion
-capped by what is left, debt kept, `fits_at` for the retry time) and of `window.Window`; the
-conformance suite (tests/unit/test_stores.py) holds them to the memory store's decisions.
+windows. The scripts apply the rules of `limiter.decide_on` (each window's `Terms`, computed
+here in Python: its minimum, the completion capped by what every window has left, money
+included; debt kept; `fits_at` for the retry time) and of `window.Window`; a settle is sent each
+window's own charge (`limiter.charged`). The conformance suite (tests/unit/test_stores.py) holds
+them to the memory store's decisions.
 
-Per bucket, one hash (`tokengate:{proxy:alice}:total_tokens#0`): its head (`used`, `reserved`,
+Per bucket, one hash (`tokengate:{proxy}:alice:total_tokens#0`): its head (`used`, `reserved`,
 `newest` stamp, lower bounds `oldest` and `since` on the oldest stamp and the oldest pending
 one), its settled charges merged into slots (`slot:<duration>:<slot>` -> "stamp amount", as
 `limiter.slot_of` and `limiter.merged` say) and its reservations in flight (`rid:<id>` -> "stamp
 amount"). A call reads the heads; the other fields are read only when the lower bounds say
 something may have left the window or gone stale, and by a refused request. The key is
-hash-tagged with the bucket's `proxy:scope`: all the buckets of one request, which share that
-scope, live in one hash slot, and a script touches only the keys it is given, so the scripts
-run unchanged on Redis Cluster (`cluster=True`: redis-py's cluster client, which sends each
-call to the master of its slot). Every key gets a TTL of its window plus `stale_after`,
-refreshed on each write, and is deleted when its window empties.
+hash-tagged with the bucket's proxy: all the buckets of one request, its key's and its team's,
+live in one hash slot, and a script touches only the keys it is given, so the scripts run
+unchanged on Redis Cluster (`cluster=True`: redis-py's cluster client, which sends each call to
+the master of its slot). Every key gets a TTL of its window plus `stale_after`, refreshed on
+each write, and is deleted when its window empties.
 
 Learned estimates (`estimates.py`) live in one more hash (`tokengate:{learned}`), one field per
 (provider, model), updated by compare-and-set (lua/learn.lua) so the rule stays in Python; it
@@ -38,7 +40,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AskError, ClusterDownError, RedisClusterException, TryAgainError
 
-from ..limiter import SLOTS, Bucket, Decision, Demand, LimitStatus, Usage
+from ..limiter import (
+    SLOTS,
+    Bucket,
+    Decision,
+    Demand,
+    LimitStatus,
+    Usage,
+    charged,
+    held_for,
+    terms_of,
+)
 from . import STALE_AFTER, Reservation, StoreUnavailable
 
 TIMEOUT = 1.0  # seconds for connecting and for each reply: a store that is down answers fast
@@ -121,11 +133,12 @@ class RedisStore:
         return f"RedisStore({self.where!r}, prefix={self.prefix!r})"
 
     def key_of(self, bucket: Bucket) -> str:
-        """The bucket's hash, tagged by its `proxy:scope` (the key up to its last colon)."""
+        """The bucket's hash, tagged by its proxy (the key up to its first colon): one request's
+        windows, its key's and its team's, are in one cluster slot, as one script needs."""
         key = self._keys.get(bucket.key)
         if key is None:
-            scope, _, limit = bucket.key.rpartition(":")
-            key = self._keys[bucket.key] = f"{self.prefix}:{{{scope or bucket.key}}}:{limit}"
+            proxy, _, rest = bucket.key.partition(":")
+            key = self._keys[bucket.key] = f"{self.prefix}:{{{proxy}}}:{rest or proxy}"
         return key
 
     def _shared(self) -> tuple:
@@ -152,26 +165,28 @@ class RedisStore:
     async def reserve(
         self, reservation_id: str, buckets: tuple[Bucket, ...], demand: Demand
     ) -> tuple[Decision, Reservation | None]:
-        args = [*self._shared(), reservation_id, demand.prompt, demand.completion]
+        args = [*self._shared(), reservation_id, demand.completion]
         for bucket in buckets:
-            args += [bucket.limit.dimension, bucket.limit.count, bucket.limit.seconds]
+            terms = terms_of(bucket.limit, demand)
+            args += [bucket.limit.count, bucket.limit.seconds, terms.base, terms.rate]
+            args.append(terms.minimum)
         reply = await self._call(self._reserve, buckets, args)
-        admitted, stamp, prompt, completion, blocking, retry_at = reply[:6]
-        statuses = self._statuses(buckets, reply[6:])
+        admitted, stamp, completion, blocking, retry_at = reply[:5]
+        statuses = self._statuses(buckets, reply[5:])
         if admitted == "0":
             retry = None if retry_at == "-" else float(retry_at)
             refusing = statuses[int(blocking) - 1]
             return Decision(False, statuses, blocking=refusing, retry_at=retry), None
-        amounts = Usage(int(prompt), int(completion))
+        amounts = held_for(demand, int(completion))
         decision = Decision(True, statuses, reserved=amounts)
         return decision, Reservation(reservation_id, float(stamp), buckets, amounts)
 
     async def _replace(
         self, mode: str, buckets: tuple[Bucket, ...], reservation_id: str, usage: Usage
     ) -> tuple[LimitStatus, ...]:
-        args = [*self._shared(), reservation_id, mode, usage.prompt, usage.completion]
+        args = [*self._shared(), reservation_id, mode]
         for bucket in buckets:
-            args += [bucket.limit.dimension, bucket.limit.seconds]
+            args += [charged(bucket.limit, usage), bucket.limit.seconds]
         return self._statuses(buckets, await self._call(self._settle, buckets, args))
 
     async def settle(self, reservation: Reservation, usage: Usage) -> tuple[LimitStatus, ...]:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..limiter import Bucket, Charge, Decision, Demand, LimitStatus, Usage
+from ..limiter import Bucket, Charge, Decision, Demand, LimitStatus, Usage, charged
 from . import STALE_AFTER, Reservation, StoreUnavailable
 from .window import SlotKey, Window, admit, slot_key, statuses
 
@@ -370,7 +370,7 @@ class SqliteStore:
             if usage is None:  # the newest stamp may go back: the rule needs every record
                 self._read(db, key, window)
             window.restore((), [(reservation.id, Charge(stamp, amount, False))])
-            settled = None if usage is None else usage.amount(limit.dimension)
+            settled = None if usage is None else charged(limit, usage)
             slot = window.settle(reservation.id, settled, limit.seconds)
             if slot is not None:
                 slots.append((key, *slot, window.slots[slot].stamp, window.slots[slot].amount))

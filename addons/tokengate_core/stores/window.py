@@ -17,6 +17,7 @@ from ..limiter import (
     Demand,
     Limit,
     LimitStatus,
+    charged,
     decide_on,
     merged,
     slot_of,
@@ -185,6 +186,6 @@ def admit(
         window = windows[index]
         if window is None:
             window = windows[index] = Window.opened(stamp)
-        window.hold(reservation_id, Charge(stamp, amounts.amount(bucket.limit.dimension), False))
+        window.hold(reservation_id, Charge(stamp, charged(bucket.limit, amounts), False))
     held = Decision(True, statuses(buckets, windows, now), reserved=amounts)
     return held, Reservation(reservation_id, stamp, buckets, amounts)

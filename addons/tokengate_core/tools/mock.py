@@ -10,7 +10,9 @@ by byte, usage figures that are negative, absurd or not numbers. Header ``X-Mock
 ``GET /mock/stats`` tells what reached the provider (which keys, how many requests, how many
 tokens served, and per ``X-Mock-Tag`` how many tokens actually left, cut answers included);
 ``POST /mock/reset`` zeroes it. ``--record FILE`` appends every request received (method, path,
-headers, body) as a JSON line.
+headers, body) as a JSON line. ``X-Mock-Cached: N`` and ``X-Mock-Reasoning: N`` report that many
+prompt tokens as read from the prompt cache and completion tokens as reasoning (parts of the
+counts, as OpenAI reports them).
 ``GET /v1/models`` lists a few models, as OpenAI's API does, so ``client.models.list()`` works.
 Azure OpenAI's paths are served too (``/openai/deployments/{deployment}/...``,
 ``/openai/v1/...``; the key in ``api-key`` or as a Bearer token): a deployment answers with the
@@ -273,6 +275,8 @@ class Completion:
     completion_tokens: int
     report_usage: bool
     usage_fault: str | None = None  # a key of USAGE_FAULTS
+    cached_tokens: int = 0  # of the prompt, read from the prompt cache (X-Mock-Cached)
+    reasoning_tokens: int = 0  # of the completion, spent reasoning (X-Mock-Reasoning)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -285,11 +289,15 @@ class Completion:
         return USAGE_FAULTS[self.usage_fault](count) if self.usage_fault else count
 
     def _usage(self) -> dict:
-        return {
+        usage = {
             "prompt_tokens": self._figure(self.prompt_tokens),
             "completion_tokens": self._figure(self.completion_tokens),
             "total_tokens": self._figure(self.prompt_tokens + self.completion_tokens),
         }
+        if self.cached_tokens or self.reasoning_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return usage
 
     def tokens_in_pieces(self, delivered: int) -> int:
         """Completion tokens in the first `delivered` pieces (each piece is whole tokens)."""
@@ -395,9 +403,9 @@ class Completion:
             reply["usage"] = (
                 {
                     "input_tokens": self._figure(self.prompt_tokens),
-                    "input_tokens_details": {"cached_tokens": 0},
+                    "input_tokens_details": {"cached_tokens": self.cached_tokens},
                     "output_tokens": self._figure(self.completion_tokens),
-                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                     "total_tokens": self._figure(self.prompt_tokens + self.completion_tokens),
                 }
                 if done
@@ -655,6 +663,8 @@ class MockHandler(BaseHTTPRequestHandler):
             completion_tokens=n,
             report_usage=report_usage,
             usage_fault=mode.name if mode.name in USAGE_FAULTS else None,
+            cached_tokens=min(prompt, self._count_header("X-Mock-Cached")),
+            reasoning_tokens=min(n, self._count_header("X-Mock-Reasoning")),
         )
         if body.get("stream") is True:
             options = body.get("stream_options")
@@ -682,6 +692,11 @@ class MockHandler(BaseHTTPRequestHandler):
                 self.server.stats.add_delivered(tag, prompt + n)
         if sent:
             self.server.stats.add_usage(prompt, n)
+
+    def _count_header(self, name: str) -> int:
+        """A count a test asked for in a header; 0 when absent or not a whole number."""
+        value = self.headers.get(name, "0")
+        return int(value) if value.isdigit() else 0
 
     def _send_head(self, status: int, content_type: str, length: int | None, *extra) -> None:
         """Status and headers; without a length the body is sent chunked."""

@@ -1,15 +1,18 @@
 -- Decide a request and, if admitted, hold its reservation in every bucket (after window.lua).
--- ARGV after the shared three: reservation id, prompt, completion, then per bucket: dimension,
--- count, seconds. Reply: admitted, stamp ('-' = refused), prompt, completion, blocking (1-based,
+-- ARGV after the shared three: reservation id, completion reserve, then per bucket: count,
+-- seconds, and the request's terms there (limiter.Terms: base, rate per million completion
+-- tokens, minimum). Reply: admitted, stamp ('-' = refused), completion, blocking (1-based,
 -- 0 = none), retry_at ('-' = never), then per bucket: used, reserved, reset_at.
 
-local id, prompt, completion = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local id, completion = ARGV[4], tonumber(ARGV[5])
+local PER_MILLION = 1000000
 local field = 'rid:' .. id
 local limits = {}
 for i = 1, #KEYS do
-    local at = 7 + (i - 1) * 3
-    local lim = {key = KEYS[i], dimension = ARGV[at], count = tonumber(ARGV[at + 1]),
-                 seconds = tonumber(ARGV[at + 2])}
+    local at = 6 + (i - 1) * 5
+    local lim = {key = KEYS[i], count = tonumber(ARGV[at]), seconds = tonumber(ARGV[at + 1]),
+                 base = tonumber(ARGV[at + 2]), rate = tonumber(ARGV[at + 3]),
+                 need = tonumber(ARGV[at + 4])}
     local h, held = head(lim.key, field)
     if held then return redis.error_reply('reservation id already held: ' .. id) end
     lim.h = prune(lim.key, h, lim.seconds)
@@ -36,12 +39,8 @@ end
 -- limiter.decide_on: every window must have room for the request's minimum
 local never, blocking, retry_at = nil, nil, nil
 for i, lim in ipairs(limits) do
-    local need = 1
-    if lim.dimension == 'prompt_tokens' or lim.dimension == 'total_tokens' then
-        need = math.max(1, prompt)
-    end
-    if lim.remaining < need then
-        local at = fits_at(lim, need)
+    if lim.remaining < lim.need then
+        local at = fits_at(lim, lim.need)
         if at == nil then
             never = never or i
         elseif retry_at == nil or at > retry_at then
@@ -53,16 +52,16 @@ end
 local out
 if never or blocking then
     if never then blocking, retry_at = never, nil end
-    out = {0, '-', 0, 0, blocking, retry_at and exact(retry_at) or '-'}
+    out = {0, '-', 0, blocking, retry_at and exact(retry_at) or '-'}
     for _, lim in ipairs(limits) do status_reply(out, lim.h, lim.seconds) end
     return table.concat(out, ' ')
 end
 
+-- limiter.Terms.cap: the completion reserve, capped by what each window has left
 for _, lim in ipairs(limits) do
-    if lim.dimension == 'total_tokens' then
-        completion = math.min(completion, lim.remaining - prompt)
-    elseif lim.dimension == 'completion_tokens' then
-        completion = math.min(completion, lim.remaining)
+    if lim.rate > 0 then
+        completion = math.min(completion,
+                              math.floor((lim.remaining - lim.base) * PER_MILLION / lim.rate))
     end
 end
 completion = math.max(0, completion)
@@ -70,10 +69,11 @@ local stamp = now  -- stamps never go backwards in a window, even if a clock doe
 for _, lim in ipairs(limits) do
     if lim.h and lim.h.newest > stamp then stamp = lim.h.newest end
 end
-out = {1, exact(stamp), exact(prompt), exact(completion), 0, '-'}
+out = {1, exact(stamp), exact(completion), 0, '-'}
 for _, lim in ipairs(limits) do
     local h = lim.h or {used = 0, reserved = 0, oldest = stamp}
-    local amount = amount_of(lim.dimension, prompt, completion)
+    -- limiter.Terms.amount
+    local amount = lim.base + math.ceil(completion * lim.rate / PER_MILLION)
     h.reserved, h.newest, h.since = h.reserved + amount, stamp, h.since or stamp
     redis.call('HSET', lim.key, field, exact(stamp) .. ' ' .. exact(amount), 'used', h.used,
                'reserved', h.reserved, 'newest', exact(stamp), 'oldest', exact(h.oldest),

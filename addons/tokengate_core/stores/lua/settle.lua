@@ -1,15 +1,15 @@
 -- Settle, release or read a reservation's windows (after window.lua).
--- ARGV after the shared three: reservation id, mode (settle | release | status), prompt,
--- completion, then per bucket: dimension, seconds. Reply per bucket: used, reserved, reset_at.
+-- ARGV after the shared three: reservation id, mode (settle | release | status), then per
+-- bucket: the amount it is charged (limiter.charged), seconds. Reply per bucket: used,
+-- reserved, reset_at.
 -- Only a pending reservation changes, so a second settle or release does nothing.
 
 local id, mode = ARGV[4], ARGV[5]
-local prompt, completion = tonumber(ARGV[6]), tonumber(ARGV[7])
 local field = 'rid:' .. id
 local out = {}
 for i = 1, #KEYS do
     local key = KEYS[i]
-    local dimension, seconds = ARGV[8 + (i - 1) * 2], tonumber(ARGV[9 + (i - 1) * 2])
+    local settled, seconds = tonumber(ARGV[6 + (i - 1) * 2]), tonumber(ARGV[7 + (i - 1) * 2])
     local read, held = head(key, field)
     local h = prune(key, read, seconds)
     if h ~= read and held then  -- pruned: the reservation may have left or gone stale since
@@ -21,7 +21,6 @@ for i = 1, #KEYS do
         if mode == 'release' then
             h = rebuild(key)  -- the newest stamp may go back, or the window empty
         else
-            local settled = amount_of(dimension, prompt, completion)
             h.used, h.reserved = h.used + settled, h.reserved - amount
             local slot, value = merged(key, seconds, stamp, settled)
             redis.call('HSET', key, slot, value, 'used', h.used, 'reserved', h.reserved)

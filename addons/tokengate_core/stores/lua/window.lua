@@ -11,13 +11,6 @@ end
 
 local now, stale, SLOTS = clock(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 
-local function amount_of(dimension, prompt, completion)
-    if dimension == 'prompt_tokens' then return prompt end
-    if dimension == 'completion_tokens' then return completion end
-    if dimension == 'total_tokens' then return prompt + completion end
-    return 1
-end
-
 local function exact(x) return string.format('%.17g', x) end
 
 local function pair(value)
