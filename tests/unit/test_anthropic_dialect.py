@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import struct
+from types import SimpleNamespace
 
 import pytest
 from mitmproxy.http import Headers
@@ -315,7 +316,8 @@ def test_the_gates_429_is_anthropic_shaped_with_retry_after_and_anthropic_header
     limit = Limit("total_tokens", 100, 60, "1m")
     charges = [Charge(1000.0, 100, settled=True)]
     decision = decide([(Bucket("alice", limit), charges)], Demand(10, 5), 1030.0)
-    answer = answers.rate_limited(ANTHROPIC, decision, 1030.0, "claude", 15)
+    proxy = SimpleNamespace(name="claude", scope="key")
+    answer = answers.rate_limited(ANTHROPIC, decision, 1030.0, proxy, Demand(15, 0))
     body = json.loads(answer.content)
     assert answer.status_code == 429
     assert body["error"]["type"] == "rate_limit_error"

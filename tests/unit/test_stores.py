@@ -991,24 +991,26 @@ async def test_redis_frozen_raises_without_stalling_the_loop_then_recovers():
         server.stop()
 
 
-async def test_redis_cluster_keeps_a_request_in_one_slot_and_spreads_scopes(redis_cluster):
-    """Every call's keys share its scope's hash tag, so each runs on one master; the callers'
-    windows spread over the masters."""
+async def test_redis_cluster_keeps_a_request_in_one_slot_and_spreads_proxies(redis_cluster):
+    """Every call's keys share its proxy's hash tag (a key's windows and its team's are
+    reserved in one script), so each runs on one master; the proxies spread over the masters."""
     prefix = f"t-{uuid.uuid4().hex[:12]}"
     store = RedisStore(redis_cluster.url, FakeClock(), prefix=prefix, cluster=True)
-    proxy = SimpleNamespace(name="p", scope="key", limits=(TOTAL_100, TOTAL_1000_1H, PROMPT_50))
-    callers = [f"caller-{i}" for i in range(12)]
+    limits = (TOTAL_100, TOTAL_1000_1H, PROMPT_50)
+    proxies = [SimpleNamespace(name=f"p{i}", scope="key", limits=limits) for i in range(12)]
     try:
-        for caller in callers:
-            _, reservation = await store.reserve(caller, buckets_for(proxy, caller), Demand(5, 5))
-            await store.settle(reservation, Usage(5, 6))
+        for proxy in proxies:
+            for caller in ("alice", "bob"):
+                buckets = buckets_for(proxy, caller)
+                _, reservation = await store.reserve(caller, buckets, Demand(5, 5))
+                await store.settle(reservation, Usage(5, 6))
     finally:
         await store.close()
     keys = redis_keys(redis_cluster.url, prefix, cluster=True)
-    assert len(keys) == len(callers) * 3
+    assert len(keys) == len(proxies) * 2 * 3
     masters = set()
-    for caller in callers:
-        slots = {key_slot(key.encode()) for key in keys if f"{{p:{caller}}}" in key}
+    for proxy in proxies:
+        slots = {key_slot(key.encode()) for key in keys if f"{{{proxy.name}}}" in key}
         assert len(slots) == 1
         masters.add(redis_cluster.master_of(slots.pop()).port)
     assert len(masters) > 1

@@ -289,14 +289,20 @@ class Anthropic:
         limit = body.get("max_tokens")
         if not whole_number(limit, 1):
             raise BodyRefused("max_tokens: a whole number of at least 1 is required")
-        return RequestTerms(model_of(body), body.get("stream") is True, limit)
+        return RequestTerms(
+            model=model_of(body), stream=body.get("stream") is True, completion_reserve=limit
+        )
 
     def estimate_prompt(self, endpoint: str, body: dict[str, Any], exact_chars: int) -> int:
         return estimate_prompt(body, exact_chars)
 
-    def adjust(self, endpoint: str, body: dict[str, Any], reserved: Usage) -> dict[str, Any]:
+    def adjust(
+        self, endpoint: str, body: dict[str, Any], reserved: Usage, strict: bool = False
+    ) -> dict[str, Any]:
         """A `max_tokens` above what was reserved is lowered to it (at least 1); the answer then
-        ends with stop_reason `max_tokens`. Streams always report usage: nothing to ask."""
+        ends with stop_reason `max_tokens`. Streams always report usage: nothing to ask. Every
+        admitted body carries `max_tokens` (Anthropic requires it), so the completion is always
+        bounded and `strict` adds nothing."""
         limit = body.get("max_tokens")
         if whole_number(limit) and limit > reserved.completion:
             body["max_tokens"] = max(1, reserved.completion)

@@ -90,8 +90,10 @@ class Azure:
     def estimate_prompt(self, endpoint: str, body: dict[str, Any], exact_chars: int) -> int:
         return OPENAI.estimate_prompt(endpoint, body, exact_chars)
 
-    def adjust(self, endpoint: str, body: dict[str, Any], reserved: Usage) -> dict[str, Any]:
-        return OPENAI.adjust(endpoint, body, reserved)
+    def adjust(
+        self, endpoint: str, body: dict[str, Any], reserved: Usage, strict: bool = False
+    ) -> dict[str, Any]:
+        return OPENAI.adjust(endpoint, body, reserved, strict)
 
     def as_requested(self, body: dict[str, Any], notes: Mapping[str, Any]) -> None:
         OPENAI.as_requested(body, notes)

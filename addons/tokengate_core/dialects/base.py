@@ -14,7 +14,7 @@ class BodyRefused(ValueError):
     400 with this message before it costs anything."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RequestTerms:
     """What a request body asks the provider for, in the gate's terms."""
 

@@ -350,11 +350,13 @@ class OpenAI:
     ) -> RequestTerms:
         """The model is the body's (OpenAI's paths name no deployment)."""
         return RequestTerms(
-            model_of(body),
-            body.get("stream") is True,
-            completion_reserve(body, endpoint, default_reserve),
-            completions_requested(body, endpoint),
-            tier if isinstance(tier := body.get("service_tier"), str) and tier else None,
+            model=model_of(body),
+            stream=body.get("stream") is True,
+            completion_reserve=completion_reserve(body, endpoint, default_reserve),
+            completions=completions_requested(body, endpoint),
+            service_tier=tier
+            if isinstance(tier := body.get("service_tier"), str) and tier
+            else None,
         )
 
     def estimate_prompt(self, endpoint: str, body: dict[str, Any], exact_chars: int) -> int:
