@@ -247,7 +247,9 @@ class AdmissionControl:
             return None
         if not proxy.allows(terms.model):
             return answers.model_not_allowed(proxy.dialect, terms.model, proxy)
-        prompt = self.gate.estimates.prompt(proxy.provider.name, terms.model, read.prompt)
+        prompt = self.gate.estimates.prompt(
+            proxy.provider.name, terms.model, read.prompt, proxy.dialect.estimate_has_margin
+        )
         demand = Demand(prompt, terms.completion_reserve)
         refusal = await self._admit(flow, proxy, note, demand, terms)
         admitted = self.quota.holding(flow.id)

@@ -142,10 +142,12 @@ class Policy:
     margin: float = DEFAULT_MARGIN
     warmup: int = DEFAULT_WARMUP
 
-    def factor(self, record: Record | None, model: str | None) -> float:
+    def factor(self, record: Record | None, model: str | None, has_margin: bool = False) -> float:
+        """`has_margin`: the dialect's estimate carries its own margin for the unknown
+        tokenizer, so cold it is taken as it is."""
         if record is not None and record.answers >= self.warmup:
             return record.bound
-        cold = self.margin if not tokenizer_known(model) else 1.0
+        cold = 1.0 if has_margin or tokenizer_known(model) else self.margin
         return cold if record is None else max(cold, record.bound)
 
 
@@ -171,11 +173,13 @@ class Estimates:
     def record(self, provider: str, model: str | None) -> Record | None:
         return self._view.get(key_of(provider, model))
 
-    def prompt(self, provider: str, model: str | None, estimate: int) -> int:
+    def prompt(
+        self, provider: str, model: str | None, estimate: int, has_margin: bool = False
+    ) -> int:
         """The prompt tokens to reserve for `estimate`: corrected by what was learned."""
         if time.monotonic() >= self._fresh_until:
             self._soon(0.0)
-        factor = self.policy.factor(self.record(provider, model), model)
+        factor = self.policy.factor(self.record(provider, model), model, has_margin)
         return corrected(estimate, factor)
 
     def answered(

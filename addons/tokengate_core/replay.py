@@ -121,7 +121,9 @@ class CaptureReplay:
         if not proxy.allows(terms.model):
             return 403, "forbidden"
         learned = self.quota.gate.estimates
-        prompt = learned.prompt(proxy.provider.name, terms.model, read.prompt)
+        prompt = learned.prompt(
+            proxy.provider.name, terms.model, read.prompt, proxy.dialect.estimate_has_margin
+        )
         demand = Demand(prompt, terms.completion_reserve)
         ask = Ask(
             flow.id,

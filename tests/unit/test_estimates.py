@@ -105,6 +105,15 @@ def test_cold_margin_then_the_learned_bound():
     assert Policy().margin == DEFAULT_MARGIN
 
 
+def test_an_estimate_with_its_own_margin_gets_no_cold_margin_on_top():
+    """Anthropic's estimate is tiktoken's times the dialect's margin: cold, it is taken as it
+    is; what is learned still corrects it."""
+    policy = Policy(margin=1.25, warmup=3)
+    assert policy.factor(None, "claude-sonnet-4-5", has_margin=True) == 1.0
+    assert policy.factor(fold(None, [1.3]), "claude-sonnet-4-5", has_margin=True) == 1.3
+    assert policy.factor(fold(None, [0.8] * 3), "claude-sonnet-4-5", has_margin=True) == 0.8
+
+
 def test_stored_records_that_do_not_read_are_ignored():
     assert Record.parse(Record(3, 1.2).text()) == Record(3, 1.2)
     for text in (None, "", "x", "[]", '{"answers": 1}', '{"answers": -1, "bound": 1}',

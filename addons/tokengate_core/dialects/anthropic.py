@@ -258,6 +258,7 @@ def rfc3339(epoch: float) -> str:
 
 class Anthropic:
     name = "anthropic"
+    estimate_has_margin = True  # PROMPT_MARGIN
     served = "the messages endpoint (and messages/count_tokens) and the model list"
     credential_headers = keys.CREDENTIAL_HEADERS
     stream = AnthropicStream()

@@ -43,6 +43,7 @@ class Azure:
     deployments: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     name = "azure"
+    estimate_has_margin = False
     served = (
         "a deployment's chat/completions, completions and embeddings, the v1 API's "
         "chat/completions, completions, embeddings and responses, and the model list"

@@ -71,6 +71,9 @@ class StreamEvents(Protocol):
 class Dialect(Protocol):
     name: str
     served: str  # what the gate serves of this API, in words (the 403's message names it)
+    # The prompt estimate already carries a margin for a tokenizer the gate does not have (no
+    # cold margin is added on top until the provider's counts are learned).
+    estimate_has_margin: bool
     # Headers a caller may put its gate key in; all are removed before the request leaves.
     credential_headers: tuple[str, ...]
     stream: StreamEvents

@@ -320,6 +320,7 @@ class OpenAIStream:
 
 class OpenAI:
     name = "openai"
+    estimate_has_margin = False
     served = (
         "the chat/completions, completions, embeddings and responses endpoints and the model list"
     )
