@@ -13,6 +13,7 @@ quota is decided at requestheaders on what is left, and the body is read on its 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -77,8 +78,8 @@ class AdmissionControl:
         policy = self.gate.estimates.policy
         loader.add_option(
             "tokengate_estimate_margin",
-            float,
-            policy.margin,
+            str,  # a number (mitmproxy options have no float type)
+            f"{policy.margin:g}",
             "Cold start: the prompt estimate of a model counted with the fallback encoding is "
             "reserved times at least this, until the provider's counts for it are learned "
             "(docs/estimates.md).",
@@ -102,10 +103,15 @@ class AdmissionControl:
                 raise exceptions.OptionsError("tokengate_passthrough: each prefix starts with /")
             self.passthrough = tuple(prefix.rstrip("/") or "/" for prefix in prefixes)
         if "tokengate_estimate_margin" in updated:
-            margin = ctx.options.tokengate_estimate_margin
-            if not 1 <= margin <= MAX_RATIO:
+            text = ctx.options.tokengate_estimate_margin
+            try:
+                margin = float(text)
+            except ValueError:
+                margin = math.nan
+            if not 1 <= margin <= MAX_RATIO:  # NaN included
                 raise exceptions.OptionsError(
-                    f"tokengate_estimate_margin must be from 1 to {MAX_RATIO:g}, not {margin}"
+                    f"tokengate_estimate_margin must be a number from 1 to {MAX_RATIO:g}, "
+                    f"not {text!r}"
                 )
             self.gate.estimates.policy.margin = margin
         if "tokengate_estimate_warmup" in updated:

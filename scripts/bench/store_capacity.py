@@ -32,7 +32,7 @@ from tokengate_core.stores.memory import MemoryStore
 from tokengate_core.stores.redis import RedisStore
 from tokengate_core.stores.sqlite import SqliteStore
 
-from scripts.bench.bench import STORE_MODES, store_calls
+from scripts.bench.bench import STORE_BUCKETS, STORE_MODES, store_calls
 from scripts.bench.benchkit import (
     Column,
     OutOfTime,
@@ -65,11 +65,13 @@ def server_use(ports: list[int]) -> tuple[float, float]:
 async def measure(store: Store, ports: list[int], args, deadline: float) -> dict:
     """µs per request in this process by mode; for Redis, the server's CPU µs per request."""
     runs = itertools.count()
-    await store_calls(store, WARM_UP, 1, runs, deadline)
+    await store_calls(store, STORE_BUCKETS, WARM_UP, 1, runs, deadline)
     figures: dict = {}
     for mode, batch in zip(STORE_MODES, (1, args.batch), strict=True):
         before = server_use(ports) if ports else None
-        figures[mode] = await store_calls(store, args.requests, batch, runs, deadline)
+        figures[mode] = await store_calls(
+            store, STORE_BUCKETS, args.requests, batch, runs, deadline
+        )
         if before:
             cpu, script = (
                 (after - was) / args.requests * 1e6

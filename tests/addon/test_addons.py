@@ -80,6 +80,18 @@ def test_passthrough_prefixes_are_paths(gate_addons):
         tctx.configure(admission, tokengate_passthrough=["v1"])
 
 
+def test_the_cold_margin_is_a_number_from_1_to_4(gate_addons):
+    """mitmproxy options have no float type: the margin is text, read as a number."""
+    tctx, gate, addons = gate_addons
+    (admission,) = [a for a in addons if isinstance(a, AdmissionControl)]
+    tctx.configure(admission, tokengate_estimate_margin="1.5")
+    assert gate.estimates.policy.margin == 1.5
+    for bad in ("0.9", "4.5", "nan", "x", ""):
+        with pytest.raises(exceptions.OptionsError, match="a number from 1 to 4"):
+            tctx.configure(admission, tokengate_estimate_margin=bad)
+    assert gate.estimates.policy.margin == 1.5
+
+
 async def test_missing_key_is_answered_401_by_the_gate(gate_addons):
     _, _, addons = gate_addons
     flow = reverse_flow(key=None)

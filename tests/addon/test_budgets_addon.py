@@ -40,7 +40,7 @@ def budgeted(tmp_path, monkeypatch):
         tctx, _, addons = harnessed
         # The figures below are the tokenizer's: no cold margin for cheap-model, which tiktoken
         # does not know.
-        tctx.configure(addons[0], tokengate_estimate_margin=1.0)
+        tctx.configure(addons[0], tokengate_estimate_margin="1")
         yield harnessed
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from mitmproxy.exceptions import OptionsError
 from tokengate_core.config import load_config
 
 from tests.support.docblocks import (
@@ -147,7 +148,7 @@ def _mitmdump():
         module = importlib.util.module_from_spec(gate)
         gate.loader.exec_module(module)
         master.addons.add(*module.addons)
-        return cmdline.mitmdump(opts), frozenset(opts.keys())
+        return cmdline.mitmdump(opts), opts
 
     return asyncio.run(build())
 
@@ -155,7 +156,7 @@ def _mitmdump():
 def mitmdump_problems(argv: list[str]) -> list[str]:
     from mitmproxy.proxy.mode_specs import ProxyMode
 
-    parser, known = _mitmdump()
+    parser, opts = _mitmdump()
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
@@ -166,8 +167,14 @@ def mitmdump_problems(argv: list[str]) -> list[str]:
         f"mitmdump -s {s}: no such file" for s in args.scripts or [] if not (ROOT / s).is_file()
     ]
     for setting in args.setoptions or []:
-        if setting.partition("=")[0] not in known:
+        name, _, value = setting.partition("=")
+        if name not in opts._options:
             problems.append(f"mitmdump --set {setting}: no such option")
+            continue
+        try:  # as mitmdump reads it (the addons' own checks run only in a real start)
+            opts._parse_setval(opts._options[name], [value])
+        except OptionsError as error:
+            problems.append(f"mitmdump --set {setting}: {error}")
     for mode in args.mode or []:
         try:
             ProxyMode.parse(mode)
