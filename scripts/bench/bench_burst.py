@@ -221,10 +221,13 @@ def markdown(report: dict) -> str:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = benchkit.parser(__doc__)
+def burst_parser(doc: str | None, default_limit: int) -> argparse.ArgumentParser:
+    """The options every burst bench takes (this one's, and the estimates bench's)."""
+    parser = benchkit.parser(doc)
     parser.add_argument("--requests", type=int, default=50, help="concurrent requests per burst")
-    parser.add_argument("--limit", type=int, default=1000, help="total tokens per minute (L)")
+    parser.add_argument(
+        "--limit", type=int, default=default_limit, help="total tokens per minute (L)"
+    )
     parser.add_argument(
         "--provider-seconds",
         type=float,
@@ -234,11 +237,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-seconds", type=float, default=120.0, help="overall budget; past it the run stops"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_burst(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.requests < 1 or args.requests > 200 or args.limit < 1:
         parser.error("--requests must be 1..200 and --limit at least 1")
     if args.provider_seconds < 0 or args.max_seconds <= 0:
         parser.error("--provider-seconds must not be negative, --max-seconds must be positive")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = burst_parser(__doc__, 1000)
+    args = parser.parse_args(argv)
+    check_burst(parser, args)
     return args
 
 

@@ -39,7 +39,7 @@ from tokengate_core.keys import hash_key
 from tokengate_core.tools.mock import LOREM
 
 from scripts.bench import benchkit
-from scripts.bench.bench_burst import REQUEST_TIMEOUT, mock_call
+from scripts.bench.bench_burst import REQUEST_TIMEOUT, burst_parser, check_burst, mock_call
 from scripts.bench.benchkit import PROVIDER_ENV, OutOfTime, started, url_of
 
 RULES = {"over": "scale:1.10", "under": "scale:0.90", "chars": "chars:2"}
@@ -234,9 +234,7 @@ def markdown(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = benchkit.parser(__doc__)
-    parser.add_argument("--requests", type=int, default=50, help="concurrent requests per burst")
-    parser.add_argument("--limit", type=int, default=5000, help="total tokens per minute (L)")
+    parser = burst_parser(__doc__, 5000)
     parser.add_argument(
         "--warmup",
         type=int,
@@ -244,20 +242,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="answers seen, one at a time, before the warm burst",
     )
     parser.add_argument("--seed", type=int, default=7, help="of the prompts' random words")
-    parser.add_argument(
-        "--provider-seconds",
-        type=float,
-        default=0.3,
-        help="how long the mock takes per answer, so that a burst is in flight at once",
-    )
-    parser.add_argument(
-        "--max-seconds", type=float, default=120.0, help="overall budget; past it the run stops"
-    )
     args = parser.parse_args(argv)
-    if not 1 <= args.requests <= 200 or args.limit < 1 or args.warmup < 0:
-        parser.error("--requests must be 1..200, --limit at least 1, --warmup not negative")
-    if args.provider_seconds < 0 or args.max_seconds <= 0:
-        parser.error("--provider-seconds must not be negative, --max-seconds must be positive")
+    check_burst(parser, args)
+    if args.warmup < 0:
+        parser.error("--warmup must not be negative")
     return args
 
 
