@@ -1,4 +1,6 @@
-"""What a call costs in money: the one place prices are looked up and money is computed.
+"""What a call costs in money: the one place prices are looked up and a call's cost computed.
+(A reservation's money is the limiter's linear rule at these rates, `limiter.Rates`, applied
+inside the store call with the other limits.)
 
 Prices are USD per 1M tokens, held as integer micro-dollars per 1M tokens (2.50 -> 2_500_000),
 so the cost of a call is an integer sum divided once by 1M and rounded up: exact, never a float,
@@ -14,7 +16,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 MICRO = 1_000_000  # micro-dollars in a dollar, and tokens in a price's unit (1M tokens)
 MAX_USD_PER_M = 100_000  # a price above this per 1M tokens is a typing mistake
-UNBOUNDED = sys.maxsize  # completion_fitting for a model whose output is free
 FIELDS = ("input", "cached_input", "cache_write", "output")
 # A service tier the table does not list for a model: priority costs this many times the
 # standard price (the highest ratio the bundled table has, OpenAI's 2x), so a budget never counts
@@ -107,32 +107,6 @@ def cost(usage: Usage, price: Price, service_tier: str | None = None) -> int:
         + usage.completion * price.output
     )
     return -(-total // MICRO)
-
-
-def reserve_cost(
-    prompt_tokens: int, completion_tokens: int, price: Price, service_tier: str | None = None
-) -> int:
-    """Micro-dollars to reserve at admission: the prompt estimate at the input rate (which
-    cached tokens the provider will find is not known yet), the completion at the output rate."""
-    price = price.under(service_tier).at(prompt_tokens)
-    total = prompt_tokens * price.input + completion_tokens * price.output
-    return -(-total // MICRO)
-
-
-def completion_fitting(
-    remaining_micro: int, prompt_tokens: int, price: Price, service_tier: str | None = None
-) -> int:
-    """The most completion tokens whose reservation fits beside the prompt's in
-    `remaining_micro`: reserve_cost(prompt, n, price) <= remaining_micro for n up to it. 0 when
-    the prompt alone takes it all (check reserve_cost(prompt, 0, price) for whether it fits at
-    all); UNBOUNDED when output is free."""
-    price = price.under(service_tier).at(prompt_tokens)
-    room = remaining_micro * MICRO - prompt_tokens * price.input
-    if room < 0:
-        return 0
-    if price.output == 0:
-        return UNBOUNDED
-    return room // price.output
 
 
 def usd(micro: int) -> float:
