@@ -12,12 +12,11 @@ quota is decided at requestheaders on what is left, and the body is read on its 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from mitmproxy import ctx, exceptions, http
@@ -124,26 +123,22 @@ class AdmissionControl:
                 raise exceptions.OptionsError("tokengate_estimate_warmup must be 0 or more")
             self.gate.estimates.policy.warmup = ctx.options.tokengate_estimate_warmup
 
+    # An unexpected error while admitting must not let the request go upstream unmetered
+    # (mitmproxy would log it and run the next addons): the gate answers 500 itself and releases
+    # what the flow holds, whatever the proxy's `fail:` (which is about the store alone).
+
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        with self._failing_closed(flow, sent=False):
+        try:
             await self._requestheaders(flow)
+        except Exception as error:
+            self._failed(flow, error, sent=False)
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        # A body streamed upstream (stream_large_bodies) has left by the time `request` runs.
-        with self._failing_closed(flow, sent=bool(flow.request.stream)):
-            await self._request(flow)
-
-    @contextlib.contextmanager
-    def _failing_closed(self, flow: http.HTTPFlow, sent: bool) -> Iterator[None]:
-        """An unexpected error while admitting must not let the request go upstream unmetered
-        (mitmproxy would log it and carry on): the gate answers 500 itself and releases what
-        the flow holds, whatever the proxy's `fail:` (which is about the store alone)."""
         try:
-            yield
+            await self._request(flow)
         except Exception as error:
-            if not flow.live:
-                raise  # read from a file: nothing can go upstream
-            self._failed(flow, error, sent)
+            # A body streamed upstream (stream_large_bodies) has left by the time this runs.
+            self._failed(flow, error, sent=bool(flow.request.stream))
 
     async def _requestheaders(self, flow: http.HTTPFlow) -> None:
         # A flow loaded from a file may carry the notes of the run that saved it; they must not
@@ -189,6 +184,8 @@ class AdmissionControl:
         the flow's reservation (charge it where a streamed body had already left), and log
         where it failed by code location only: an exception's message may quote the request,
         keys included."""
+        if not flow.live:
+            raise error  # read from a file: nothing can go upstream
         note = notes.of(flow) or notes.start(
             flow, candidates=[], upstream_path=None, endpoint=None, allowed=False
         )
