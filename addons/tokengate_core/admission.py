@@ -13,7 +13,9 @@ quota is decided at requestheaders on what is left, and the body is read on its 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -21,7 +23,7 @@ from mitmproxy import ctx, exceptions, http
 
 from . import answers, notes
 from .config import Config, Proxy
-from .dialects import RequestTerms
+from .dialects import OPENAI, Dialect, RequestTerms
 from .estimates import MAX_RATIO
 from .gate import Gate
 from .intake import Reader, Unreadable
@@ -32,6 +34,8 @@ from .quota import DEFAULT_QUEUE_LIMIT, Admission, Ask, QuotaService, Refusal
 from .routing import USAGE_ENDPOINT, Route, is_reverse, route, route_saved, stray_credential
 from .stores import StoreUnavailable
 from .usage import BoundedBuffer
+
+log = logging.getLogger("tokengate")
 
 
 def note_decision(note: Notes, outcome: Admission | Refusal) -> None:
@@ -119,7 +123,24 @@ class AdmissionControl:
                 raise exceptions.OptionsError("tokengate_estimate_warmup must be 0 or more")
             self.gate.estimates.policy.warmup = ctx.options.tokengate_estimate_warmup
 
+    # An unexpected error while admitting must not let the request go upstream unmetered
+    # (mitmproxy would log it and run the next addons): the gate answers 500 itself and releases
+    # what the flow holds, whatever the proxy's `fail:` (which is about the store alone).
+
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._requestheaders(flow)
+        except Exception as error:
+            self._failed(flow, error, sent=False)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._request(flow)
+        except Exception as error:
+            # A body streamed upstream (stream_large_bodies) has left by the time this runs.
+            self._failed(flow, error, sent=bool(flow.request.stream))
+
+    async def _requestheaders(self, flow: http.HTTPFlow) -> None:
         # A flow loaded from a file may carry the notes of the run that saved it; they must not
         # make the addons act on it now.
         saved = flow.metadata.pop(notes.META, None)
@@ -147,7 +168,7 @@ class AdmissionControl:
         if refusal is not None:
             notes.answer(flow, refusal)
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    async def _request(self, flow: http.HTTPFlow) -> None:
         note = notes.pending(flow)
         if note is None or note["endpoint"] is None:
             return
@@ -157,6 +178,50 @@ class AdmissionControl:
         refusal = await self._body(flow, proxy, note)
         if refusal is not None:
             notes.answer(flow, refusal)
+
+    def _failed(self, flow: http.HTTPFlow, error: Exception, sent: bool) -> None:
+        """Answer 500 in the caller's dialect (or, failing even that, kill the flow), release
+        the flow's reservation (charge it where a streamed body had already left), and log
+        where it failed by code location only: an exception's message may quote the request,
+        keys included."""
+        if not flow.live:
+            raise error  # read from a file: nothing can go upstream
+        note = notes.of(flow) or notes.start(
+            flow, candidates=[], upstream_path=None, endpoint=None, allowed=False
+        )
+        try:
+            if not notes.answered_by_gate(flow):
+                notes.answer(flow, answers.gate_error(self._dialect_of(note)))
+        except Exception:
+            flow.kill()  # not even an answer: the request still never leaves
+        self._bodies.pop(flow.id, None)
+        held = self.quota.holding(flow.id)
+        self.quota.settle(
+            flow.id, held.reservation.amounts if held and held.reservation and sent else None
+        )
+        frames = traceback.extract_tb(error.__traceback__)
+        where = " < ".join(
+            f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+            for frame in reversed(frames)
+        )
+        log.error(
+            "tokengate: unexpected error in admission, flow %s (%s/%s): %s at %s; answered 500, %s",
+            flow.id,
+            note.get("proxy", "-"),
+            note.get("key", "-"),
+            type(error).__name__,
+            where,
+            "its streamed body had left: charged" if sent else "nothing forwarded",
+        )
+
+    def _dialect_of(self, note: Notes) -> Dialect:
+        """The dialect of the flow's proxy, or of the first it may belong to (OpenAI's when the
+        error came before routing)."""
+        for name in (note.get("proxy"), *note.get("candidates", ())):
+            proxy = self.gate.proxy(name) if name else None
+            if proxy is not None:
+                return proxy.dialect
+        return OPENAI
 
     def _refuse_stray(self, flow: http.HTTPFlow, config: Config) -> None:
         """404: a typo'd path must not carry the caller's key (or any key, to a provider)

@@ -310,6 +310,18 @@ def store_unavailable(dialect: Dialect, retry_after: int) -> http.Response:
     )
 
 
+def gate_error(dialect: Dialect) -> http.Response:
+    """500 when the gate failed unexpectedly while admitting: never forwarded unmetered."""
+    return gate_response(
+        dialect,
+        500,
+        "TokenGate failed unexpectedly while checking this request against its quotas, so the "
+        "request was not sent; the error is in the gateway's log.",
+        "server_error",
+        "gateway_error",
+    )
+
+
 def usage_unavailable(dialect: Dialect) -> http.Response:
     """503 for the usage endpoint while the store is down."""
     message = "The usage store is unreachable; try again shortly."

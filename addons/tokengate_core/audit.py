@@ -35,6 +35,7 @@ GATE_DECISIONS = {
     404: "unknown_context",
     413: "too_large",
     429: "refused",
+    500: "gate_error",  # an unexpected error while admitting: answered, never forwarded
     503: "unavailable",
 }
 BATCH_LINES = 1000  # lines written per write() call at most

@@ -642,10 +642,7 @@ def load_config(path: Path | str, check_credentials: bool = True) -> Config:
         contexts[proxy.context] = proxy.name
     store = _store(reader, top.get("store"))
     prices = _prices(reader, top.get("prices"))
-    config = Config(Path(path), providers, proxies, store, prices)
-    if config.budgeted:
-        config.price_book.load()  # the bundled table, now rather than on the first request
-    return config
+    return Config(Path(path), providers, proxies, store, prices)
 
 
 def _one_dialect_per_host(doc: Document, providers: dict[str, Provider]) -> None:

@@ -1,20 +1,25 @@
-"""What a call costs in money: the one place prices are looked up and money is computed.
+"""What a call costs in money: the one place prices are looked up and a call's cost computed.
+(A reservation's money is the limiter's linear rule at these rates, `limiter.Rates`, applied
+inside the store call with the other limits.)
 
 Prices are USD per 1M tokens, held as integer micro-dollars per 1M tokens (2.50 -> 2_500_000),
 so the cost of a call is an integer sum divided once by 1M and rounded up: exact, never a float,
 a microsecond or so. They come from `prices:` in quotas.yaml first, then from pydantic's
-genai-prices table, which ships its data offline. That table is imported only when a price is
-first needed (some 30 MB of memory and 0.25 s): a gate with no budget never loads it. Each model
+genai-prices table, which ships its data offline. That table (some 30 MB of memory and 0.3 s)
+is imported on a thread when a configuration with a budget is installed, and waited for off the
+event loop by a budgeted request that comes before it is in: a gate with no budget never loads
+it. Each model
 is resolved once (genai-prices' own `calc_price` takes ~100 µs a call) and kept until its
 prices could change (a new price's start date, an off-peak hour).
 """
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import math
 import re
-import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,7 +32,6 @@ if TYPE_CHECKING:
 
 MICRO = 1_000_000  # micro-dollars in a dollar, and tokens in a price's unit (1M tokens)
 MAX_USD_PER_M = 100_000  # a price above this per 1M tokens is a typing mistake
-UNBOUNDED = sys.maxsize  # completion_fitting for a model whose output is free
 FIELDS = ("input", "cached_input", "cache_write", "output")
 # A service tier the table does not list for a model: priority costs this many times the
 # standard price (the highest ratio the bundled table has, OpenAI's 2x), so a budget never counts
@@ -109,32 +113,6 @@ def cost(usage: Usage, price: Price, service_tier: str | None = None) -> int:
     return -(-total // MICRO)
 
 
-def reserve_cost(
-    prompt_tokens: int, completion_tokens: int, price: Price, service_tier: str | None = None
-) -> int:
-    """Micro-dollars to reserve at admission: the prompt estimate at the input rate (which
-    cached tokens the provider will find is not known yet), the completion at the output rate."""
-    price = price.under(service_tier).at(prompt_tokens)
-    total = prompt_tokens * price.input + completion_tokens * price.output
-    return -(-total // MICRO)
-
-
-def completion_fitting(
-    remaining_micro: int, prompt_tokens: int, price: Price, service_tier: str | None = None
-) -> int:
-    """The most completion tokens whose reservation fits beside the prompt's in
-    `remaining_micro`: reserve_cost(prompt, n, price) <= remaining_micro for n up to it. 0 when
-    the prompt alone takes it all (check reserve_cost(prompt, 0, price) for whether it fits at
-    all); UNBOUNDED when output is free."""
-    price = price.under(service_tier).at(prompt_tokens)
-    room = remaining_micro * MICRO - prompt_tokens * price.input
-    if room < 0:
-        return 0
-    if price.output == 0:
-        return UNBOUNDED
-    return room // price.output
-
-
 def usd(micro: int) -> float:
     """Micro-dollars as a JSON number of dollars. Exact: the float's shortest text is the
     6-decimal figure for any amount below a billion dollars; read it back with
@@ -209,8 +187,8 @@ class PriceBook:
 
     def __init__(self, overrides: Mapping[str, Price] | None = None) -> None:
         overrides = {name: _with_tiers(p, {}) for name, p in (overrides or {}).items()}
-        self.exact = {name: p for name, p in overrides.items() if not is_glob(name)}
-        self.globs = [(name, p) for name, p in overrides.items() if is_glob(name)]
+        self._exact = {name: p for name, p in overrides.items() if not is_glob(name)}
+        self._globs = [(name, p) for name, p in overrides.items() if is_glob(name)]
         self._cache: dict[tuple[str, str | None], _Resolved] = {}
 
     def price(
@@ -234,25 +212,44 @@ class PriceBook:
 
     def override(self, model: str) -> Price | None:
         """The price `prices:` gives `model` (None: it names none); never loads the table."""
-        found = self.exact.get(model)
+        found = self._exact.get(model)
         if found is not None:
             return found
-        for pattern, price in self.globs:
+        for pattern, price in self._globs:
             if fnmatch.fnmatchcase(model, pattern):
                 return price
         return None
 
     @staticmethod
     def load() -> None:
-        """Import the bundled table now (0.25 s), at configuration time rather than on the
-        first request of a proxy with a budget."""
+        """Import the bundled table now (0.25 s), blocking; off the event loop, see
+        `load_in_background` and `loaded`."""
         _table()
+
+    @staticmethod
+    def load_in_background() -> None:
+        """Start importing the bundled table on a thread (a configuration with a budget was
+        installed), so that neither the event loop nor the first budgeted request waits for
+        the 0.3-0.6 s it takes."""
+        if not _LOADED.is_set():
+            threading.Thread(target=_table, name="tokengate-prices", daemon=True).start()
+
+    @staticmethod
+    async def loaded() -> None:
+        """Return once the bundled table is imported, waiting for it on a worker thread (an
+        import in progress on another thread is waited for there, never on the loop)."""
+        if not _LOADED.is_set():
+            await asyncio.to_thread(_table)
+
+
+_LOADED = threading.Event()  # set once the bundled table is imported
 
 
 def _table():
     """genai-prices' providers, imported on first use only."""
     from genai_prices.data import providers
 
+    _LOADED.set()
     return providers
 
 

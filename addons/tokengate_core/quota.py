@@ -34,7 +34,7 @@ from .limiter import (
     held_back_by_reservations,
     settled_view,
 )
-from .prices import Price, cost
+from .prices import Price, PriceBook, cost
 from .stores import Reservation, StoreUnavailable
 
 STORE_RETRY_AFTER = 2  # seconds a caller is asked to wait while the store is down
@@ -100,15 +100,17 @@ class QuotaService:
         self.waiting = 0  # requests waiting in the queue now
         self._held: dict[str, Admission] = {}  # flow id -> its admission, until it settles
 
-    def price(self, ask: Ask) -> Price | None:
+    async def price(self, ask: Ask) -> Price | None:
         """The price of the request's model: from `prices:`, or from the bundled table where a
-        proxy has a budget (a gate without one never loads the table)."""
+        proxy has a budget (a gate without one never loads the table; with one, a request that
+        comes before the table is in waits for it off the event loop)."""
         config = self.gate.config
         if ask.model is None or config is None:
             return None
         book = config.price_book
         if not config.budgeted:
             return book.override(ask.model)
+        await PriceBook.loaded()
         return book.price(ask.model, api_url=ask.proxy.provider.base_url, at=self.gate.clock())
 
     async def admit(self, ask: Ask) -> Admission | Refusal | None:
@@ -116,7 +118,7 @@ class QuotaService:
         buckets = buckets_for(ask.proxy, ask.key, ask.model)
         if not buckets:
             return None
-        price = self.price(ask)
+        price = await self.price(ask)
         demand = replace(ask.demand, least=ask.completions if ask.proxy.strict else 0)
         if any(bucket.limit.dimension == BUDGET for bucket in buckets):
             if price is None:

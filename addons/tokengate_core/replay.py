@@ -188,7 +188,9 @@ def captured_usage(
 
 def reported_live(metered: Metered, saved: dict[str, Any]) -> Metered:
     """Where the gate asked a stream for usage, it removed that usage chunk from what the
-    caller got, and so from the capture: the provider's figures are the ones noted live."""
+    caller got, and so from the capture: the provider's figures are the ones noted live, with
+    the parts priced apart (cached, cache writes, reasoning; absent from older captures: 0) and
+    the service tier, so that the call costs what it cost live."""
     live = saved.get("usage")
     if (
         metered.source != "estimated"
@@ -197,9 +199,23 @@ def reported_live(metered: Metered, saved: dict[str, Any]) -> Metered:
     ):
         return metered
     prompt, completion = live.get("prompt_tokens"), live.get("completion_tokens")
-    if live.get("source") != "reported" or not (whole_number(prompt) and whole_number(completion)):
+    cached, written, reasoning = (
+        live.get(name, 0)
+        for name in ("cached_prompt_tokens", "cache_write_tokens", "reasoning_tokens")
+    )
+    counts = (prompt, completion, cached, written, reasoning)
+    if live.get("source") != "reported" or not all(whole_number(count) for count in counts):
         return metered
-    return Metered(Usage(prompt, completion), "reported", metered.model)
+    tier = live.get("service_tier")
+    usage = Usage(
+        prompt,
+        completion,
+        cached_prompt=min(cached, prompt),
+        cache_write=min(written, prompt - min(cached, prompt)),
+        reasoning=min(reasoning, completion),
+        service_tier=tier if isinstance(tier, str) else None,
+    )
+    return Metered(usage, "reported", metered.model)
 
 
 def capped(metered: Metered, completion: int) -> Metered:

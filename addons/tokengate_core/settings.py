@@ -23,6 +23,7 @@ from . import tokens
 from .commands import status_report
 from .config import Config, load_config
 from .gate import Gate
+from .prices import PriceBook
 from .stores import Store, StoreUnavailable, open_store
 from .yamlsource import ConfigError
 
@@ -148,6 +149,8 @@ class Settings:
         else:
             self.gate.store.stale_after = config.store.reservation_timeout
         self.gate.config = config
+        if config.budgeted:
+            PriceBook.load_in_background()  # priced requests will need the bundled table
         self._signature = signature
         log.info("tokengate: %s%s", f"reloaded ({why}): " if why else "", self.gate.summary())
 

@@ -11,9 +11,7 @@ One session, everything on 127.0.0.1. Phases (`--phases`, all by default):
   and p99 latency, the proxy's CPU time per request (all its threads; for `direct`, the
   mock's), startup time and the proxy's peak RSS, each also as a ratio to the plain mitmdump of
   the same round. `metrics` also gets its CPU time per request as a ratio to `memory` of the
-  same round: what serving metrics costs. `memory10`, run only when named in `--targets`, is
-  the memory store with ten token limits of different durations on every request: what
-  evaluating ten limits costs against `memory`'s one. CPU time per request leaves out the time
+  same round: what serving metrics costs. CPU time per request leaves out the time
   the proxy waited for a CPU, so it is a second view of the gate's cost when other work shares
   the machine (it still varies with what shares the caches).
 - stream: streamed chat requests, time to first body byte, the same targets.
@@ -54,7 +52,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from tokengate_core import tokens
-from tokengate_core.config import REQUESTS, Limit, parse_duration
+from tokengate_core.config import REQUESTS, Limit
 from tokengate_core.dialects.openai import estimate_prompt
 from tokengate_core.keys import hash_key
 from tokengate_core.limiter import Bucket, Demand, Usage
@@ -81,10 +79,6 @@ from scripts.bench.benchkit import (
 from scripts.bench.redis_server import RedisServer
 
 TARGETS = ("direct", "mitmdump", "noop", "memory", "sqlite", "redis", "metrics")
-# Run only when named in --targets: the memory store with ten token limits of different
-# durations on every request, against the one limit of `memory`.
-TEN_LIMITS = "memory10"
-TEN_DURATIONS = ("1m", "2m", "5m", "10m", "15m", "30m", "1h", "2h", "6h", "1d")
 GATES = ("memory", "sqlite", "redis")
 METRICS = "metrics"  # the memory store with tokengate_metrics on
 METRICS_READY = re.compile(r"metrics at (\S+)")
@@ -97,7 +91,6 @@ LABELS = {
     "mitmdump": "plain mitmdump",
     "noop": "mitmdump, no-op addons",
     "memory": "TokenGate, memory",
-    TEN_LIMITS: "TokenGate, memory, 10 limits",
     "sqlite": "TokenGate, SQLite",
     "redis": "TokenGate, Redis",
     "metrics": "TokenGate, memory, metrics on",
@@ -118,11 +111,6 @@ TARGET_METRICS_CPU = 1.05  # CPU per request with metrics on, vs the same gate w
 STORE_BUCKETS = (
     Bucket("bench:caller:total_tokens-1m", Limit("total_tokens", 10**12, 60, "1m")),
     Bucket("bench:caller:requests-1m", Limit(REQUESTS, 10**12, 60, "1m")),
-)
-# With the memory10 target: the memory store with ten limits on every request.
-TEN_BUCKETS = tuple(
-    Bucket(f"bench:caller:{rank}", Limit("total_tokens", 10**12, parse_duration(label), label))
-    for rank, label in enumerate(TEN_DURATIONS)
 )
 STORE_DEMAND = Demand(20, 100)
 STORE_USAGE = Usage(20, 42)
@@ -158,18 +146,15 @@ class Target:
 
     @property
     def gated(self) -> bool:
-        return self.name in (*GATES, TEN_LIMITS, METRICS)
+        return self.name in (*GATES, METRICS)
 
     def requests(self, body: dict, keys: Sequence[str] = ()) -> list[bytes]:
         """The request to send, once per caller key (`keys`; default the target's own)."""
         return [encode_request(self.port, self.path, key, body) for key in keys or [self.key]]
 
 
-def write_quotas(
-    path: Path, mock_url: str, store: str, keys: dict[str, str], durations: Sequence[str] = ("1m",)
-) -> Path:
-    """One proxy whose limits (one per duration) never refuse (the benchmark measures the path,
-    not 429s)."""
+def write_quotas(path: Path, mock_url: str, store: str, keys: dict[str, str]) -> Path:
+    """One proxy whose limit never refuses (the benchmark measures the path, not 429s)."""
     lines = [
         "providers:",
         "  mock:",
@@ -182,7 +167,7 @@ def write_quotas(
         "    provider: mock",
         "    token_limits:",
         "      total_tokens:",
-        *(f"        - {{count: 1000000000000, duration: {each}}}" for each in durations),
+        "        - {count: 1000000000000, duration: 1m}",
         "    keys:",
         *(f'      {name}: {{sha256: "{digest}"}}' for name, digest in keys.items()),
         f"store: {store}",
@@ -235,7 +220,6 @@ def launched(
             key, path = session.provider_key, provider_path
         else:
             store = {"memory": "{kind: memory}", "sqlite": "{kind: sqlite, path: usage.sqlite3}"}
-            store[TEN_LIMITS] = store["memory"]
             store[METRICS] = store["memory"]
             if name == "redis":
                 redis = RedisServer().start()
@@ -244,8 +228,7 @@ def launched(
             folder = session.folder / f"{run}-{name}"
             folder.mkdir()
             own = keys or {"bench": hash_key(session.caller_key)}
-            durations = TEN_DURATIONS if name == TEN_LIMITS else ("1m",)
-            config = write_quotas(folder / "quotas.yaml", mock_url, store[name], own, durations)
+            config = write_quotas(folder / "quotas.yaml", mock_url, store[name], own)
             extra = ("--set", "tokengate_metrics=127.0.0.1:0") if name == METRICS else ()
             gateway = benchkit.gateway(mock_url, config, session.provider_key, *extra)
             process = started(stack, gateway)
@@ -551,8 +534,7 @@ async def store_round(
     """µs per reserve and per settle, by store and mode, for one round of fresh stores."""
     figures: dict[str, dict[str, dict]] = {}
     for kind in kinds:
-        buckets = TEN_BUCKETS if kind == TEN_LIMITS else STORE_BUCKETS
-        if kind in ("memory", TEN_LIMITS):
+        if kind == "memory":
             store: Store = MemoryStore()
         elif kind == "sqlite":
             store = SqliteStore(folder / f"round-{round_}.sqlite3")
@@ -562,9 +544,11 @@ async def store_round(
         try:
             runs = itertools.count()
             warm_up = min(50, args.store_requests)
-            await store_calls(store, buckets, warm_up, 1, runs, deadline)
+            await store_calls(store, STORE_BUCKETS, warm_up, 1, runs, deadline)
             figures[kind] = {
-                mode: await store_calls(store, buckets, args.store_requests, batch, runs, deadline)
+                mode: await store_calls(
+                    store, STORE_BUCKETS, args.store_requests, batch, runs, deadline
+                )
                 for mode, batch in zip(STORE_MODES, (1, max(args.concurrency)), strict=True)
             }
         finally:
@@ -579,6 +563,8 @@ async def store_calls(
     batch: int,
     runs: Iterator[int],
     deadline: float,
+    demand: Demand = STORE_DEMAND,
+    usage: Usage = STORE_USAGE,
 ) -> dict[str, float]:
     """`requests` reserves then settles, `batch` gathered at a time: µs per call of each."""
     run = next(runs)
@@ -588,11 +574,11 @@ async def store_calls(
             raise OutOfTime
         ids = [f"{run}-{start + i}" for i in range(min(batch, requests - start))]
         began = time.perf_counter()
-        held = await together([store.reserve(i, buckets, STORE_DEMAND) for i in ids])
+        held = await together([store.reserve(i, buckets, demand) for i in ids])
         reserved = time.perf_counter()
         if any(reservation is None for _, reservation in held):
             raise RuntimeError("the store benchmark's limits refused a request")
-        await together([store.settle(reservation, STORE_USAGE) for _, reservation in held])
+        await together([store.settle(reservation, usage) for _, reservation in held])
         reserving += reserved - began
         settling += time.perf_counter() - reserved
     return {
@@ -614,7 +600,7 @@ def stores_phase(session: Session, args, budget: Budget) -> dict:
 
     Memory, the base of the ratios, always; the other stores when among `--targets`.
     """
-    kinds = [kind for kind in (*GATES, TEN_LIMITS) if kind == "memory" or kind in args.targets]
+    kinds = [kind for kind in GATES if kind == "memory" or kind in args.targets]
     rounds = []
     with budget.running(), contextlib.ExitStack() as stack:
         deadline = budget.deadline()
@@ -868,8 +854,7 @@ def markdown(report: dict) -> str:
         )
     if stores := report.get("stores"):
         out += section(
-            "One limit check in process (two limits: tokens and requests per minute; "
-            f"{TEN_LIMITS}: ten token limits, 1m to 1d), "
+            "One limit check in process (two limits: tokens and requests per minute), "
             f"{stores['requests']} requests per store and mode, concurrent: batches of "
             f"{stores['batch']} gathered; medians over {stores['rounds']} round(s); SQLite "
             f"{stores['sqlite']}, redis-server {stores['redis_server'] or '-'}, redis-py "
@@ -974,7 +959,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--rounds", type=int, default=3, help="rounds of fresh processes")
     parser.add_argument("--requests", type=int, default=400, help="requests per level")
     parser.add_argument("--concurrency", type=levels, default=[1, 8, 32], help="e.g. 1,8,32")
-    parser.add_argument("--targets", type=names((*TARGETS, TEN_LIMITS)), default=list(TARGETS))
+    parser.add_argument("--targets", type=names(TARGETS), default=list(TARGETS))
     parser.add_argument("--phases", type=names(PHASES), default=list(PHASES))
     parser.add_argument("--stream-requests", type=int, default=60, help="per target and round")
     parser.add_argument("--keys", type=int, default=10_000, help="keys in the keys phase")

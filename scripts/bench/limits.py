@@ -8,6 +8,10 @@ tokens, requests per key and per team, and a USD budget priced per model. Memory
 that never refuse. Figures: the proxy's CPU time per request (all threads, /proc), requests per
 second and p50 latency, medians over `--rounds`; ratios to the plain mitmdump of the same round.
 
+Then, in this process, the store's share of it, steadier than a proxy's CPU: a reserve and a
+settle on a fresh memory store, one request at a time, in the windows the gate builds from each
+of the two configurations (`--store-requests` per round, medians over `--rounds`).
+
     .venv/bin/python -m scripts.bench.limits [--rounds 3] [--requests 400] [--concurrency 8]
 """
 
@@ -15,17 +19,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
 import sys
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
+from tokengate_core.config import load_config
 from tokengate_core.keys import hash_key
+from tokengate_core.limiter import Rates
+from tokengate_core.prices import cost
+from tokengate_core.quota import buckets_for
+from tokengate_core.stores.memory import MemoryStore
 
-from scripts.bench.bench import cpu_seconds, ratio, rotated
+from scripts.bench.bench import (
+    STORE_DEMAND,
+    STORE_USAGE,
+    cpu_seconds,
+    ratio,
+    rotated,
+    store_calls,
+)
 from scripts.bench.benchclient import drive, encode_request
 from scripts.bench.benchkit import (
     PROVIDER_ENV,
+    OutOfTime,
     emit,
     environment,
     figures_table,
@@ -40,6 +60,8 @@ from scripts.bench.benchkit import (
 )
 
 TARGETS = ("mitmdump", "one limit", "ten limits")
+STORE_TARGETS = ("one limit", "ten limits")
+STORE_SECONDS = 120.0  # the in-process part stops after this long
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}
 BIG = 10**12  # a count nothing reaches
 ONE = f"""\
@@ -64,6 +86,12 @@ TEN = f"""\
     budgets:
       - {{usd: 1000000, duration: 1d}}
 """
+STORE_COLUMNS = [
+    ("windows", "limits", "{:.0f}"),
+    ("reserve µs", "reserve_us", "{:.1f}"),
+    ("settle µs", "settle_us", "{:.1f}"),
+    ("both µs", "both_us", "{:.1f}"),
+]
 COLUMNS = [
     ("CPU ms/req", "cpu_ms", "{:.2f}"),
     ("CPU vs mitmdump", "cpu_ratio", "{:.2f}x"),
@@ -130,11 +158,41 @@ def one_round(round_: int, folder: Path, args) -> dict:
     return figures
 
 
+async def store_round(folder: Path, args, deadline: float) -> dict[str, dict[str, float]]:
+    """µs per reserve and settle in the windows of each configuration, on a fresh memory store.
+    The demand and the usage carry the model's price where a budget applies, as the gate's."""
+    figures = {}
+    for name in STORE_TARGETS:
+        limits = ONE if name == "one limit" else TEN
+        quotas = write_quotas(folder / f"store-{name}.yaml", "http://mock.test", limits, "tg-x")
+        config = load_config(quotas, check_credentials=False)
+        proxy = config.proxies["p"]
+        price = config.price_book.override(BODY["model"])
+        assert price is not None, "the bench's model is priced in its quotas file"
+        demand = replace(STORE_DEMAND, rates=Rates(price.input, price.output))
+        usage = replace(STORE_USAGE, cost=cost(STORE_USAGE, price))
+        store = MemoryStore()
+        try:
+            buckets = buckets_for(proxy, "bench", BODY["model"])
+            calls = (store, buckets, args.store_requests, 1, itertools.count(), deadline)
+            figures[name] = await store_calls(*calls, demand=demand, usage=usage)
+            figures[name]["limits"] = len(buckets)
+        finally:
+            await store.close()
+    return figures
+
+
 def run(args) -> dict:
-    rounds = []
+    rounds, stores = [], []
     with tempfile.TemporaryDirectory(prefix="tokengate-limits-") as folder:
         for round_ in range(args.rounds):
             rounds.append(one_round(round_, Path(folder), args))
+        deadline = time.monotonic() + STORE_SECONDS
+        for _ in range(args.rounds):
+            try:
+                stores.append(asyncio.run(store_round(Path(folder), args, deadline)))
+            except OutOfTime:  # the rounds measured so far are reported
+                break
     targets = {
         name: {
             field: median([r[name][field] for r in rounds])
@@ -143,6 +201,13 @@ def run(args) -> dict:
         for name in TARGETS
     }
     ten, one = targets["ten limits"]["cpu_ms"], targets["one limit"]["cpu_ms"]
+    in_process = {
+        name: {
+            field: median([r[name][field] for r in stores])
+            for field in ("limits", "reserve_us", "settle_us", "both_us")
+        }
+        for name in STORE_TARGETS
+    }
     return {
         "environment": environment(),
         "rounds": args.rounds,
@@ -151,16 +216,23 @@ def run(args) -> dict:
         "targets": targets,
         "ten_vs_one": median([ratio(ten, one)]),
         "ten_minus_one_ms": None if None in (ten, one) else round(ten - one, 3),
+        "store_requests": args.store_requests,
+        "in_process": in_process,
     }
 
 
 def markdown(report: dict) -> str:
     rows = [([name], figures) for name, figures in report["targets"].items()]
+    stores = [([name], figures) for name, figures in report["in_process"].items()]
     return (
         f"{report['requests']} requests per target and round over {report['concurrency']} "
         f"connections, medians over {report['rounds']} round(s); ten limits cost "
         f"{report['ten_minus_one_ms']} ms of CPU per request more than one "
-        f"({report['ten_vs_one']}x).\n\n" + figures_table(["target"], rows, COLUMNS)
+        f"({report['ten_vs_one']}x).\n\n"
+        + figures_table(["target"], rows, COLUMNS)
+        + f"\n\nIn process: reserve + settle on a fresh memory store, one request at a time, "
+        f"{report['store_requests']} requests per round, medians over {report['rounds']} "
+        "round(s).\n\n" + figures_table(["target"], stores, STORE_COLUMNS)
     )
 
 
@@ -170,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     options.add_argument("--requests", type=int, default=400)
     options.add_argument("--concurrency", type=int, default=8)
     options.add_argument("--seconds", type=float, default=60.0, help="time cap per target")
+    options.add_argument("--store-requests", type=int, default=2000, help="in process, per round")
     args = options.parse_args(argv)
     stop_on_sigterm()
     emit(run(args), markdown, args.json)

@@ -16,14 +16,11 @@ from hypothesis import strategies as st
 from tokengate_core.limiter import Usage
 from tokengate_core.prices import (
     MAX_CACHED_MODELS,
-    UNBOUNDED,
     Price,
     PriceBook,
     PriceError,
-    completion_fitting,
     cost,
     parse_price,
-    reserve_cost,
     usd,
     usd_text,
 )
@@ -65,29 +62,6 @@ def test_a_long_prompt_pays_the_long_context_rates_on_all_its_tokens():
     price = Price(3_000_000, 15_000_000, 300_000, 3_750_000, above=((200_000, long),))
     assert cost(Usage(200_000, 0), price) == 600_000
     assert cost(Usage(200_001, 10, cached_prompt=1), price) == 1_200_000 + 1 + 225
-    assert reserve_cost(200_001, 10, price) == 1_200_006 + 225
-
-
-def test_reserve_prices_the_prompt_as_input_and_the_completion_as_output():
-    assert reserve_cost(1000, 500, GPT_4O) == 2500 + 5000
-    assert reserve_cost(1, 0, GPT_4O) == 3  # 2.5 rounded up
-
-
-@given(
-    remaining=st.integers(0, 10**9),
-    prompt=st.integers(0, 10**6),
-    rates=st.tuples(st.integers(0, 10**8), st.integers(0, 10**8)),
-)
-def test_completion_fitting_is_the_largest_completion_whose_reserve_fits(remaining, prompt, rates):
-    price = Price(rates[0], rates[1], rates[0], rates[0])
-    fitting = completion_fitting(remaining, prompt, price)
-    if reserve_cost(prompt, 0, price) > remaining:
-        assert fitting == 0
-    elif price.output == 0:
-        assert fitting == UNBOUNDED
-    else:
-        assert reserve_cost(prompt, fitting, price) <= remaining
-        assert reserve_cost(prompt, fitting + 1, price) > remaining
 
 
 def test_usd_figures_are_exact():

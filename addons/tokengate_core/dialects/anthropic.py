@@ -59,6 +59,7 @@ ERROR_TYPES = {
     "request_too_large": "request_too_large",
     "rate_limit_exceeded": "rate_limit_error",
     "quota_store_unavailable": "overloaded_error",
+    "gateway_error": "api_error",
 }
 
 
