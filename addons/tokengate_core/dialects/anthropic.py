@@ -58,6 +58,7 @@ ERROR_TYPES = {
     "unknown_url": "not_found_error",
     "request_too_large": "request_too_large",
     "rate_limit_exceeded": "rate_limit_error",
+    "insufficient_quota": "rate_limit_error",  # a spent budget: Anthropic has no such type
     "quota_store_unavailable": "overloaded_error",
 }
 
