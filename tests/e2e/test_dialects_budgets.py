@@ -9,6 +9,7 @@ mock's stats and the ledger, then the capture's replay against the live ledger.
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,15 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tokengate_core.estimates import DEFAULT_WARMUP, key_of
+from tokengate_core.tools.mock import LOREM
 
 from tests.support.captures import ledger
 from tests.support.processes import MITMDUMP, ROOT, Gateway, Mock, wait_until
 from tests.support.quotas import ALICE, BOB, key_entries
 
 CAROL = "tg-carol-secret-key"
+DAVE = "tg-dave-secret-key"
 SONNET, OPUS = "claude-sonnet-4-5", "claude-opus-4-1"
 # USD per 1M tokens, as Anthropic and OpenAI list them (and genai-prices with them).
 SONNET_RATES = {"input": 3.0, "cache_write": 3.75, "cache_read": 0.30, "output": 15.0}
@@ -65,6 +69,7 @@ def quotas_text(mock_url: str) -> str:
         )
         + proxy("spent", "claude", budget.format(usd=0.002), key_entries(bob=BOB))
         + proxy("az", "azure", tokens_for("gpt-4o") + budget.format(usd=0.05), key_entries(c=CAROL))
+        + proxy("free", "azure", tokens_for("'*'"), key_entries(dave=DAVE))
     )
 
 
@@ -85,12 +90,13 @@ class Run:
         assert wait_until(lambda: path.exists() and len(ledger(path)) >= at_least)
         return ledger(path)
 
-    def azure(self) -> openai.AzureOpenAI:
+    def azure(self, proxy: str = "az", key: str = CAROL, **options) -> openai.AzureOpenAI:
         return openai.AzureOpenAI(
-            azure_endpoint=f"{self.gateway.url}/az",
-            api_key=CAROL,
+            azure_endpoint=f"{self.gateway.url}/{proxy}",
+            api_key=key,
             api_version=API_VERSION,
             max_retries=0,
+            **options,
         )
 
 
@@ -215,6 +221,38 @@ def test_azure_prices_and_limits_the_mapped_model_and_refuses_an_unpriced_deploy
     ]
 
 
+def test_the_usd_reservation_follows_the_learned_correction_of_the_mapped_model(run):
+    """The mock counts prompts twice what the gate's tokenizer does: once learned (under the
+    model `deployments` maps), the prompt is reserved, in tokens and in dollars, at the
+    provider's count; an unnamed deployment learns under its own name, the one admission asks."""
+    doubled = run.azure(default_headers={"X-Mock-Prompt-Rule": "scale:2"})
+    long_enough = [{"role": "user", "content": LOREM[:400]}]  # a prompt that teaches
+    for _ in range(DEFAULT_WARMUP):
+        settled = doubled.chat.completions.with_raw_response.create(
+            model="gpt4o-prod", messages=long_enough, max_tokens=5
+        )
+    before = float(settled.headers["x-tokengate-budget-remaining"])
+    with doubled.chat.completions.with_streaming_response.create(
+        model="gpt4o-prod",
+        messages=long_enough,
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as streamed:
+        # A stream's headers leave before its usage is known: the budget less the reservation.
+        held = before - float(streamed.headers["x-tokengate-budget-remaining"])
+        chunks = list(streamed.parse())
+    reported = next(chunk.usage for chunk in reversed(chunks) if chunk.usage).prompt_tokens
+    line = run.ledger(12 + DEFAULT_WARMUP)[-1]
+    prompt = line["reserved"] - 5
+    assert prompt >= reported  # corrected to the provider's count, not the tokenizer's half
+    assert held == pytest.approx(usd(GPT_4O, input=prompt, output=5), abs=1.5e-6)
+
+    free = run.azure("free", DAVE)
+    free.chat.completions.create(model="other-dep", messages=long_enough, max_tokens=5)
+    assert run.ledger(13 + DEFAULT_WARMUP)[-1]["model"] == "gpt-4o-mini-2024-07-18"
+
+
 def test_metrics_match_the_mock_and_the_ledger(run):
     page = httpx.get(run.metrics_url, timeout=10).text
     samples = [s for f in text_string_to_metric_families(page) for s in f.samples]
@@ -227,7 +265,7 @@ def test_metrics_match_the_mock_and_the_ledger(run):
     served = run.mock.stats()["tokens_served"]
     assert total("tokengate_tokens_total", dimension="prompt") == served["prompt"]
     assert total("tokengate_tokens_total", dimension="completion") == served["completion"]
-    lines = run.ledger(11)
+    lines = run.ledger(13 + DEFAULT_WARMUP)
     spent = sum(line.get("cost_usd", 0) for line in lines)
     assert total("tokengate_spend_usd_total") == pytest.approx(spent, abs=1e-6)
     assert total("tokengate_spend_usd_total", proxy="az") == pytest.approx(
@@ -236,8 +274,13 @@ def test_metrics_match_the_mock_and_the_ledger(run):
     assert total("tokengate_requests_total", proxy="spent", limit="usd-1d") == 1
 
 
-def test_replay_of_the_capture_gives_the_live_ledger_costs_included(run):
-    run.gateway.stop()  # the capture is complete once mitmdump has stopped
+def test_replay_gives_the_live_ledger_and_learning_went_by_the_admitted_model(run):
+    run.gateway.stop()  # the capture is complete, the learned records stored
+    with sqlite3.connect(run.folder / ".state" / "tokengate.sqlite3") as db:
+        learned = {key for (key,) in db.execute("SELECT key FROM learned")}
+    # Under the model admission asks for: the mapped one, or an unnamed deployment's own name.
+    assert learned >= {key_of("azure", "gpt-4o"), key_of("azure", "other-dep")}
+    assert key_of("azure", "gpt-4o-mini-2024-07-18") not in learned
     live = ledger(run.folder / "ledger.jsonl")
     assert sum("cost_usd" in line for line in live) >= 6
     replayed_path = run.folder / "replay.jsonl"
