@@ -53,14 +53,17 @@ EXPIRY_SECONDS = 600.0  # a key no longer valid keeps its series this long, then
 SWEEP_SECONDS = 30.0  # how often keys are checked against the configuration in force
 STOP_SECONDS = 2.0  # a server being replaced on the same port is waited for this long
 
-# OpenTelemetry's GenAI conventions: gen_ai.operation.name by endpoint, the token histogram's
-# explicit bucket boundaries.
+# OpenTelemetry's GenAI conventions: gen_ai.operation.name by endpoint, gen_ai.provider.name
+# by dialect where it differs from the dialect's name, the token histogram's explicit bucket
+# boundaries.
 OPERATIONS = {
     "chat/completions": "chat",
     "responses": "chat",
+    "messages": "chat",  # Anthropic's Messages API
     "completions": "text_completion",
     "embeddings": "embeddings",
 }
+PROVIDER_NAMES = {"azure": "azure.ai.openai"}
 TOKEN_BUCKETS = tuple(4.0**n for n in range(14))  # 1, 4, 16, ... 67108864
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -409,7 +412,8 @@ class Metrics:
             series.prompt = self._tokens(series, "prompt", usage_source)
             series.completion = self._tokens(series, "completion", usage_source)
             operation = OPERATIONS.get(endpoint or "")
-            provider = proxy.provider.dialect.name if proxy else ""
+            dialect = proxy.provider.dialect.name if proxy else ""
+            provider = PROVIDER_NAMES.get(dialect, dialect)
             if operation:
                 usage = instruments.token_usage
                 series.input = usage.labels(operation, provider, model_label, "input")

@@ -272,6 +272,19 @@ def test_metrics_match_the_mock_and_the_ledger(run):
         sum(line.get("cost_usd", 0) for line in lines if line["proxy"] == "az"), abs=1e-6
     )
     assert total("tokengate_requests_total", proxy="spent", limit="usd-1d") == 1
+    # OpenTelemetry's histogram covers Anthropic's Messages API and Azure, by their GenAI names.
+    for provider, proxies in (("anthropic", ("cl", "spent")), ("azure.ai.openai", ("az", "free"))):
+        prompt = sum(total("tokengate_tokens_total", proxy=p, dimension="prompt") for p in proxies)
+        assert prompt > 0
+        assert (
+            total(
+                "gen_ai_client_token_usage_sum",
+                gen_ai_provider_name=provider,
+                gen_ai_operation_name="chat",
+                gen_ai_token_type="input",
+            )
+            == prompt
+        )
 
 
 def test_replay_gives_the_live_ledger_and_learning_went_by_the_admitted_model(run):
