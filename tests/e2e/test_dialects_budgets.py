@@ -1,6 +1,7 @@
-"""Budgets, limits per model, metrics and QA replay on the Anthropic and Azure dialects together:
-one real mitmdump in front of the real mock, driven with the `anthropic` SDK and `AzureOpenAI`,
-prices from the bundled genai-prices table (so the figures are Anthropic's and OpenAI's own).
+"""Budgets, limits per model, metrics and QA replay on the Anthropic and Azure dialects together
+(OpenAI's beside them): one real mitmdump in front of the real mock, driven with the `anthropic`
+SDK, `AzureOpenAI` and `OpenAI`, prices from the bundled genai-prices table (so the figures are
+Anthropic's and OpenAI's own).
 
 The tests run in file order on one gateway: the calls first, then the metrics page against the
 mock's stats and the ledger, then the capture's replay against the live ledger.
@@ -28,6 +29,7 @@ from tests.support.quotas import ALICE, BOB, key_entries
 
 CAROL = "tg-carol-secret-key"
 DAVE = "tg-dave-secret-key"
+ERIN = "tg-erin-secret-key"
 SONNET, OPUS = "claude-sonnet-4-5", "claude-opus-4-1"
 # USD per 1M tokens, as Anthropic and OpenAI list them (and genai-prices with them).
 SONNET_RATES = {"input": 3.0, "cache_write": 3.75, "cache_read": 0.30, "output": 15.0}
@@ -59,6 +61,7 @@ def quotas_text(mock_url: str) -> str:
         "    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n"
         f"  azure:\n    kind: azure\n    base_url: {mock_url}\n    hosts: [azure.test]\n"
         "    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n    deployments: {gpt4o-prod: gpt-4o}\n"
+        f"  openai:\n    base_url: {mock_url}/v1\n    api_key_env: TOKENGATE_TEST_PROVIDER_KEY\n"
         "proxies:\n"
         + proxy(
             "cl",
@@ -70,6 +73,7 @@ def quotas_text(mock_url: str) -> str:
         + proxy("spent", "claude", budget.format(usd=0.002), key_entries(bob=BOB))
         + proxy("az", "azure", tokens_for("gpt-4o") + budget.format(usd=0.05), key_entries(c=CAROL))
         + proxy("free", "azure", tokens_for("'*'"), key_entries(dave=DAVE))
+        + proxy("oa", "openai", budget.format(usd=0.05), key_entries(erin=ERIN))
     )
 
 
@@ -253,6 +257,21 @@ def test_the_usd_reservation_follows_the_learned_correction_of_the_mapped_model(
     assert run.ledger(13 + DEFAULT_WARMUP)[-1]["model"] == "gpt-4o-mini-2024-07-18"
 
 
+def test_openai_calls_beside_them_are_priced_json_and_streamed(run):
+    with openai.OpenAI(base_url=f"{run.gateway.url}/oa", api_key=ERIN, max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=HELLO, max_tokens=5
+        )
+        usage = raw.parse().usage
+        expected = usd(GPT_4O, input=usage.prompt_tokens, output=usage.completion_tokens)
+        assert float(raw.headers["x-tokengate-cost"]) == pytest.approx(expected, abs=1e-6)
+        chunks = client.chat.completions.create(
+            model="gpt-4o", messages=HELLO, max_tokens=5, stream=True
+        )
+        assert list(chunks)
+    assert "cost_usd" in run.ledger(15 + DEFAULT_WARMUP)[-1]
+
+
 def test_metrics_match_the_mock_and_the_ledger(run):
     page = httpx.get(run.metrics_url, timeout=10).text
     samples = [s for f in text_string_to_metric_families(page) for s in f.samples]
@@ -265,7 +284,7 @@ def test_metrics_match_the_mock_and_the_ledger(run):
     served = run.mock.stats()["tokens_served"]
     assert total("tokengate_tokens_total", dimension="prompt") == served["prompt"]
     assert total("tokengate_tokens_total", dimension="completion") == served["completion"]
-    lines = run.ledger(13 + DEFAULT_WARMUP)
+    lines = run.ledger(15 + DEFAULT_WARMUP)
     spent = sum(line.get("cost_usd", 0) for line in lines)
     assert total("tokengate_spend_usd_total") == pytest.approx(spent, abs=1e-6)
     assert total("tokengate_spend_usd_total", proxy="az") == pytest.approx(
