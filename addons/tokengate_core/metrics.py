@@ -172,7 +172,6 @@ class Series:
     """The children one combination of a flow's labels adds to, bound at its first flow."""
 
     pair: tuple[str, str]  # (proxy, key name) as noted: what the sweep matches
-    standing: tuple[str, str]  # (proxy, key name, or "*" for a shared scope): what is left
     labels: tuple[str, str, str]  # proxy, key, model as exported
     own: bool  # the key has series of its own (not OTHER): they go when the key goes
     requests: Counter
@@ -387,7 +386,22 @@ class Metrics:
                 began = flow.request.timestamp_end or forwarded
                 series.overhead.observe(forwarded - began + now - response.timestamp_end)
         if (remaining := note.get("remaining")) is not None:
-            self.standing[series.standing] = (self.gate.clock(), remaining)
+            self._stand(series.pair, remaining)
+
+    def _stand(self, pair: tuple[str, str], remaining: dict[str, int]) -> None:
+        """What is left of each limit, under whose window it is: the key's, or (key "*") the
+        one its proxy's keys share, by the limit's scope or else the proxy's."""
+        proxy = self.gate.proxy(pair[0])
+        if proxy is None:
+            return
+        now = self.gate.clock()
+        split: dict[str, dict[str, int]] = {}
+        for limit in proxy.limits:
+            if limit.name in remaining:
+                who = "*" if (limit.scope or proxy.scope) == "proxy" else pair[1]
+                split.setdefault(who, {})[limit.name] = remaining[limit.name]
+        for who, left in split.items():
+            self.standing[(pair[0], who)] = (now, left)
 
     def _bind(self, index: tuple) -> Series:
         proxy_name, key, model_label, endpoint, status, answered, limit, usage_source = index
@@ -398,10 +412,8 @@ class Metrics:
         decision = decision_of(answered) if answered or status else "error"
         outcome = (endpoint or "", str(status) if status else "none", decision, limit or "")
         instruments = self.instruments
-        shared = proxy is not None and proxy.scope == "proxy"
         series = Series(
             pair=(proxy_name, key),
-            standing=(proxy_name, "*" if shared else key),
             labels=labels,
             own=key_label != OTHER,
             requests=instruments.requests.labels(*labels, *outcome, source),
