@@ -232,10 +232,12 @@ def rate_limited(
     limit = blocking.limit
     need = terms_of(limit, demand).minimum
     used = blocking.used + blocking.reserved
-    headers = ratelimit_headers(decision.statuses, now, headline=blocking, dialect=dialect)
+    budget = limit.dimension == BUDGET
+    # A budget, in money, has headers of its own: X-RateLimit-* keep describing token limits.
+    headline = None if budget else blocking
+    headers = ratelimit_headers(decision.statuses, now, headline=headline, dialect=dialect)
     headers["X-RateLimit-Quota"] = limit.name
     what = described(limit, proxy)
-    budget = limit.dimension == BUDGET
     if decision.retry_at is None:
         message = (
             f"Request too large for proxy {proxy.name!r} on {described(limit, proxy, False)}: "
@@ -292,7 +294,8 @@ def unpriced(dialect: Dialect, proxy: str, model: str | None) -> http.Response:
         dialect,
         403,
         f"Proxy {proxy!r} has a budget in USD, but {why}, so the request was not sent. The "
-        "gateway's operator can add the model's price under `prices:` in quotas.yaml.",
+        "gateway's operator can add the model's price under `prices:` in quotas.yaml (for an "
+        "Azure deployment, the model it serves under the provider's `deployments:`).",
         "model_price_unknown",
     )
 

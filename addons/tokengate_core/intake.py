@@ -72,7 +72,12 @@ class Reader:
         API would refuse is refused as it would be."""
         try:
             terms = terms or self.terms(endpoint, body)
-            prompt = self.dialect.estimate_prompt(endpoint, body, self.exact_chars)
+            # Counted with the encoding of the model the call is for: an Azure body names a
+            # deployment, or nothing, where the deployment serves a model.
+            named = (
+                body if terms.model in (None, body.get("model")) else {**body, "model": terms.model}
+            )
+            prompt = self.dialect.estimate_prompt(endpoint, named, self.exact_chars)
         except RecursionError:
             return TOO_DEEP
         except BodyRefused as e:

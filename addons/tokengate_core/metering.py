@@ -130,15 +130,17 @@ class Metering:
         cost, for the headers, the ledger and the comment."""
         statuses = self.quota.settle(flow.id, metered.usage if metered else None) or ()
         notes.note_windows(note, statuses)
-        notes.note_usage(note, metered)
-        cost = None if metered is None else admission.cost(metered.usage)
-        if cost is not None:
-            note["cost_micro_usd"] = cost
         proxy = self.gate.proxy(note.get("proxy", ""))
         if proxy is not None:
+            # Learned under the model admission corrects by: before the answer's model (an
+            # unnamed Azure deployment's) takes its place in the notes.
             exact = counted_whole(flow.request, self.gate.exact_prompt_chars)
             estimate = note.get("prompt_estimate", 0)
             self.gate.estimates.answered(
                 proxy.provider.name, note.get("model"), estimate, metered, exact
             )
+        notes.note_usage(note, metered)
+        cost = None if metered is None else admission.cost(metered.usage)
+        if cost is not None:
+            note["cost_micro_usd"] = cost
         return statuses

@@ -53,14 +53,17 @@ EXPIRY_SECONDS = 600.0  # a key no longer valid keeps its series this long, then
 SWEEP_SECONDS = 30.0  # how often keys are checked against the configuration in force
 STOP_SECONDS = 2.0  # a server being replaced on the same port is waited for this long
 
-# OpenTelemetry's GenAI conventions: gen_ai.operation.name by endpoint, the token histogram's
-# explicit bucket boundaries.
+# OpenTelemetry's GenAI conventions: gen_ai.operation.name by endpoint, gen_ai.provider.name
+# by dialect where it differs from the dialect's name, the token histogram's explicit bucket
+# boundaries.
 OPERATIONS = {
     "chat/completions": "chat",
     "responses": "chat",
+    "messages": "chat",  # Anthropic's Messages API
     "completions": "text_completion",
     "embeddings": "embeddings",
 }
+PROVIDER_NAMES = {"azure": "azure.ai.openai"}
 TOKEN_BUCKETS = tuple(4.0**n for n in range(14))  # 1, 4, 16, ... 67108864
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -169,7 +172,6 @@ class Series:
     """The children one combination of a flow's labels adds to, bound at its first flow."""
 
     pair: tuple[str, str]  # (proxy, key name) as noted: what the sweep matches
-    standing: tuple[str, str]  # (proxy, key name, or "*" for a shared scope): what is left
     labels: tuple[str, str, str]  # proxy, key, model as exported
     own: bool  # the key has series of its own (not OTHER): they go when the key goes
     requests: Counter
@@ -384,7 +386,22 @@ class Metrics:
                 began = flow.request.timestamp_end or forwarded
                 series.overhead.observe(forwarded - began + now - response.timestamp_end)
         if (remaining := note.get("remaining")) is not None:
-            self.standing[series.standing] = (self.gate.clock(), remaining)
+            self._stand(series.pair, remaining)
+
+    def _stand(self, pair: tuple[str, str], remaining: dict[str, int]) -> None:
+        """What is left of each limit, under whose window it is: the key's, or (key "*") the
+        one its proxy's keys share, by the limit's scope or else the proxy's."""
+        proxy = self.gate.proxy(pair[0])
+        if proxy is None:
+            return
+        now = self.gate.clock()
+        split: dict[str, dict[str, int]] = {}
+        for limit in proxy.limits:
+            if limit.name in remaining:
+                who = "*" if (limit.scope or proxy.scope) == "proxy" else pair[1]
+                split.setdefault(who, {})[limit.name] = remaining[limit.name]
+        for who, left in split.items():
+            self.standing[(pair[0], who)] = (now, left)
 
     def _bind(self, index: tuple) -> Series:
         proxy_name, key, model_label, endpoint, status, answered, limit, usage_source = index
@@ -395,10 +412,8 @@ class Metrics:
         decision = decision_of(answered) if answered or status else "error"
         outcome = (endpoint or "", str(status) if status else "none", decision, limit or "")
         instruments = self.instruments
-        shared = proxy is not None and proxy.scope == "proxy"
         series = Series(
             pair=(proxy_name, key),
-            standing=(proxy_name, "*" if shared else key),
             labels=labels,
             own=key_label != OTHER,
             requests=instruments.requests.labels(*labels, *outcome, source),
@@ -409,7 +424,8 @@ class Metrics:
             series.prompt = self._tokens(series, "prompt", usage_source)
             series.completion = self._tokens(series, "completion", usage_source)
             operation = OPERATIONS.get(endpoint or "")
-            provider = proxy.provider.dialect.name if proxy else ""
+            dialect = proxy.provider.dialect.name if proxy else ""
+            provider = PROVIDER_NAMES.get(dialect, dialect)
             if operation:
                 usage = instruments.token_usage
                 series.input = usage.labels(operation, provider, model_label, "input")

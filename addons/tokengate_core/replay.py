@@ -18,7 +18,7 @@ from mitmproxy import http
 
 from . import notes
 from .admission import note_decision
-from .audit import entry
+from .audit import decision_of, entry
 from .dialects import Dialect
 from .estimates import counted_whole
 from .gate import Gate
@@ -139,8 +139,8 @@ class CaptureReplay:
         if outcome is None:  # a proxy without limits
             return captured, "admitted"
         note_decision(note, outcome)
-        if isinstance(outcome, Refusal):
-            return outcome.answer.status_code, "refused"
+        if isinstance(outcome, Refusal):  # 429, or 403 for a model a budget cannot price
+            return outcome.answer.status_code, decision_of(outcome.answer.status_code)
         reserved = outcome.reservation.amounts
         # As live: a max tokens above what is left is lowered, so the provider could not have
         # produced more than was reserved; the capture may hold a longer answer (sent under

@@ -183,6 +183,25 @@ async def test_each_flow_is_counted_by_decision_source_and_usage(served, clock):
     assert value(scrape(metrics), "tokengate_quota_remaining", **alice) == 1000
 
 
+async def test_a_teams_window_is_its_own_gauge_beside_each_keys(tmp_path, monkeypatch):
+    """A key's limit and its team's (`scope: proxy` on one limit) are each exported under
+    whose window it is: the key's under its name, the team's under '*', whichever key spent."""
+    team = "        - {count: 5000, duration: 1h, scope: proxy}\n"
+    quotas = two_keys().replace("duration: 1m}\n", "duration: 1m}\n" + team)
+    with gate_in_harness(tmp_path, monkeypatch, quotas) as (tctx, _, addons):
+        metrics = metrics_of(addons)
+        tctx.configure(metrics, tokengate_metrics=LOOPBACK)
+        await admitted_and_answered(addons, answered(HELLO_PROMPT, 100))
+        await admitted_and_answered(addons, answered(HELLO_PROMPT, 200), key=BOB)
+        samples = scrape(metrics)
+    remaining = "tokengate_quota_remaining"
+    assert value(samples, remaining, key="alice", limit="total_tokens-1m") == 900 - HELLO_PROMPT
+    assert value(samples, remaining, key="bob", limit="total_tokens-1m") == 800 - HELLO_PROMPT
+    team = {"key": "*", "limit": "total_tokens-1h@proxy"}
+    assert value(samples, remaining, **team) == 4700 - 2 * HELLO_PROMPT
+    assert value(samples, remaining, key="alice", limit="total_tokens-1h@proxy") == 0
+
+
 async def test_the_store_going_away_and_coming_back(tmp_path, monkeypatch):
     extra = "    fail: closed\n"
     with gate_in_harness(tmp_path, monkeypatch, two_keys(extra) + "store: {kind: memory}\n") as (

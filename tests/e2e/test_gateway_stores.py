@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import redis
 from redis.crc import key_slot
 from tokengate_core.config import load_config
 from tokengate_core.quota import buckets_for
@@ -79,13 +80,13 @@ def _call_until_killed(gateway: Gateway, body: dict) -> None:
         call(gateway, ALICE, body=body, **{"X-Mock-Mode": "slow", "X-Mock-Delay": "5"})
 
 
-def redis_quotas(path, mock_url: str, store: str, count: int, **key_names: str) -> None:
+def redis_quotas(path, mock_url: str, store: str, count: int) -> None:
     """Two proxies on one Redis store (`store`, its YAML entry): `strict` fails closed, `lenient`
-    fails open; each has one caller key, named as the proxy unless `key_names` says otherwise."""
+    fails open; each has one caller key, named as the proxy."""
     proxies = "".join(
         f"  {name}:\n    context: /{name}\n    provider: mock\n    fail: {fail}\n"
         f"    token_limits:\n      total_tokens:\n        - {{count: {count}, duration: 1m}}\n"
-        "    keys:\n" + key_entries(**{key_names.get(name, name): CALLERS[name]})
+        "    keys:\n" + key_entries(**{name: CALLERS[name]})
         for name, fail in (("strict", "closed"), ("lenient", "open"))
     )
     write_quotas(path, mock_url, proxies + store)
@@ -151,6 +152,53 @@ def test_two_gateways_on_one_redis_share_one_limit(tmp_path, fresh_mock, empty_r
     assert charged == served
 
 
+def test_two_gateways_keep_a_team_budget_through_a_cluster(tmp_path, fresh_mock, redis_cluster):
+    """A proxy with a key's token limit, the team's and a budget: each request's windows, its
+    key's and its team's, in one slot (tagged by the proxy), so one script reserves them all; a
+    burst of two keys through two gateways stays within the budget, every answer priced."""
+    usd_per_token = 0.001  # prices: 1000 USD per 1M tokens, so a cent is ten tokens
+    proxies = (
+        "  team:\n    context: /team\n    provider: mock\n"
+        "    token_limits:\n      total_tokens:\n        - {count: 100000, duration: 1m}\n"
+        "        - {count: 200000, duration: 1m, scope: proxy}\n"
+        "    budgets:\n      - {usd: 0.5, duration: 1d, scope: proxy}\n"
+        "    keys:\n" + key_entries(alice=ALICE, bob=BOB)
+    )
+    store = redis_store(redis_cluster.url, cluster=True)
+    config = write_quotas(tmp_path / "quotas.yaml", fresh_mock.url, proxies + store)
+    prices = "prices:\n  gpt-4o-mini: {input: 1000, output: 1000}\n"
+    config.write_text(prices + config.read_text(encoding="utf-8"), encoding="utf-8")
+    gateways = [start(config, fresh_mock), start(config, fresh_mock)]
+
+    def send(i: int) -> httpx.Response:
+        return httpx.post(
+            f"{gateways[i % 2].url}/team/chat/completions",
+            json={**HELLO, "max_tokens": 20},
+            headers={"Authorization": f"Bearer {(ALICE, BOB)[i // 2 % 2]}"},
+            timeout=30,
+        )
+
+    try:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            answers = list(pool.map(send, range(48)))
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) == {200, 429}, statuses
+    refused = {a.headers["X-RateLimit-Quota"] for a in answers if a.status_code == 429}
+    assert refused == {"usd-1d@proxy"}
+    served = fresh_mock.stats()["tokens_served"]["total"]
+    costs = [float(a.headers["X-TokenGate-Cost"]) for a in answers if a.status_code == 200]
+    assert sum(costs) == pytest.approx(served * usd_per_token, abs=1e-6)
+    assert served * usd_per_token <= 0.5
+    with redis.RedisCluster.from_url(redis_cluster.url, decode_responses=True) as client:
+        keys = list(client.scan_iter("tokengate:*"))
+    windows = [key for key in keys if "{team}" in key]
+    assert len(windows) == 2 + 1 + 1  # each key's token window, the team's, the budget
+    assert len({key_slot(key.encode()) for key in windows}) == 1
+
+
 def test_redis_outage_fail_closed_and_open_then_accounting_resumes(tmp_path, fresh_mock, own_redis):
     config = tmp_path / "quotas.yaml"
     redis_quotas(config, fresh_mock.url, redis_store(own_redis.url), 1000)
@@ -194,18 +242,14 @@ def test_cluster_master_failing_over_under_traffic(tmp_path, fresh_mock, redis_c
     taken over: `strict` answers 503 meanwhile and `lenient` admits unmetered, nothing reaches
     the provider unanswered, and afterwards every window holds exactly what the metered
     requests cost, with no reservation left behind."""
-    slot = key_slot(b"strict:strict")
+    slot = key_slot(b"strict")
     victim = redis_cluster.master_of(slot)
-    # Both callers' windows on the master that fails (a hash tag is `proxy:key`).
-    lenient_key = next(
-        name
-        for name in (f"lenient-{i}" for i in range(200))
-        if redis_cluster.master_of(key_slot(f"lenient:{name}".encode())) is victim
-    )
+    # Both proxies' windows on the master that fails (the hash tag is the proxy's name).
+    assert redis_cluster.master_of(key_slot(b"lenient")) is victim
     config = tmp_path / "quotas.yaml"
     seeds = [f"127.0.0.1:{node.port}" for node in redis_cluster.nodes[1:]]  # the first may fail
     store = redis_store(redis_cluster.url, cluster=True, seeds=seeds)
-    redis_quotas(config, fresh_mock.url, store, 10**6, lenient=lenient_key)
+    redis_quotas(config, fresh_mock.url, store, 10**6)
     gateway = start(config, fresh_mock)
     seen: list[tuple[str, float, httpx.Response]] = []
     stop = threading.Event()

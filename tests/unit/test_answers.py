@@ -381,6 +381,7 @@ def test_a_spent_budget_is_insufficient_quota_with_what_is_left_and_no_retry():
     assert answer.headers["x-should-retry"] == "false"  # hours away: past what SDKs wait
     assert answer.headers["X-RateLimit-Quota"] == "usd-1d"
     assert answer.headers["X-TokenGate-Budget-Remaining"] == "0.001000"
+    assert "X-RateLimit-Limit" not in answer.headers  # micro-dollars are not a token limit
 
 
 def test_a_refusal_names_the_limits_model_filter_and_scope():

@@ -276,6 +276,7 @@ def test_message_delta_with_cumulative_input_figures_replaces_them():
         (answers.missing_key(ANTHROPIC), 401, "authentication_error"),
         (answers.conflicting_keys(ANTHROPIC, ["X-API-Key", "Authorization"]), 401, None),
         (answers.endpoint_not_allowed(ANTHROPIC, "POST", "/v1/files"), 403, "permission_error"),
+        (answers.unpriced(ANTHROPIC, "claude", "claude-next"), 403, "permission_error"),
         (answers.unknown_context(ANTHROPIC, "/x", ["/claude"]), 404, "not_found_error"),
         (answers.unreadable_body(ANTHROPIC, "bad"), 400, "invalid_request_error"),
         (answers.invalid_body(ANTHROPIC, "max_tokens"), 400, "invalid_request_error"),

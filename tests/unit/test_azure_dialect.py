@@ -138,6 +138,15 @@ def test_the_reader_takes_the_deployment_its_path_named():
     assert Reader(OPENAI, 1000, 256, "mini").terms("chat/completions", CHAT).model is None
 
 
+def test_the_prompt_is_counted_with_the_encoding_of_the_model_the_deployment_serves():
+    reader = Reader(Azure({"old": "gpt-4"}), 1000, 256, "old")
+    body = {"messages": [{"role": "user", "content": "Привет, как дела? " * 20}]}
+    read = reader.parse_and_estimate(json.dumps(body).encode(), "chat/completions")
+    as_gpt_4 = OPENAI.estimate_prompt("chat/completions", {**body, "model": "gpt-4"}, 1000)
+    assert read.prompt == as_gpt_4 != OPENAI.estimate_prompt("chat/completions", body, 1000)
+    assert "model" not in read.body  # what is sent is the caller's body
+
+
 def test_bodies_and_answers_are_read_as_openai_reads_them():
     body = {**CHAT, "max_tokens": 500}
     notes = AZURE.adjust("chat/completions", body, Usage(10, 40))

@@ -55,9 +55,12 @@ _PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
 ERROR_TYPES = {
     "invalid_api_key": "authentication_error",
     "endpoint_not_allowed": "permission_error",
+    "model_not_allowed": "permission_error",
+    "model_price_unknown": "permission_error",
     "unknown_url": "not_found_error",
     "request_too_large": "request_too_large",
     "rate_limit_exceeded": "rate_limit_error",
+    "insufficient_quota": "rate_limit_error",  # a spent budget: Anthropic has no such type
     "quota_store_unavailable": "overloaded_error",
     "gateway_error": "api_error",
 }
