@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --dev
 scripts/ensure_redis.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest "$@"
+# Two workers (one per core of the machines CI runs on), each test module whole on one of them
+# so that its shared gateway starts once; TOKENGATE_TEST_WORKERS=0 runs in this process.
+exec .venv/bin/python -m pytest -n "${TOKENGATE_TEST_WORKERS:-2}" --dist loadfile "$@"
