@@ -907,7 +907,7 @@ def markdown(report: dict) -> str:
     if report["targets_met"]:
         verdict = {True: "yes", False: "**no**", None: "-"}
         out += section(
-            "Targets of issue 6:",
+            "Targets:",
             table(
                 ["target", "measured", "limit", "met"],
                 [
