@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from tokengate_core.keys import hash_key
 
 from tests.support.captures import ledger
-from tests.support.docblocks import ROOT, blocks_for, commands, reader_env, tool_folder, with_ports
+from tests.support.docblocks import (
+    ROOT,
+    blocks_for,
+    commands,
+    reader_env,
+    run_block,
+    tool_folder,
+    with_ports,
+)
 from tests.support.npm import npm_environment, with_npm
 from tests.support.processes import PROVIDER_KEY, Gateway, Mock, wait_until
 
@@ -26,17 +33,6 @@ KEYS = {"team": "tg-codex-team-key-0123456789", "azure": "tg-codex-azure-key-012
 @pytest.fixture(scope="module")
 def npm_env() -> dict[str, str]:
     return npm_environment("Codex CLI")
-
-
-def run_script(script: str, folder: Path, env: dict[str, str], timeout: float):
-    return subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def quotas_text(mock_url: str) -> str:
@@ -69,7 +65,7 @@ def test_codex_exec_through_the_gate(npm_env, tmp_path):
     home.mkdir()
     env = with_npm(reader_env(tool_folder(tmp_path / "bin"), home), npm_env)
     if shutil.which("codex", path=npm_env["PATH"]) is None:  # installed once, then kept
-        installed = run_script(install.text, folder, env, timeout=600)
+        installed = run_block(install.text, folder, env, timeout=600)
         assert installed.returncode == 0, installed
     mock = Mock.start()
     try:
@@ -84,7 +80,7 @@ def test_codex_exec_through_the_gate(npm_env, tmp_path):
                 ("azure", with_ports(azure_config(azure_block.text, openai_block), ports)),
             ):
                 mock.reset()
-                run = run_script(script, folder, {**env, "TOKENGATE_KEY": KEYS[proxy]}, 120)
+                run = run_block(script, folder, {**env, "TOKENGATE_KEY": KEYS[proxy]}, 120)
                 output = run.stdout + run.stderr
                 assert run.returncode == 0, output
                 assert "Lorem ipsum" in run.stdout  # the mock's answer, streamed to Codex

@@ -7,7 +7,6 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tests.support.docblocks import (
     blocks_for,
     free_port,
     reader_env,
+    run_block,
     run_console,
     tool_folder,
     with_ports,
@@ -33,18 +33,6 @@ LISTENING = r"listening at \S*:(\d+)"
 # Claude Code calls home for telemetry and updates; the walkthrough needs none of it.
 QUIET_CLAUDE = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
 CLAUDE_CODE_KEY = "tg-claude-code-walkthrough-key"
-
-
-def run_block(script: str, folder, env, timeout: float) -> subprocess.CompletedProcess:
-    """A shell block of a document, run as a reader would paste it, failing on any error."""
-    return subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def run_by(test: str):

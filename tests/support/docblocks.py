@@ -297,3 +297,15 @@ def run_console(block: Block, cwd: Path, env: dict[str, str], ports: dict[int, i
                 assert output_matches(line, lines), (
                     f"{block.where}: `{command.text}` did not print\n  {line}\nbut:\n{output}"
                 )
+
+
+def run_block(script: str, folder, env, timeout: float) -> subprocess.CompletedProcess:
+    """A shell block of a document, run as a reader would paste it, failing on any error."""
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

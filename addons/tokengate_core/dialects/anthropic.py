@@ -22,6 +22,7 @@ from typing import Any
 from .. import keys
 from ..limiter import REQUESTS, LimitStatus, Usage, most_restrictive, whole_number
 from ..tokens import PromptCounter
+from . import base
 from .base import BodyRefused, Endpoint, RequestTerms
 from .openai import believable, model_of
 
@@ -213,13 +214,7 @@ def generated_text(payload: Any) -> str:
 
 def answered_model(payload: Any) -> str | None:
     """The model a message names (a stream names it in `message_start`'s message)."""
-    if not isinstance(payload, dict):
-        return None
-    model = payload.get("model")
-    if isinstance(model, str) and model:
-        return model
-    message = payload.get("message")
-    return answered_model(message) if isinstance(message, dict) else None
+    return base.answered_model(payload, "message")
 
 
 class AnthropicStream:

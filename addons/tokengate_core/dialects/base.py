@@ -9,6 +9,17 @@ from typing import Any, NamedTuple, Protocol
 from ..limiter import LimitStatus, Usage
 
 
+def answered_model(payload: Any, wrapper: str) -> str | None:
+    """The model an answer names, or the answer a stream event wraps under `wrapper` names."""
+    if not isinstance(payload, dict):
+        return None
+    model = payload.get("model")
+    if isinstance(model, str) and model:
+        return model
+    wrapped = payload.get(wrapper)
+    return answered_model(wrapped, wrapper) if isinstance(wrapped, dict) else None
+
+
 class BodyRefused(ValueError):
     """A readable body the API itself would refuse (a required field missing): the gate answers
     400 with this message before it costs anything."""

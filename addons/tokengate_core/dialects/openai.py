@@ -11,6 +11,7 @@ from typing import Any
 from .. import keys, tokens
 from ..limiter import LimitStatus, Usage, whole_number
 from ..tokens import PromptCounter
+from . import base
 from .base import Endpoint, RequestTerms
 
 # Endpoints whose answers report token usage (POST).
@@ -263,13 +264,7 @@ def generated_text(payload: Any) -> str:
 
 def answered_model(payload: Any) -> str | None:
     """The model an answer or a stream event names (the Responses API's events wrap it)."""
-    if not isinstance(payload, dict):
-        return None
-    model = payload.get("model")
-    if isinstance(model, str) and model:
-        return model
-    response = payload.get("response")
-    return answered_model(response) if isinstance(response, dict) else None
+    return base.answered_model(payload, "response")
 
 
 def is_done(data: str) -> bool:
